@@ -1,0 +1,40 @@
+"""The ``slip`` console script: ``slip <command> [options]``.
+
+Each command lives in its own module exposing ``main(argv) -> int``; this file only dispatches,
+and imports a command's module when that command runs, so ``slip --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "smoke": ("slip.smoke", "build a model, embed a generated image and caption, round-trip a checkpoint"),
+    "list-models": ("slip.smoke", "print the registered model names"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: slip <command> [options]\n\ncommands:\n" + "\n".join(lines) + \
+        "\n\n'slip <command> --help' describes a command's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"slip: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, "list_models_main" if name == "list-models" else "main")
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, linear probing, fine-tuning and their metrics."""

@@ -1,0 +1,158 @@
+"""The SLIP model: a shared timm ViT, an optional CLIP text tower, an optional SSL head.
+
+CLIP is the model without an SSL head, SimCLR the model without a text tower, SLIP has both.
+Attribute names follow the released SLIP checkpoints (``visual``, ``transformer``,
+``image_projection`` ...) so their state dicts load after stripping DDP's ``module.`` prefix.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .heads import ssl_mlp
+from .presets import Architecture, get_architecture
+from .text import TextTransformer
+
+
+class SLIPModel(nn.Module):
+    """Image tower + optional text tower (CLIP branch) + optional SSL projection head.
+
+    ``forward`` returns a dict, like open_clip's models:
+    ``image_embed`` (N, E) and ``text_embed`` (N, E) unnormalised, ``logit_scale`` (scalar,
+    already exponentiated) when there is a text tower and ``image``/``text`` are given, and
+    ``ssl_embeds``, one (N, ssl_out) tensor per SSL view, when there is a head and ``views``
+    are given.
+    """
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        v = arch.vision
+        self.visual = VisionTransformer(
+            img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
+            num_heads=v.heads, num_classes=0,
+        )
+        self.vision_width = v.width
+        if arch.text is not None:
+            t = arch.text
+            self.context_length = t.context_length
+            self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+            self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+            self.transformer = TextTransformer(t.width, t.layers, t.heads)
+            self.ln_final = nn.LayerNorm(t.width)
+            # Bias-free projections stored as (in, out) matrices, applied as x @ W (CLIP's layout).
+            self.image_projection = nn.Parameter(torch.empty(v.width, arch.embed_dim))
+            self.text_projection = nn.Parameter(torch.empty(t.width, arch.embed_dim))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self._init_clip_parameters()
+        if arch.ssl_head is not None:
+            self.image_mlp = ssl_mlp(v.width, arch.ssl_head.mlp_dim, arch.ssl_head.out_dim)
+
+    @property
+    def has_text(self) -> bool:
+        return self.arch.text is not None
+
+    @property
+    def has_ssl_head(self) -> bool:
+        return self.arch.ssl_head is not None
+
+    def _init_clip_parameters(self) -> None:
+        # CLIP's initialisation, which SLIP keeps; the ViT keeps timm's own.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        attn_std = width**-0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.image_projection, std=self.vision_width**-0.5)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward, in both towers (timm's API name)."""
+        self.visual.set_grad_checkpointing(enable)
+        if self.has_text:
+            self.transformer.grad_checkpointing = enable
+
+    def _require_text(self, what: str) -> None:
+        if not self.has_text:
+            raise RuntimeError(f"{what} needs a text tower, and this model ({self.arch.vision}) has none")
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, embed_dim) joint embedding; for image-only models, (N, width) features."""
+        x = self.visual(image)
+        if self.has_text:
+            x = x @ self.image_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, L) token ids, EOT being the highest id of each row -> (N, embed_dim).
+
+        Attention is causal, so the EOT feature never depends on the padding after it: the
+        batch is cut after its last EOT, which skips most of the 77 positions for short captions.
+        """
+        self._require_text("encode_text")
+        eot = text.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
+        x = self.ln_final(self.transformer(x))
+        x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def image_features(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Tower features of several image batches in as few tower calls as possible.
+
+        Batches of the same shape are concatenated into one call (the ViT has no batch
+        statistics, so this is exact); results come back in input order.
+        """
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, x in enumerate(images):
+            groups[tuple(x.shape[1:])].append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for idx in groups.values():
+            feats = self.visual(torch.cat([images[i] for i in idx]))
+            for i, f in zip(idx, feats.split([images[i].shape[0] for i in idx])):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        views: Sequence[torch.Tensor] | None = None,
+    ) -> dict:
+        views = list(views) if views is not None else []
+        if views and not self.has_ssl_head:
+            raise RuntimeError("SSL views were given but this model has no SSL head")
+        if image is not None:
+            self._require_text("the CLIP branch (image=...)")
+        inputs = ([image] if image is not None else []) + views
+        feats = self.image_features(inputs) if inputs else []
+        out: dict = {}
+        if image is not None:
+            out["image_embed"] = feats.pop(0) @ self.image_projection
+        if text is not None:
+            out["text_embed"] = self.encode_text(text)
+        if self.has_text and (image is not None or text is not None):
+            out["logit_scale"] = self.logit_scale.exp()
+        if views:
+            # One head call per view: BatchNorm must see each view's own batch statistics,
+            # as in SLIP, where every view went through the head separately.
+            out["ssl_embeds"] = [self.image_mlp(f) for f in feats]
+        return out
+
+
+def create_model(name: str | Architecture) -> SLIPModel:
+    """A freshly initialised model from a registered name (see :func:`slip.list_models`)."""
+    arch = name if isinstance(name, Architecture) else get_architecture(name)
+    return SLIPModel(arch)

@@ -1,0 +1,116 @@
+"""Two gloo processes with local batch B must behave like one process with batch 2B."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from slip import create_model
+from slip.distributed import all_gather_with_grad
+from slip.losses import slip_objective
+
+B, D, WORLD = 3, 8, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _embeddings():
+    g = torch.Generator().manual_seed(123)
+    return {k: torch.randn(WORLD * B, D, generator=g) for k in ("img", "txt", "z1", "z2")}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(WORLD * B, 3, 32, 32, generator=g)
+    text = torch.randint(1, 49000, (WORLD * B, 77), generator=g)
+    ends = torch.randint(3, 20, (WORLD * B,), generator=g)
+    for i, end in enumerate(ends):
+        text[i, end] = 49407
+        text[i, end + 1:] = 0
+    return images, text
+
+
+def _losses(emb: dict, ssl_scale: float = 0.7) -> dict:
+    outputs = {"image_embed": emb["img"], "text_embed": emb["txt"], "logit_scale": torch.tensor(12.0),
+               "ssl_embeds": [emb["z1"], emb["z2"]]}
+    return slip_objective(outputs, ssl_scale=ssl_scale)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        rows = slice(rank * B, (rank + 1) * B)
+        local = {k: v[rows].clone().requires_grad_(True) for k, v in _embeddings().items()}
+        out = _losses(local)
+        out["loss"].backward()
+
+        gathered = all_gather_with_grad(torch.full((2, 1), float(rank)))
+
+        torch.manual_seed(0)
+        model = DistributedDataParallel(create_model("clip_vit_tiny"))
+        images, text = _batch()
+        model_out = model(image=images[rows], text=text[rows])
+        model_loss = slip_objective(model_out, ssl=False)["loss"]
+        model_loss.backward()  # DDP averages the gradients over ranks
+        torch.save({
+            "losses": {k: v.detach() for k, v in out.items()},
+            "grads": {k: v.grad for k, v in local.items()},
+            "gathered": gathered,
+            "model_loss": model_loss.detach(),
+            "model_grads": {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
+        }, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_gather_concatenates_in_rank_order(ranks):
+    for r in ranks:
+        assert r["gathered"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_mean_of_rank_losses_equals_the_single_process_loss(ranks):
+    single = _losses(_embeddings())
+    for key in ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"):
+        mean = sum(r["losses"][key] for r in ranks) / WORLD
+        assert mean.item() == pytest.approx(single[key].item(), rel=1e-5, abs=1e-6), key
+
+
+def test_embedding_gradients_reach_their_owner_rank(ranks):
+    full = {k: v.clone().requires_grad_(True) for k, v in _embeddings().items()}
+    _losses(full)["loss"].backward()
+    for key in full:
+        # Each rank's loss is a mean over its B rows: the sum over ranks is WORLD x the global mean,
+        # which DDP's averaging of parameter gradients divides back out.
+        dist_grad = torch.cat([r["grads"][key] for r in ranks]) / WORLD
+        assert torch.allclose(dist_grad, full[key].grad, atol=1e-6), key
+
+
+def test_ddp_clip_model_matches_single_process_double_batch(ranks):
+    torch.manual_seed(0)
+    model = create_model("clip_vit_tiny")
+    images, text = _batch()
+    loss = slip_objective(model(image=images, text=text), ssl=False)["loss"]
+    loss.backward()
+    assert (sum(r["model_loss"] for r in ranks) / WORLD).item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        for r in ranks:
+            # float32 summation order differs between the runs: compare at the tensor's scale.
+            diff = (r["model_grads"][name] - p.grad).abs().max().item()
+            assert diff <= 1e-5 * max(1.0, p.grad.abs().max().item()), (name, diff)

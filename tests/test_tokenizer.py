@@ -1,0 +1,33 @@
+"""The tokenizer is open_clip's CLIP BPE with ftfy/regex cleaning and 77 tokens."""
+from __future__ import annotations
+
+import open_clip
+
+import slip
+from slip.tokenizer import EOT_TOKEN, SOT_TOKEN
+
+
+def test_shape_start_end_and_padding():
+    tokens = slip.get_tokenizer()(["a photo of a dog", "cat"])
+    assert tokens.shape == (2, 77) and tokens.dtype.is_signed
+    assert tokens[0, 0] == SOT_TOKEN and tokens[0].argmax() == 6 and tokens[0, 6] == EOT_TOKEN
+    assert (tokens[0, 7:] == 0).all()
+
+
+def test_matches_open_clip_reference_tokenizer():
+    texts = ["A Photo of a DOG!", "naïve café — déjà vu", "  many   spaces\n\tand tabs "]
+    assert slip.get_tokenizer()(texts).equal(open_clip.get_tokenizer("ViT-B-16")(texts))
+
+
+def test_cleaning_fixes_mojibake_html_entities_and_whitespace():
+    tok = slip.get_tokenizer()
+    assert tok(["cafÃ©"]).equal(tok(["café"]))  # ftfy repairs UTF-8 read as Latin-1
+    assert tok(["salt &amp; pepper"]).equal(tok(["salt & pepper"]))
+    assert tok(["a   red \n circle"]).equal(tok(["a red circle"]))
+    assert tok(["A RED Circle"]).equal(tok(["a red circle"]))
+
+
+def test_long_text_is_truncated_with_the_end_token_kept_last():
+    tokens = slip.get_tokenizer()(["word " * 200])
+    assert tokens.shape == (1, 77)
+    assert tokens[0, -1] == EOT_TOKEN and tokens[0].argmax() == 76
