@@ -10,6 +10,13 @@ import sys
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("slip.demo", "make a synthetic corpus, train a tiny SLIP on CPU, evaluate it zero-shot"),
+    "train": ("slip.train.cli", "pretrain CLIP / SimCLR / SLIP from a YAML recipe (torchrun-ready)"),
+    "zero-shot": ("slip.eval.zero_shot_cli", "zero-shot classification and retrieval of a checkpoint"),
+    "linear-probe": ("slip.eval.linear_probe_cli", "linear probe (CLIP's L-BFGS or SLIP's SGD) on frozen image features"),
+    "bench-data": ("slip.data.bench", "measure the training data pipeline's throughput on shards"),
+    "make-shards": ("slip.data.make_shards", "convert a corpus (folder, table, YFCC15M, CC3M/12M, COCO) to shards"),
+    "make-synthetic": ("slip.data.synthetic", "write the synthetic captioned-shapes corpus and benchmark"),
     "smoke": ("slip.smoke", "build a model, embed a generated image and caption, round-trip a checkpoint"),
     "list-models": ("slip.smoke", "print the registered model names"),
 }

@@ -6,12 +6,13 @@ last position keeps the end-of-text token, so the text tower still finds it (the
 """
 from __future__ import annotations
 
-from open_clip.tokenizer import SimpleTokenizer
-
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
 
 
-def get_tokenizer(context_length: int = 77) -> SimpleTokenizer:
-    """A callable ``tokenizer(list_of_str) -> LongTensor (N, context_length)``."""
+def get_tokenizer(context_length: int = 77):
+    """A callable ``tokenizer(list_of_str) -> LongTensor (N, context_length)`` (open_clip's
+    ``SimpleTokenizer``; imported here because open_clip takes seconds to import)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
     return SimpleTokenizer(context_length=context_length)

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from slip import create_model
 from slip.distributed import all_gather_with_grad
 from slip.losses import slip_objective
+from slip.models.batchnorm import GlobalBatchNorm1d
 
 B, D, WORLD = 3, 8, 2
 
@@ -39,6 +40,10 @@ def _batch():
     return images, text
 
 
+def _bn_input():
+    return torch.randn(WORLD * B, 5, generator=torch.Generator().manual_seed(3)) * 2 + 1
+
+
 def _losses(emb: dict, ssl_scale: float = 0.7) -> dict:
     outputs = {"image_embed": emb["img"], "text_embed": emb["txt"], "logit_scale": torch.tensor(12.0),
                "ssl_embeds": [emb["z1"], emb["z2"]]}
@@ -56,6 +61,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         gathered = all_gather_with_grad(torch.full((2, 1), float(rank)))
 
+        bn = GlobalBatchNorm1d(5)
+        bn_in = _bn_input()[rows].clone().requires_grad_(True)
+        bn_out = bn(bn_in)
+        (bn_out * torch.arange(5.0)).square().sum().backward()
+
         torch.manual_seed(0)
         model = DistributedDataParallel(create_model("clip_vit_tiny"))
         images, text = _batch()
@@ -66,6 +76,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "losses": {k: v.detach() for k, v in out.items()},
             "grads": {k: v.grad for k, v in local.items()},
             "gathered": gathered,
+            "bn": {"out": bn_out.detach(), "grad": bn_in.grad, "state": bn.state_dict()},
             "model_loss": model_loss.detach(),
             "model_grads": {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
         }, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -114,3 +125,15 @@ def test_ddp_clip_model_matches_single_process_double_batch(ranks):
             # float32 summation order differs between the runs: compare at the tensor's scale.
             diff = (r["model_grads"][name] - p.grad).abs().max().item()
             assert diff <= 1e-5 * max(1.0, p.grad.abs().max().item()), (name, diff)
+
+
+def test_global_batchnorm_matches_batchnorm_over_the_whole_batch(ranks):
+    bn = torch.nn.BatchNorm1d(5)
+    x = _bn_input().requires_grad_(True)
+    out = bn(x)
+    (out * torch.arange(5.0)).square().sum().backward()
+    assert torch.allclose(torch.cat([r["bn"]["out"] for r in ranks]), out.detach(), atol=1e-5)
+    assert torch.allclose(torch.cat([r["bn"]["grad"] for r in ranks]), x.grad, atol=1e-4)
+    for key, value in bn.state_dict().items():
+        for r in ranks:
+            assert torch.allclose(r["bn"]["state"][key].float(), value.float(), atol=1e-5), key

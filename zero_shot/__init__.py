@@ -22,19 +22,30 @@ __all__ = [
     "Benchmark",
     "CATALOG_TYPES",
     "CatalogError",
+    "RETRIEVAL_TYPE",
     "load_benchmarks",
     "load_catalog",
 ]
 
-# Dataset layouts a catalog entry may declare (the ones SLIP's catalog uses):
+# Dataset layouts a catalog entry may declare, in the order error messages list them. The
+# first three are SLIP's; the others were added by slip (slip/eval/datasets.py reads them):
 #   imagefolder - <path>/<split>/<class folder>/<image>, classes from sorted folder names
 #   filelist    - <path> holds per-split lists of (image, label index)
 #   special     - a dataset torchvision can load itself from <path> (CIFAR, MNIST, STL-10)
-CATALOG_TYPES: frozenset[str] = frozenset({"imagefolder", "filelist", "special"})
+#   wds         - labelled webdataset tar shards <path>/<split>-*.tar (or <path>/<split>/*.tar)
+#   voc2007     - the PASCAL VOC 2007 devkit folder (multi-label classification)
+#   retrieval   - image-text retrieval: image root <path>, Karpathy-split JSON <annotations>
+_TYPE_ORDER = ("filelist", "imagefolder", "special", "wds", "voc2007", "retrieval")
+CATALOG_TYPES: frozenset[str] = frozenset(_TYPE_ORDER)
 
 # Layouts that read a named split from disk, so the test split name is required.
-_SPLIT_TYPES = frozenset({"imagefolder", "filelist"})
-_CATALOG_FIELDS = ("path", "type", "train", "test")
+_SPLIT_TYPES = frozenset({"imagefolder", "filelist", "wds", "retrieval"})
+_CATALOG_FIELDS = ("path", "type", "train", "test", "annotations")
+# Fields only some types use; elsewhere they are rejected as unknown.
+_TYPE_ONLY_FIELDS = {"annotations": "retrieval"}
+# Retrieval datasets (COCO, Flickr30k ...) are not classification benchmarks, so their catalog
+# keys are free names; they must not shadow a benchmark key.
+RETRIEVAL_TYPE = "retrieval"
 
 _SUPPORTED_FORMAT = 1
 
@@ -133,14 +144,19 @@ class CatalogError(ValueError):
 
 def _validate_entry(source: str, key: str, entry: Any, known: Mapping[str, Benchmark]) -> dict[str, str]:
     where = f"{source}: entry {key!r}"
-    if key not in known:
-        raise CatalogError(f"{where}: unknown benchmark; known benchmarks: {', '.join(sorted(known))}")
+    is_retrieval = isinstance(entry, dict) and entry.get("type") == RETRIEVAL_TYPE
+    if is_retrieval and key in known:
+        raise CatalogError(f"{where}: a retrieval entry cannot use the classification benchmark key {key!r}")
+    if key not in known and not is_retrieval:
+        raise CatalogError(f"{where}: unknown benchmark; known benchmarks: {', '.join(sorted(known))} "
+                           f"(entries of type {RETRIEVAL_TYPE!r} may use any other name)")
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: must be an object with fields {list(_CATALOG_FIELDS)}")
-    extra = sorted(set(entry) - set(_CATALOG_FIELDS))
+    allowed = [f for f in _CATALOG_FIELDS if _TYPE_ONLY_FIELDS.get(f, entry.get("type")) == entry.get("type")]
+    extra = sorted(set(entry) - set(allowed))
     if extra:
         # A misspelt field ("tset") would otherwise be ignored and the default split used.
-        raise CatalogError(f"{where}: unknown field(s) {extra}; allowed fields: {list(_CATALOG_FIELDS)}")
+        raise CatalogError(f"{where}: unknown field(s) {extra}; allowed fields: {allowed}")
     for field in _CATALOG_FIELDS:
         if field in entry and not (isinstance(entry[field], str) and entry[field]):
             raise CatalogError(f"{where}: field {field!r} must be a non-empty string")
@@ -148,22 +164,23 @@ def _validate_entry(source: str, key: str, entry: Any, known: Mapping[str, Bench
         if field not in entry:
             raise CatalogError(f"{where}: missing required field {field!r}")
     if entry["type"] not in CATALOG_TYPES:
-        raise CatalogError(
-            f"{where}: unknown type {entry['type']!r}; known types: {', '.join(sorted(CATALOG_TYPES))}"
-        )
+        raise CatalogError(f"{where}: unknown type {entry['type']!r}; known types: {', '.join(_TYPE_ORDER)}")
     if entry["type"] in _SPLIT_TYPES and "test" not in entry:
         raise CatalogError(f"{where}: type {entry['type']!r} needs the 'test' split name")
+    if is_retrieval and "annotations" not in entry:
+        raise CatalogError(f"{where}: type {RETRIEVAL_TYPE!r} needs 'annotations' (the Karpathy-split JSON file)")
     return dict(entry)
 
 
 def load_catalog(path: str | Path) -> dict[str, dict[str, str]]:
-    """Read and validate a dataset catalog: benchmark key -> {path, type[, train, test]}.
+    """Read and validate a dataset catalog: benchmark key -> {path, type[, train, test, annotations]}.
 
     Paths are returned as written; relative ones are left for the caller to resolve.
 
     Raises:
         CatalogError: (a ``ValueError``) naming the file and the offending key for an
-            unknown benchmark, a missing ``path``/``type``, an unknown type or field.
+            unknown benchmark, a missing ``path``/``type``, an unknown type or field. Keys of
+            ``retrieval`` entries are free names (not benchmarks) but may not reuse one.
         OSError: if the file cannot be read.
     """
     source = str(path)

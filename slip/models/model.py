@@ -95,8 +95,8 @@ class SLIPModel(nn.Module):
             x = x @ self.image_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(N, L) token ids, EOT being the highest id of each row -> (N, embed_dim).
+    def text_features(self, text: torch.Tensor) -> torch.Tensor:
+        """(N, L) token ids, EOT being the highest id of each row -> (N, width) features at EOT.
 
         Attention is causal, so the EOT feature never depends on the padding after it: the
         batch is cut after its last EOT, which skips most of the 77 positions for short captions.
@@ -106,7 +106,11 @@ class SLIPModel(nn.Module):
         length = int(eot.max()) + 1
         x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
         x = self.ln_final(self.transformer(x))
-        x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), eot]
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, L) token ids -> (N, embed_dim) joint embedding."""
+        x = self.text_features(text) @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
     def image_features(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,31 +129,55 @@ class SLIPModel(nn.Module):
                 out[i] = f
         return out  # type: ignore[return-value]
 
-    def forward(
+    def forward_features(
         self,
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         views: Sequence[torch.Tensor] | None = None,
     ) -> dict:
+        """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (list of (N, width)).
+
+        Everything here is per-sample (no batch statistics), so features of micro-batches can be
+        computed separately and concatenated; :meth:`forward_heads` then sees the whole batch.
+        """
         views = list(views) if views is not None else []
         if views and not self.has_ssl_head:
             raise RuntimeError("SSL views were given but this model has no SSL head")
         if image is not None:
             self._require_text("the CLIP branch (image=...)")
         inputs = ([image] if image is not None else []) + views
-        feats = self.image_features(inputs) if inputs else []
-        out: dict = {}
+        tower = self.image_features(inputs) if inputs else []
+        feats: dict = {}
         if image is not None:
-            out["image_embed"] = feats.pop(0) @ self.image_projection
-        if text is not None:
-            out["text_embed"] = self.encode_text(text)
-        if self.has_text and (image is not None or text is not None):
-            out["logit_scale"] = self.logit_scale.exp()
+            feats["image"] = tower.pop(0)
         if views:
+            feats["views"] = tower
+        if text is not None:
+            feats["text"] = self.text_features(text)
+        return feats
+
+    def forward_heads(self, feats: dict) -> dict:
+        """Projections and the SSL head on tower features (see :meth:`forward`)."""
+        out: dict = {}
+        if "image" in feats:
+            out["image_embed"] = feats["image"] @ self.image_projection
+        if "text" in feats:
+            out["text_embed"] = feats["text"] @ self.text_projection
+        if self.has_text and ("image" in feats or "text" in feats):
+            out["logit_scale"] = self.logit_scale.exp()
+        if "views" in feats:
             # One head call per view: BatchNorm must see each view's own batch statistics,
             # as in SLIP, where every view went through the head separately.
-            out["ssl_embeds"] = [self.image_mlp(f) for f in feats]
+            out["ssl_embeds"] = [self.image_mlp(f) for f in feats["views"]]
         return out
+
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        views: Sequence[torch.Tensor] | None = None,
+    ) -> dict:
+        return self.forward_heads(self.forward_features(image=image, text=text, views=views))
 
 
 def create_model(name: str | Architecture) -> SLIPModel:

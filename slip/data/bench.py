@@ -1,0 +1,174 @@
+"""``slip bench-data``: measure the real training-data pipeline's throughput.
+
+Runs :func:`slip.data.pipeline.build_loader` on the given shards (resampled mode by default,
+so it never runs dry), applies the batched photometric augmentation
+(:class:`slip.data.views.BatchAugment`) on the chosen device exactly as a trainer would, and
+prints progress lines followed by one JSON line with the figures::
+
+    slip bench-data shards/ --method slip-simclr --workers 2 --seconds 20
+
+JSON fields: ``samples_per_s`` (wall clock, after warm-up), ``samples``, ``seconds``,
+``batches``, ``skipped`` (by reason), ``workers``, ``cores`` (processes doing data work:
+the workers plus the main process when it augments on CPU, at most the CPU count),
+``per_core_samples_per_s`` (``samples_per_s / cores``), ``samples_per_cpu_s`` (all samples
+over the CPU seconds of the main process and its workers: a per-core figure that does not
+depend on other load on the machine), ``augment_device``, ``method``, ``size``,
+``batch_size``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from slip.data.pipeline import PipelineConfig, build_loader
+from slip.data.views import DEFAULT_MAX_PIXELS, METHODS, BatchAugment
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (finished DataLoader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = dict(batch)
+    for name in ("image", "text"):
+        if name in out:
+            out[name] = out[name].to(device, non_blocking=True)
+    if "views" in out:
+        out["views"] = [v.to(device, non_blocking=True) for v in out["views"]]
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="slip bench-data",
+        description="Measure the training-data pipeline (decode, crops, tokenisation, batched augmentation).",
+    )
+    ap.add_argument("shards", help="shard spec: brace pattern, directory, index.json, or 'a::0.7,b::0.3'")
+    ap.add_argument("--method", choices=METHODS, default="slip-simclr")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (0: in process)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="measurement time after warm-up")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224, help="output size of every view")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where BatchAugment runs")
+    ap.add_argument("--no-augment", action="store_true", help="measure the worker half only")
+    ap.add_argument("--mode", choices=("resampled", "epoch"), default="resampled")
+    ap.add_argument("--warmup-batches", type=int, default=2, help="batches excluded from the timing")
+    ap.add_argument("--shuffle-buffer", type=int, default=1000)
+    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    ap.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the measurement described by parsed ``args``; returns the JSON-able result."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("slip bench-data: --device cuda but CUDA is not available")
+    config = PipelineConfig(
+        method=args.method,
+        size=args.size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        mode=args.mode,
+        shuffle_buffer=args.shuffle_buffer,
+        max_pixels=args.max_pixels,
+        allow_draft=not args.no_draft,
+        seed=args.seed,
+        rank=0,
+        world_size=1,
+    )
+    loader = build_loader(args.shards, config)
+    augment = None if args.no_augment else BatchAugment(loader.views, seed=args.seed).to(device)
+    if device.type == "cpu":
+        # One core per process: the per-core figure must not hide intra-op threads.
+        torch.set_num_threads(1)
+    where = "off" if augment is None else device.type
+    print(
+        f"slip bench-data: {args.shards} method={args.method} size={args.size} batch={args.batch_size} "
+        f"workers={args.workers} mode={args.mode} batched augmentation on: {where}",
+        flush=True,
+    )
+    cpu_start = _cpu_seconds()
+    samples = batches = total_samples = 0
+    warmup = max(0, args.warmup_batches)
+    start = time.perf_counter() if warmup == 0 else None
+    iterator = iter(loader)
+    for i, batch in enumerate(iterator):
+        n = len(batch["key"])
+        total_samples += n
+        if augment is not None:
+            out = augment(_to_device(batch, device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            del out
+        if i < warmup:
+            if i == warmup - 1:  # the clock starts once the warm-up batches are done
+                start = time.perf_counter()
+            continue
+        samples += n
+        batches += 1
+        if time.perf_counter() - start >= args.seconds:
+            break
+    elapsed = time.perf_counter() - start if start is not None else 0.0
+    # Shut the workers down so their CPU time is accounted (RUSAGE_CHILDREN counts reaped ones).
+    del iterator
+    cpu = _cpu_seconds() - cpu_start
+    if start is None or samples == 0:
+        print("slip bench-data: the pipeline produced too few batches to measure", file=sys.stderr)
+    cpu_count = os.cpu_count() or 1
+    if args.workers > 0:
+        cores = args.workers + (1 if augment is not None and device.type == "cpu" else 0)
+    else:
+        cores = 1
+    cores = min(cores, cpu_count)
+    rate = samples / elapsed if elapsed > 0 else 0.0
+    return {
+        "samples_per_s": round(rate, 2),
+        "samples": samples,
+        "seconds": round(elapsed, 3),
+        "batches": batches,
+        "skipped": loader.skipped(),
+        "workers": args.workers,
+        "cores": cores,
+        "per_core_samples_per_s": round(rate / cores, 2),
+        "samples_per_cpu_s": round(total_samples / cpu, 2) if cpu > 0 else None,
+        "augment_device": where,
+        "method": args.method,
+        "size": args.size,
+        "batch_size": args.batch_size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``slip bench-data``; the last line printed is the JSON result."""
+    args = _parser().parse_args(argv)
+    if args.workers < 0 or args.batch_size < 1 or args.seconds <= 0:
+        print("slip bench-data: --workers >= 0, --batch-size >= 1 and --seconds > 0 are required", file=sys.stderr)
+        return 2
+    result = run_benchmark(args)
+    print(
+        f"{result['samples']} samples in {result['seconds']} s: {result['samples_per_s']} samples/s, "
+        f"{result['per_core_samples_per_s']} per core ({result['cores']} cores), "
+        f"{result['samples_per_cpu_s']} per CPU-second; skipped: {result['skipped'] or 'none'}",
+        flush=True,
+    )
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 0 if result["samples"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

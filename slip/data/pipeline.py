@@ -1,0 +1,987 @@
+"""Streaming training data for SLIP: shard specs -> webdataset pipeline -> uint8 view batches.
+
+Typical use by a trainer::
+
+    from slip.data.pipeline import PipelineConfig, build_loader
+    from slip.data.views import BatchAugment
+
+    loader = build_loader("data/yfcc15m/", PipelineConfig(method="slip-simclr", batch_size=256,
+                                                          workers=8, mode="resampled",
+                                                          epoch_samples=15_000_000))
+    augment = BatchAugment(loader.views).to(device)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            batch = augment(to_device(batch))   # float, normalised views
+            ...
+    print(loader.skipped())                     # {"truncated_image": 12, ...}
+
+Batch layout (every entry has the batch size B as its first dimension):
+
+* ``image``: ``(B, 3, H, W)`` uint8, the CLIP view (absent for method ``simclr``);
+* ``views``: a list of ``(B, 3, H, W)`` uint8 tensors, one per SSL view (two for SimCLR; absent
+  for method ``clip``). A list rather than one stacked tensor so views may differ in size;
+* ``text``: ``(B, 77)`` int64 token ids (absent when the method has no image-text loss);
+* ``key``: list of B sample keys (strings).
+
+:class:`~slip.data.views.BatchAugment` turns ``image`` and ``views`` into normalised float.
+
+Shard specs (:func:`parse_shard_spec`)
+--------------------------------------
+A spec names one or more *sources*, each optionally weighted::
+
+    SPEC   := SOURCE ["::" WEIGHT] ("," SOURCE ["::" WEIGHT])*
+    SOURCE := brace pattern      cc12m/{00000..01242}.tar
+            | directory          cc3m/          (its index.json if present, else all *.tar, sorted)
+            | index file         cc3m/index.json
+
+Commas inside braces belong to the brace pattern. A Python list of strings or of
+``(spec, weight)`` pairs is accepted too. Weights are relative (normalised to sum 1). Example:
+``"yfcc/{000000..001499}.tar::0.7,cc12m/::0.3"``.
+
+Modes
+-----
+* ``epoch``: every sample once per epoch across all ranks. The shard list (of each source) is
+  shuffled with a seed shared by all ranks (``seed``, epoch), split across ranks (shard ``i`` to
+  rank ``i % world``) and then across each rank's DataLoader workers (webdataset's
+  ``split_by_worker``). Shards are the unit of splitting, so when the number of shards is not a
+  multiple of ``world * workers`` some workers (and ranks) get one shard more than others and
+  ranks yield different numbers of batches; a worker without shards yields nothing (logged).
+  Every sample is still seen exactly once, but DDP needs equal step counts: set
+  ``epoch_samples`` and every worker yields exactly ``ceil(epoch_samples / (world * B * W))``
+  batches, cycling over its own shards (then a sample may be seen twice or not at all within an
+  epoch -- the price of equal steps). With several weighted sources, epoch mode interleaves them
+  at the given rates until each is exhausted (weights only change the mixing order).
+* ``resampled``: infinite; each worker draws shards with replacement (webdataset's
+  ``ResampledShards``), seeded by (seed, rank, worker, epoch), and sources are mixed at exactly
+  their weights. Use ``epoch_samples`` to define an epoch. The mode for many nodes and for
+  weighted corpora.
+
+Ranks come from ``rank``/``world_size`` when given, else ``torch.distributed`` when initialised,
+else the ``RANK``/``WORLD_SIZE`` environment variables, else 0/1 (:func:`resolve_rank_world`).
+
+Bad input
+---------
+Nothing in the data stops training. Each bad sample is skipped and counted by reason in a
+:class:`SkipCounter` shared by all DataLoader workers (shared memory): bad images (empty,
+not an image, corrupt, truncated, over ``max_pixels`` -- checked from the header before any
+decode), missing/empty/non-UTF-8 captions, unparsable JSON, unreadable shards and corrupt or
+truncated tars (webdataset's exception handler logs, counts and moves to the next shard;
+``tar_error`` counts read errors, not samples -- a truncated tar usually raises two, and the
+samples in its unreadable remainder cannot be counted).
+Images in other modes (CMYK, palette, alpha, 16-bit) are converted, not skipped. The first
+skip of each reason in each process is logged with its detail; totals are logged every
+``log_interval_s`` by the loader and are available from :meth:`SlipLoader.skipped`.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Union
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from slip.data.views import (
+    CORRUPT_IMAGE,
+    DEFAULT_MAX_PIXELS,
+    EMPTY_FILE,
+    NOT_AN_IMAGE,
+    TOO_MANY_PIXELS,
+    TRUNCATED_IMAGE,
+    MethodViews,
+    SampleSkip,
+    decode_views,
+    method_views,
+)
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = "slip-shards/1"
+INDEX_NAME = "index.json"
+
+# Skip reasons besides the image ones from slip.data.views (same names as slip.data.shards).
+MISSING_IMAGE = "missing_image"
+MISSING_CAPTION = "missing_caption"
+EMPTY_CAPTION = "empty_caption"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+BAD_METADATA = "bad_metadata"
+SHARD_UNREADABLE = "shard_unreadable"
+TAR_ERROR = "tar_error"
+SAMPLE_ERROR = "sample_error"
+SKIP_REASONS: tuple[str, ...] = (
+    EMPTY_FILE,
+    NOT_AN_IMAGE,
+    CORRUPT_IMAGE,
+    TRUNCATED_IMAGE,
+    TOO_MANY_PIXELS,
+    MISSING_IMAGE,
+    MISSING_CAPTION,
+    EMPTY_CAPTION,
+    CAPTION_NOT_UTF8,
+    BAD_METADATA,
+    SHARD_UNREADABLE,
+    TAR_ERROR,
+    SAMPLE_ERROR,
+)
+
+# Image members recognised in a sample, in order of preference (img2dataset writes .jpg).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+SpecLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, tuple[Union[str, os.PathLike], float]]]]
+
+
+# --------------------------------------------------------------------------------------------
+# Skip accounting
+# --------------------------------------------------------------------------------------------
+class SkipCounter:
+    """Counts skipped samples by reason, shared by every process of one loader.
+
+    The counts live in shared memory created in the parent process, so DataLoader workers
+    (forked or spawned with the dataset) add to the same totals and the trainer can read them
+    at any time, also after the workers have exited.
+
+    Args:
+        reasons: the reason names; anything else is counted as ``sample_error``.
+        log_every: additionally log the totals after this many skips seen by one process.
+    """
+
+    def __init__(self, reasons: Sequence[str] = SKIP_REASONS, log_every: int = 1000) -> None:
+        self.reasons = tuple(reasons)
+        self._index = {r: i for i, r in enumerate(self.reasons)}
+        self._counts = multiprocessing.Array(ctypes.c_int64, len(self.reasons))
+        self.log_every = log_every
+        self._logged: set[str] = set()
+        self._local = 0
+
+    def add(self, reason: str, detail: str = "", key: str = "") -> None:
+        """Count one skip; the first of each reason in this process is logged with ``detail``."""
+        if reason not in self._index:
+            detail = f"{reason}: {detail}"
+            reason = SAMPLE_ERROR if SAMPLE_ERROR in self._index else self.reasons[-1]
+        with self._counts.get_lock():
+            self._counts[self._index[reason]] += 1
+        self._local += 1
+        where = f"sample {key}" if key else "shard data"
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.warning("skipped %s: %s %s (further ones are counted)", where, reason, detail)
+        else:
+            logger.debug("skipped %s: %s %s", where, reason, detail)
+        if self.log_every and self._local % self.log_every == 0:
+            logger.info("skipped samples so far: %s", self.counts())
+
+    def counts(self) -> dict[str, int]:
+        """Non-zero counts by reason, summed over all processes."""
+        with self._counts.get_lock():
+            values = list(self._counts)
+        return {r: int(v) for r, v in zip(self.reasons, values) if v}
+
+    def total(self) -> int:
+        """Total number of skips over all processes."""
+        return sum(self.counts().values())
+
+    def reset(self) -> None:
+        """Zero all counts (e.g. between benchmark phases)."""
+        with self._counts.get_lock():
+            for i in range(len(self.reasons)):
+                self._counts[i] = 0
+
+
+class TarErrorHandler:
+    """webdataset exception handler: count and log the error, then carry on.
+
+    Returning True makes webdataset skip the failing member or, for errors raised while
+    reading a tar stream (truncated or corrupt archives), the rest of that shard.
+    """
+
+    def __init__(self, counter: SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            reason = SHARD_UNREADABLE
+        else:
+            reason = TAR_ERROR
+        self.counter.add(reason, f"{type(exn).__name__}: {str(exn)[:300]}")
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Shard specs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSource:
+    """One corpus of shards.
+
+    Attributes:
+        urls: shard paths or URLs, in the order given (sorted for directories).
+        weight: relative mixing weight.
+        corpus: corpus name from the index (``yfcc15m``, ``cc3m``, ...) or None.
+        num_samples: total samples from the index, or None when unknown.
+        name: the spec text this source came from.
+    """
+
+    urls: tuple[str, ...]
+    weight: float = 1.0
+    corpus: str | None = None
+    num_samples: int | None = None
+    name: str = ""
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """Split at commas outside braces (brace patterns use commas for alternatives)."""
+    parts, depth, current = [], 0, []
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _split_weight(part: str) -> tuple[str, float]:
+    if "::" in part:
+        head, _, tail = part.rpartition("::")
+        try:
+            weight = float(tail)
+        except ValueError:
+            return part, 1.0  # "::" belongs to the source (webdataset URL lists), no weight
+        return head, weight
+    return part, 1.0
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def load_index(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``slip-shards/1`` index (a file or a directory holding ``index.json``)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, INDEX_NAME)
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path}: not a {INDEX_FORMAT} index")
+    return index
+
+
+def _source_from_index(path: str, weight: float, name: str) -> ShardSource:
+    index = load_index(path)
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    urls = []
+    for entry in index["shards"]:
+        shard = entry["name"] if isinstance(entry, dict) else str(entry)
+        urls.append(shard if os.path.isabs(shard) or _is_remote(shard) else os.path.join(base, shard))
+    if not urls:
+        raise ValueError(f"{path}: the index lists no shards")
+    total = index.get("total_samples")
+    return ShardSource(tuple(urls), weight, index.get("corpus"), int(total) if total is not None else None, name)
+
+
+def _resolve_source(text: str, weight: float) -> ShardSource:
+    if not weight > 0 or not math.isfinite(weight):
+        raise ValueError(f"shard spec {text!r}: weight must be a positive number, got {weight}")
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, INDEX_NAME)):
+            return _source_from_index(path, weight, text)
+        urls = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+        if not urls:
+            raise ValueError(f"shard spec {text!r}: directory holds no index.json and no .tar files")
+        return ShardSource(tuple(urls), weight, None, None, text)
+    if path.endswith(".json") and os.path.isfile(path):
+        return _source_from_index(path, weight, text)
+    urls = list(braceexpand.braceexpand(path))
+    local = [u for u in urls if not _is_remote(u)]
+    if local and not any(os.path.exists(u) for u in local):
+        raise FileNotFoundError(f"shard spec {text!r}: none of its {len(urls)} shards exist")
+    return ShardSource(tuple(urls), weight, None, None, text)
+
+
+def parse_shard_spec(spec: SpecLike) -> list[ShardSource]:
+    """Resolve a shard spec (see the module docstring) into weighted sources.
+
+    Raises:
+        ValueError: malformed spec, non-positive weight, empty directory or bad index.
+        FileNotFoundError: a local pattern matches no existing file.
+    """
+    items: list[tuple[str, float]] = []
+    if isinstance(spec, (str, os.PathLike)):
+        for part in _split_top_level(os.fspath(spec)):
+            items.append(_split_weight(part))
+    else:
+        for entry in spec:
+            if isinstance(entry, tuple):
+                text, weight = entry
+                items.append((os.fspath(text), float(weight)))
+            else:
+                items.append(_split_weight(os.fspath(entry)))
+    if not items:
+        raise ValueError(f"empty shard spec {spec!r}")
+    return [_resolve_source(text, weight) for text, weight in items]
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks, workers, epochs, seeds
+# --------------------------------------------------------------------------------------------
+def resolve_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): explicit values, else torch.distributed, else RANK/WORLD_SIZE, else 0/1."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("give both rank and world_size, or neither")
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, world_size = 0, 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return rank, world_size
+
+
+def _worker_id() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class SharedEpoch:
+    """The current epoch in shared memory, so workers see :meth:`SlipLoader.set_epoch` even
+    when they are persistent (a plain attribute would be frozen into their copy)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = multiprocessing.Value(ctypes.c_int64, epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return int(self._value.value)
+
+
+def _rng(*parts: object) -> random.Random:
+    # String seeds are hashed with SHA-512 by random.Random: stable across runs and processes.
+    return random.Random("slip:" + ":".join(map(str, parts)))
+
+
+class _WorkerSeed:
+    """``worker_seed`` for webdataset's ResampledShards: distinct per rank, worker and epoch."""
+
+    def __init__(self, seed: int, rank: int, epoch: SharedEpoch) -> None:
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+
+    def __call__(self) -> int:
+        worker, _ = _worker_id()
+        return _rng(self.seed, "shards", self.epoch.get(), self.rank, worker).getrandbits(63)
+
+
+class EpochShards(IterableDataset):
+    """This rank's shards for the current epoch, as ``{"url": ...}`` dicts.
+
+    All ranks shuffle the full list with the same (seed, epoch) seed and keep every
+    ``world``-th shard starting at ``rank``, so the ranks' shares partition the list. (Used
+    instead of webdataset's ``split_by_node``, which can only read the rank from the
+    environment, with ``RANK`` taking precedence over ``torch.distributed``.)
+    """
+
+    def __init__(self, urls: Sequence[str], rank: int, world_size: int, seed: int, epoch: SharedEpoch, shuffle: bool = True) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        urls = list(self.urls)
+        if self.shuffle:
+            _rng(self.seed, "epoch-shards", self.epoch.get()).shuffle(urls)
+        for url in urls[self.rank :: self.world_size]:
+            yield {"url": url}
+
+
+class _PassShuffle:
+    """Reorders a worker's shards on each repeated pass within an epoch (``epoch_samples``
+    makes a worker cycle over its shards); the first pass keeps the epoch's order."""
+
+    def __init__(self, seed: int, rank: int, epoch: SharedEpoch) -> None:
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self._passes = 0
+
+    def __call__(self, src: Iterable[dict[str, str]]) -> Iterator[dict[str, str]]:
+        shards = list(src)
+        worker, _ = _worker_id()
+        if not shards:
+            logger.warning("rank %d worker %d has no shards (fewer shards than ranks x workers)", self.rank, worker)
+        if self._passes:
+            _rng(self.seed, "pass", self.epoch.get(), self.rank, worker, self._passes).shuffle(shards)
+        self._passes += 1
+        yield from shards
+
+
+class _SampleShuffle:
+    """webdataset's shuffle buffer with an RNG seeded per rank, worker, epoch and pass (the
+    stock stage would give every worker the same seed)."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int, rank: int, epoch: SharedEpoch) -> None:
+        self.bufsize, self.initial = bufsize, initial
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self._passes = 0
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        worker, _ = _worker_id()
+        rng = _rng(self.seed, "samples", self.epoch.get(), self.rank, worker, self._passes)
+        self._passes += 1
+        yield from wds.shuffle(self.bufsize, self.initial, rng=rng)(iter(src))
+
+
+class _TagCorpus:
+    def __init__(self, corpus: str | None) -> None:
+        self.corpus = corpus
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        sample["__corpus__"] = self.corpus
+        return sample
+
+
+class WeightedMix(IterableDataset):
+    """Interleave sample streams, drawing the next sample's source with probability
+    proportional to its weight; an exhausted source drops out (epoch mode) and the mix ends
+    when all are exhausted."""
+
+    def __init__(self, streams: Sequence[IterableDataset], weights: Sequence[float], seed: int, rank: int, epoch: SharedEpoch) -> None:
+        super().__init__()
+        self.streams, self.weights = list(streams), [float(w) for w in weights]
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, _ = _worker_id()
+        rng = _rng(self.seed, "mix", self.epoch.get(), self.rank, worker, self._passes)
+        self._passes += 1
+        iterators = [iter(s) for s in self.streams]
+        weights = list(self.weights)
+        while iterators:
+            i = rng.choices(range(len(iterators)), weights=weights)[0]
+            try:
+                yield next(iterators[i])
+            except StopIteration:
+                del iterators[i], weights[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample processing: caption choice, one decode, crops
+# --------------------------------------------------------------------------------------------
+def _decode_text(raw: bytes | str, what: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SampleSkip(CAPTION_NOT_UTF8, f"{what}: {exc}") from None
+
+
+def _non_empty_strings(values: Iterable[Any]) -> list[str]:
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def choose_caption(sample: Mapping[str, Any], rng: random.Random, corpus: str | None = None) -> str:
+    """Pick the training caption of a raw webdataset sample.
+
+    Rules, in order:
+
+    1. ``json["captions"]`` (multi-caption samples): one non-empty entry at random.
+    2. YFCC (``corpus == "yfcc15m"`` or the JSON has ``title``/``description``): the title or
+       the description at random among those that are non-empty, as SLIP does.
+    3. The ``.txt`` member.
+    4. ``json["caption"]`` (img2dataset's metadata) when there is no ``.txt``.
+
+    Raises:
+        SampleSkip: ``bad_metadata`` (unparsable JSON), ``caption_not_utf8``,
+            ``empty_caption`` or ``missing_caption``.
+    """
+    meta: Mapping[str, Any] = {}
+    if sample.get("json") is not None:
+        try:
+            parsed = json.loads(_decode_text(sample["json"], "json"))
+        except SampleSkip:
+            raise SampleSkip(BAD_METADATA, "json is not UTF-8") from None
+        except ValueError as exc:
+            raise SampleSkip(BAD_METADATA, f"json: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise SampleSkip(BAD_METADATA, f"json is a {type(parsed).__name__}, not an object")
+        meta = parsed
+    captions = meta.get("captions")
+    if isinstance(captions, list):
+        options = _non_empty_strings(captions)
+        if options:
+            return rng.choice(options)
+    if corpus == "yfcc15m" or "title" in meta or "description" in meta:
+        options = _non_empty_strings((meta.get("title"), meta.get("description")))
+        if options:
+            return rng.choice(options)
+    if sample.get("txt") is not None:
+        text = _decode_text(sample["txt"], "txt").strip()
+        if not text:
+            raise SampleSkip(EMPTY_CAPTION)
+        return text
+    fallback = meta.get("caption")
+    if isinstance(fallback, str):
+        if not fallback.strip():
+            raise SampleSkip(EMPTY_CAPTION)
+        return fallback.strip()
+    raise SampleSkip(MISSING_CAPTION)
+
+
+def _image_bytes(sample: Mapping[str, Any]) -> bytes:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise SampleSkip(MISSING_IMAGE, f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+class DecodeSamples:
+    """Pipeline stage: raw samples -> ``{"key", "caption", "views"}`` with uint8 crops; bad
+    samples are counted in ``counter`` and dropped."""
+
+    def __init__(
+        self,
+        views: MethodViews,
+        counter: SkipCounter,
+        *,
+        seed: int,
+        rank: int,
+        epoch: SharedEpoch,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_draft: bool = True,
+        corpus: str | None = None,
+        resampled: bool = False,
+    ) -> None:
+        self.views, self.counter = views, counter
+        self.resampled = resampled
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self.max_pixels, self.allow_draft, self.corpus = max_pixels, allow_draft, corpus
+        self._passes = 0
+        self.resume_after: tuple[int, int] | None = None  # (pass, index) of the last consumed sample
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        worker, _ = _worker_id()
+        pass_no = self._passes
+        self._passes += 1
+        # Resuming: samples up to this (pass, index) were consumed before the checkpoint. They
+        # still flow through the shard reading and shuffle stages (whose state depends on
+        # them) but are not decoded.
+        resume_after = tuple(self.resume_after) if self.resume_after is not None else (-1, 0)
+        specs = self.views.all
+        for index, sample in enumerate(src, start=1):
+            if (pass_no, index) <= resume_after:
+                continue
+            key = str(sample.get("__key__", "?"))
+            # One RNG per sample, keyed by the sample itself (shard and key): a resumed run draws
+            # the same crops and captions without replaying earlier samples, and the draws do not
+            # depend on how shards are split over ranks and workers. Resampled shards can repeat
+            # within a pass, so there the stream position is part of the key too.
+            where = (self.rank, worker, index) if self.resampled else ()
+            rng = _rng(self.seed, "views", self.epoch.get(), sample.get("__url__"), key, pass_no, *where)
+            try:
+                caption = None
+                if self.views.needs_text:
+                    caption = choose_caption(sample, rng, self.corpus or sample.get("__corpus__"))
+                crops = decode_views(
+                    _image_bytes(sample), specs, rng, max_pixels=self.max_pixels, allow_draft=self.allow_draft
+                )
+            except SampleSkip as skip:
+                self.counter.add(skip.reason, skip.detail, key)
+                continue
+            except Exception as exc:  # noqa: BLE001 -- bad data must never stop training
+                self.counter.add(SAMPLE_ERROR, f"{type(exc).__name__}: {exc}", key)
+                logger.debug("unexpected error on sample %s", key, exc_info=True)
+                continue
+            yield {"key": key, "caption": caption, "views": crops, "position": (pass_no, index)}
+
+
+class Collate:
+    """Stack decoded samples into a batch dict and tokenise the captions in one call."""
+
+    def __init__(self, views: MethodViews, tokenizer: Tokenizer | None) -> None:
+        self.views, self.tokenizer = views, tokenizer
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"key": [s["key"] for s in samples], "__position__": samples[-1]["position"]}
+        offset = 0
+        if self.views.clip is not None:
+            batch["image"] = torch.stack([s["views"][0] for s in samples])
+            offset = 1
+        if self.views.ssl:
+            batch["views"] = [
+                torch.stack([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
+            ]
+        if self.views.needs_text and self.tokenizer is not None:
+            batch["text"] = self.tokenizer([s["caption"] for s in samples]).long()
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PipelineConfig:
+    """Options of the training data pipeline (see the module docstring for the semantics).
+
+    Attributes:
+        method: ``clip``, ``simclr`` or ``slip-simclr``; selects the views.
+        size: output size of every view (int or (height, width)).
+        views: explicit view declaration; overrides ``method``/``size``.
+        batch_size: samples per batch (per rank).
+        mode: ``epoch`` or ``resampled``.
+        epoch_samples: samples per epoch over all ranks; fixes the number of batches per worker
+            (required for equal steps across ranks; None = one pass in epoch mode, endless in
+            resampled mode).
+        shuffle_buffer: samples in each worker's shuffle buffer (0 disables shuffling).
+        shuffle_initial: samples buffered before the first one is released.
+        shuffle_shards: shuffle the shard order per epoch (epoch mode).
+        seed: base seed of every random choice in the pipeline.
+        workers: DataLoader worker processes (0 = in the calling process).
+        rank, world_size: override the distributed rank/world (see :func:`resolve_rank_world`).
+        partial_batches: keep each worker's last, smaller batch (no sample lost in epoch mode).
+        max_pixels: images with more pixels are skipped unread (decompression-bomb cap).
+        allow_draft: decode JPEGs at reduced size when every crop keeps its resolution.
+        corpus: force the caption rules of a corpus (``yfcc15m``); default: from the index.
+        pin_memory: pin batches for fast host-to-device copies; None = when CUDA is available.
+        prefetch_factor: batches prefetched per worker.
+        persistent_workers: keep workers alive between epochs.
+        log_interval_s: how often the loader logs skip totals while iterating.
+    """
+
+    method: str = "slip-simclr"
+    size: int | tuple[int, int] = 224
+    views: MethodViews | None = None
+    batch_size: int = 64
+    mode: str = "epoch"
+    epoch_samples: int | None = None
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    shuffle_shards: bool = True
+    seed: int = 0
+    workers: int = 4
+    rank: int | None = None
+    world_size: int | None = None
+    partial_batches: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_draft: bool = True
+    corpus: str | None = None
+    pin_memory: bool | None = None
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+    log_interval_s: float = 60.0
+
+    def resolved_views(self) -> MethodViews:
+        """The views this config asks for."""
+        return self.views if self.views is not None else method_views(self.method, self.size)
+
+
+_DEFAULT_TOKENIZER: Tokenizer | None = None
+
+
+def default_tokenizer() -> Tokenizer:
+    """open_clip's CLIP BPE tokenizer (context 77), created once per process."""
+    global _DEFAULT_TOKENIZER
+    if _DEFAULT_TOKENIZER is None:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _DEFAULT_TOKENIZER = SimpleTokenizer()
+    return _DEFAULT_TOKENIZER
+
+
+def batches_per_worker(config: PipelineConfig, world_size: int) -> int | None:
+    """Batches each worker yields per epoch when ``epoch_samples`` is set, else None."""
+    if config.epoch_samples is None:
+        return None
+    per_rank = math.ceil(config.epoch_samples / (world_size * config.batch_size))
+    return max(1, math.ceil(per_rank / max(1, config.workers)))
+
+
+def _source_samples(
+    source: ShardSource, config: PipelineConfig, rank: int, world_size: int, epoch: SharedEpoch, handler: TarErrorHandler
+) -> list[Any]:
+    if config.mode == "resampled":
+        shards: Any = wds.ResampledShards(
+            list(source.urls), seed=config.seed, worker_seed=_WorkerSeed(config.seed, rank, epoch), deterministic=True
+        )
+        stages: list[Any] = [shards]
+    else:
+        stages = [
+            EpochShards(source.urls, rank, world_size, config.seed, epoch, shuffle=config.shuffle_shards),
+            wds.split_by_worker,
+            _PassShuffle(config.seed, rank, epoch),
+        ]
+    stages.append(wds.tarfile_to_samples(handler=handler))
+    stages.append(wds.map(_TagCorpus(source.corpus)))
+    return stages
+
+
+def build_dataset(
+    spec: SpecLike,
+    config: PipelineConfig | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    counter: SkipCounter | None = None,
+    epoch: SharedEpoch | None = None,
+) -> wds.DataPipeline:
+    """The webdataset pipeline yielding ready batches (run it in DataLoader workers).
+
+    Stages: shard list (epoch split or resampled) -> tar reading (errors counted) -> weighted
+    mix of sources -> shuffle buffer -> caption choice + one decode + crops -> batches with
+    tokenised text. ``counter`` and ``epoch`` are created when not given; reach them through
+    the returned pipeline's ``skip_counter`` and ``shared_epoch`` attributes.
+    """
+    config = config or PipelineConfig()
+    if config.mode not in ("epoch", "resampled"):
+        raise ValueError(f"mode must be 'epoch' or 'resampled', got {config.mode!r}")
+    if config.batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    views = config.resolved_views()
+    if views.needs_text and tokenizer is None:
+        tokenizer = default_tokenizer()
+    rank, world_size = resolve_rank_world(config.rank, config.world_size)
+    counter = counter or SkipCounter()
+    epoch = epoch or SharedEpoch()
+    handler = TarErrorHandler(counter)
+    sources = parse_shard_spec(spec)
+    if config.mode == "epoch":
+        for source in sources:
+            shares = world_size * max(1, config.workers)
+            if len(source.urls) % shares:
+                logger.info(
+                    "%s: %d shards over %d ranks x %d workers: shares differ by one shard",
+                    source.name, len(source.urls), world_size, max(1, config.workers),
+                )
+
+    if len(sources) == 1:
+        head = _source_samples(sources[0], config, rank, world_size, epoch, handler)
+    else:
+        streams = [wds.DataPipeline(*_source_samples(s, config, rank, world_size, epoch, handler)) for s in sources]
+        head = [WeightedMix(streams, [s.weight for s in sources], config.seed, rank, epoch)]
+    stages = list(head)
+    if config.shuffle_buffer > 0:
+        stages.append(_SampleShuffle(config.shuffle_buffer, config.shuffle_initial, config.seed, rank, epoch))
+    stages.append(
+        DecodeSamples(
+            views, counter, seed=config.seed, rank=rank, epoch=epoch,
+            max_pixels=config.max_pixels, allow_draft=config.allow_draft, corpus=config.corpus,
+            resampled=config.mode == "resampled",
+        )
+    )
+    stages.append(wds.batched(config.batch_size, collation_fn=Collate(views, tokenizer), partial=config.partial_batches))
+    pipeline = wds.DataPipeline(*stages)
+    per_worker = batches_per_worker(config, world_size)
+    if per_worker is not None:
+        pipeline = pipeline.with_epoch(nbatches=per_worker)
+    pipeline.skip_counter = counter
+    pipeline.shared_epoch = epoch
+    pipeline.decode_stage = next(st for st in stages if isinstance(st, DecodeSamples))
+    pipeline.sources = sources
+    pipeline.rank, pipeline.world_size = rank, world_size
+    return pipeline
+
+
+def reset_passes(pipeline: wds.DataPipeline) -> None:
+    """Rewind the per-pass RNG counters of ``pipeline``'s stages (recursing into mixed
+    sources), so iterating the same epoch again replays it whether the stages run in worker
+    copies (fresh each epoch) or in this process (``workers=0``, state carried over)."""
+    for stage in pipeline.pipeline:
+        if hasattr(stage, "_passes"):
+            stage._passes = 0
+        if isinstance(stage, wds.ResampledShards):
+            stage.epoch = -1  # its own per-iteration counter, part of its seed
+        if isinstance(stage, WeightedMix):
+            for stream in stage.streams:
+                reset_passes(stream)
+
+
+class _ResumableBatches(IterableDataset):
+    """The batch pipeline as each DataLoader worker runs it, resumable at a position.
+
+    Each batch is tagged with its worker and the (pass, index) of its last sample in that
+    worker's stream. ``resume`` (set before iterating; workers get it in their copy) maps a
+    worker to where it stopped: the worker skips the samples up to there without decoding them
+    and yields only the batches it had left in the epoch.
+    """
+
+    def __init__(self, pipeline: wds.DataPipeline, per_worker: int | None) -> None:
+        super().__init__()
+        self.pipeline, self.per_worker = pipeline, per_worker
+        self.resume: dict[int, dict[str, Any]] = {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, _ = _worker_id()
+        state = self.resume.get(worker)
+        self.pipeline.decode_stage.resume_after = tuple(state["position"]) if state else None
+        remaining = None if self.per_worker is None else self.per_worker - (state["batches"] if state else 0)
+        if remaining is not None and remaining <= 0:
+            return
+        for i, batch in enumerate(self._passes(), start=1):
+            batch["__worker__"] = worker
+            yield batch
+            if remaining is not None and i >= remaining:
+                return
+
+    def _passes(self) -> Iterator[dict[str, Any]]:
+        if self.pipeline.repetitions == 1:  # one pass (no epoch length): nothing to cycle
+            yield from self.pipeline
+            return
+        # Cycle over the worker's shards until the epoch length is reached, as with_epoch
+        # does, except that a pass that yields nothing because a resume skips all of it is
+        # not taken for an empty dataset.
+        decode = self.pipeline.decode_stage
+        while True:
+            produced = 0
+            for batch in self.pipeline.iterator1():
+                produced += 1
+                yield batch
+            skipped_whole_pass = decode.resume_after is not None and decode._passes - 1 <= decode.resume_after[0]
+            if produced == 0 and not skipped_whole_pass:
+                return
+
+
+class SlipLoader:
+    """A DataLoader over :func:`build_dataset` batches, plus epoch control, skip totals and a
+    resumable position.
+
+    Iterating yields the batch dicts described in the module docstring (uint8 views, pinned
+    when ``pin_memory``). ``len()`` works when ``epoch_samples`` fixes the epoch length.
+
+    :meth:`state_dict` is the position after the last batch handed out: per DataLoader worker,
+    the (pass, index) of its last consumed sample and its batch count. After
+    :meth:`load_state_dict`, the next iteration continues from there with the same batches in
+    the same order as an uninterrupted run: each worker skips its consumed samples (they are
+    read from the shards again, since the shuffle buffer depends on them, but not decoded) and
+    batches are re-ordered to continue the DataLoader's round robin where it stopped.
+    """
+
+    def __init__(self, spec: SpecLike, config: PipelineConfig | None = None, *, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config or PipelineConfig()
+        self.views = self.config.resolved_views()
+        self.dataset = build_dataset(spec, self.config, tokenizer=tokenizer)
+        self.counter: SkipCounter = self.dataset.skip_counter
+        self.epoch: SharedEpoch = self.dataset.shared_epoch
+        self.sources: list[ShardSource] = self.dataset.sources
+        self.rank, self.world_size = self.dataset.rank, self.dataset.world_size
+        workers = self.config.workers
+        per_worker = batches_per_worker(self.config, self.world_size)
+        self.batches = _ResumableBatches(self.dataset, per_worker)
+        pin = torch.cuda.is_available() if self.config.pin_memory is None else self.config.pin_memory
+        self.loader = DataLoader(
+            self.batches,
+            batch_size=None,  # batches are formed in the workers (one IPC message per batch)
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=self.config.persistent_workers and workers > 0,
+            prefetch_factor=self.config.prefetch_factor if workers > 0 else None,
+        )
+        self.num_batches: int | None = None if per_worker is None else per_worker * max(1, workers)
+        self._positions: dict[int, dict[str, Any]] = {}
+        self._handed_out = 0
+        self._pending: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (reshuffles shards and reseeds every random choice) from its start."""
+        self.epoch.set(epoch)
+        self._positions, self._handed_out, self._pending = {}, 0, None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands (plain types, for checkpoints)."""
+        return {"epoch": self.epoch.get(), "handed_out": self._handed_out,
+                "workers": {str(w): dict(p) for w, p in self._positions.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` at the next iteration (a ``workers`` of None restarts its epoch)."""
+        self.set_epoch(int(state["epoch"]))
+        if state.get("workers") is not None:
+            if self.config.persistent_workers:
+                raise ValueError("resuming at a position needs persistent_workers=False")
+            self._pending = dict(state)
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples by reason, over all workers so far."""
+        return self.counter.counts()
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("the epoch length is unknown; set PipelineConfig.epoch_samples")
+        return self.num_batches
+
+    def _ordered(self, batches: Iterable[dict[str, Any]], first: int) -> Iterator[dict[str, Any]]:
+        # The DataLoader takes batches from workers 0, 1, ..., W-1 in turn. A resumed run must
+        # continue the turn where it stopped (worker `first`), so hold back early arrivals.
+        workers = max(1, self.config.workers)
+        if first % workers == 0:
+            yield from batches
+            return
+        waiting: dict[int, list[dict[str, Any]]] = {w: [] for w in range(workers)}
+        turn = first % workers
+        for batch in batches:
+            waiting[batch["__worker__"]].append(batch)
+            while waiting[turn]:
+                yield waiting[turn].pop(0)
+                turn = (turn + 1) % workers
+        while any(waiting.values()):  # a worker ran out early: keep the turn order for the rest
+            if waiting[turn]:
+                yield waiting[turn].pop(0)
+            turn = (turn + 1) % workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reset_passes(self.dataset)
+        # A new iteration starts the epoch afresh, unless load_state_dict asked to resume.
+        pending, self._pending = self._pending, None
+        self._positions, self._handed_out = {}, 0
+        if pending is not None:
+            self._positions = {int(w): dict(p) for w, p in pending["workers"].items()}
+            self._handed_out = int(pending["handed_out"])
+        self.batches.resume = {w: dict(p) for w, p in self._positions.items()}
+        last_log = time.monotonic()
+        last_counts: dict[str, int] = {}
+        for batch in self._ordered(self.loader, self._handed_out):
+            worker = batch.pop("__worker__")
+            position = batch.pop("__position__")
+            done = self._positions.get(worker, {}).get("batches", 0)
+            self._positions[worker] = {"position": [int(position[0]), int(position[1])], "batches": done + 1}
+            self._handed_out += 1
+            yield batch
+            now = time.monotonic()
+            if now - last_log >= self.config.log_interval_s:
+                last_log = now
+                counts = self.counter.counts()
+                if counts != last_counts:
+                    logger.info("skipped samples so far (all workers): %s", counts)
+                    last_counts = counts
+        counts = self.counter.counts()
+        if counts:
+            logger.info("skipped samples after this pass (all workers): %s", counts)
+
+
+def build_loader(
+    spec: SpecLike, config: PipelineConfig | None = None, *, tokenizer: Tokenizer | None = None, **overrides: Any
+) -> SlipLoader:
+    """Build the training loader for ``spec``; keyword ``overrides`` replace config fields,
+    e.g. ``build_loader("shards/", batch_size=256, workers=8)``."""
+    config = replace(config or PipelineConfig(), **overrides)
+    return SlipLoader(spec, config, tokenizer=tokenizer)

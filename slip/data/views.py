@@ -1,0 +1,800 @@
+"""Training views for SLIP: declarations, one-decode geometric cropping, batched photometrics.
+
+The work is split in two halves on purpose:
+
+* **Worker half (per sample, CPU)**: :func:`decode_views` reads the image size from the header,
+  draws every view's crop box first, then decodes the image **once** -- at a reduced size via
+  libjpeg's DCT scaling (``Image.draft``) when every crop keeps at least the output resolution --
+  and resizes each crop straight to a ``uint8`` tensor (antialiased bilinear, like torchvision's
+  ``RandomResizedCrop``). Nothing photometric happens here, so workers ship ``uint8`` (4x less
+  inter-process traffic than float32).
+* **Batched half (per batch, accelerator or CPU)**: :class:`BatchAugment` applies horizontal
+  flip, colour jitter, grayscale, Gaussian blur and normalisation to a whole ``uint8`` batch with
+  per-sample random parameters, in plain tensor ops. The same code runs on CPU and GPU, so the
+  distribution does not depend on the device.
+
+The views of a method are declared with :class:`ViewSpec` (see :func:`method_views`):
+
+* CLIP view (SLIP's ``train_transform``): ``RandomResizedCrop(size, scale=(0.5, 1))`` then
+  ImageNet normalisation; no flip, no colour augmentation.
+* SimCLR views (two): ``RandomResizedCrop(size, scale=(0.08, 1))``, colour jitter
+  ``(0.4, 0.4, 0.4, 0.1)`` with p=0.8, grayscale p=0.2, Gaussian blur sigma in [0.1, 2] with
+  p=0.5, horizontal flip p=0.5, ImageNet normalisation.
+
+Colour jitter applies brightness, contrast, saturation and hue in a random order per sample, as
+torchvision's ``ColorJitter`` does (``jitter_order="fixed"`` keeps that listed order instead).
+The ops follow torchvision's tensor implementations (``adjust_brightness`` etc. on float images
+in [0, 1]); tests compare them op by op.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Same default as slip.data.shards and PIL: larger images are treated as decompression bombs.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Reasons a sample's image is rejected (the names match slip.data.shards where they overlap).
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+CORRUPT_IMAGE = "corrupt_image"
+TRUNCATED_IMAGE = "truncated_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+
+# ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
+_LUMA = (0.2989, 0.587, 0.114)
+
+# JPEG DCT scaling factors PIL's draft() can apply (libjpeg supports 1/1, 1/2, 1/4, 1/8).
+_DRAFT_FACTORS = (8, 4, 2)
+
+
+class SampleSkip(Exception):
+    """A sample cannot be used; ``reason`` is a short counter key, ``detail`` a human note."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+# --------------------------------------------------------------------------------------------
+# Declarations
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view of an image.
+
+    The geometric part (``scale``, ``ratio``, ``size``) runs in the data workers; the rest runs
+    batched in :class:`BatchAugment`. Probabilities are per sample.
+
+    Attributes:
+        name: label used in logs and benchmarks.
+        size: output (height, width) in pixels.
+        scale: range of the crop area as a fraction of the image area (RandomResizedCrop).
+        ratio: range of the crop aspect ratio w/h, sampled log-uniformly.
+        hflip_p: probability of a horizontal flip.
+        jitter: (brightness, contrast, saturation, hue) strengths as in torchvision's
+            ``ColorJitter``, or None for no colour jitter.
+        jitter_p: probability that colour jitter is applied.
+        grayscale_p: probability of converting to (3-channel) grayscale.
+        blur_p: probability of a Gaussian blur.
+        blur_sigma: range of the blur's standard deviation in output pixels (uniform).
+    """
+
+    name: str
+    size: tuple[int, int]
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip_p: float = 0.0
+    jitter: tuple[float, float, float, float] | None = None
+    jitter_p: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"view {self.name!r}: size must be two positive ints, got {self.size}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"view {self.name!r}: scale must satisfy 0 < lo <= hi <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"view {self.name!r}: ratio must satisfy 0 < lo <= hi")
+        for p in (self.hflip_p, self.jitter_p, self.grayscale_p, self.blur_p):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"view {self.name!r}: probabilities must lie in [0, 1]")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"view {self.name!r}: blur_sigma must satisfy 0 < lo <= hi")
+
+
+@dataclass(frozen=True)
+class MethodViews:
+    """The views a training method needs from each image.
+
+    Attributes:
+        clip: the view fed to the image tower for the image-text loss, or None (SimCLR alone).
+        ssl: the self-supervised views (two for SimCLR), or empty (CLIP alone).
+    """
+
+    clip: ViewSpec | None
+    ssl: tuple[ViewSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def all(self) -> tuple[ViewSpec, ...]:
+        """Every view in the order :func:`decode_views` returns them: CLIP first, then SSL."""
+        return ((self.clip,) if self.clip is not None else ()) + self.ssl
+
+    @property
+    def needs_text(self) -> bool:
+        """Captions are only needed when there is an image-text loss."""
+        return self.clip is not None
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def clip_view(size: int | tuple[int, int] = 224) -> ViewSpec:
+    """SLIP's CLIP training view: RandomResizedCrop(size, scale=(0.5, 1)) + normalisation."""
+    return ViewSpec(name="clip", size=_pair(size), scale=(0.5, 1.0))
+
+
+def simclr_view(size: int | tuple[int, int] = 224, name: str = "simclr") -> ViewSpec:
+    """One SimCLR view as SLIP augments it (see the module docstring for the parameters)."""
+    return ViewSpec(
+        name=name,
+        size=_pair(size),
+        scale=(0.08, 1.0),
+        hflip_p=0.5,
+        jitter=(0.4, 0.4, 0.4, 0.1),
+        jitter_p=0.8,
+        grayscale_p=0.2,
+        blur_p=0.5,
+        blur_sigma=(0.1, 2.0),
+    )
+
+
+METHODS = ("clip", "simclr", "slip-simclr")
+
+
+def method_views(method: str, size: int | tuple[int, int] = 224) -> MethodViews:
+    """Views for ``clip`` (one CLIP view), ``simclr`` (two SimCLR views) or ``slip-simclr``
+    (the CLIP view plus two SimCLR views: SLIP's three views per image)."""
+    if method == "clip":
+        return MethodViews(clip=clip_view(size))
+    if method == "simclr":
+        return MethodViews(clip=None, ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2")))
+    if method in ("slip-simclr", "slip"):
+        return MethodViews(
+            clip=clip_view(size), ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2"))
+        )
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Worker half: crop boxes, one decode, crop-resize to uint8
+# --------------------------------------------------------------------------------------------
+def sample_crop(
+    rng: random.Random,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
+    """Draw a RandomResizedCrop box ``(left, top, width, height)`` for a ``width x height`` image.
+
+    Same algorithm as torchvision's ``RandomResizedCrop.get_params`` (10 tries of a uniform area
+    fraction and log-uniform aspect ratio, then a central crop clamped to ``ratio``), drawn from a
+    Python RNG because that is ~20x cheaper per call than torch's RNG on CPU.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w = width
+        h = int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h = height
+        w = int(round(h * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def draft_factor(
+    boxes: Sequence[tuple[int, int, int, int]], sizes: Sequence[tuple[int, int]]
+) -> int:
+    """Largest JPEG DCT scale-down factor (1, 2, 4 or 8) that keeps every crop box at least
+    as large as its output size in both dimensions after scaling.
+
+    One extra output pixel of margin per dimension leaves room for snapping the boxes to the
+    reduced grid (:func:`plan_crops`), so no crop is upsampled because of the reduced decode.
+    """
+    for factor in _DRAFT_FACTORS:
+        if all(
+            bw >= factor * (oh_ow[1] + 1) and bh >= factor * (oh_ow[0] + 1)
+            for (_, _, bw, bh), oh_ow in zip(boxes, sizes)
+        ):
+            return factor
+    return 1
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse only the image header (PIL opens lazily) and enforce the pixel cap before any
+    pixel is decoded, so a decompression bomb costs a few microseconds."""
+    if not data:
+        raise SampleSkip(EMPTY_FILE)
+    try:
+        with warnings.catch_warnings():
+            # Our own cap decides; PIL's warning for its (higher) threshold would just be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise SampleSkip(TOO_MANY_PIXELS, str(exc)) from None
+    except Image.UnidentifiedImageError:
+        raise SampleSkip(NOT_AN_IMAGE, f"{len(data)} bytes, starts with {data[:8]!r}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _classify_decode_error(exc) from None
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise SampleSkip(CORRUPT_IMAGE, f"size {width}x{height}")
+    if width * height > max_pixels:
+        raise SampleSkip(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels} pixels")
+    return im
+
+
+def _ends_with_eoi(data: bytes) -> bool:
+    """True when a JPEG stream ends with its End-Of-Image marker (ignoring trailing padding):
+    a cheap truncation check that lets complete files take the fast decoder."""
+    tail = data[-64:].rstrip(b"\x00\r\n ")
+    return tail.endswith(b"\xff\xd9")
+
+
+def _pil_to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB (or keep L), repairing what is obviously safe.
+
+    Transparent images are composited over white (transparent pixels' colours are arbitrary);
+    16-bit and 32-bit integer images are rescaled from 0..65535 rather than clipped at 255
+    (PIL's plain ``convert`` would turn most of a 16-bit image white).
+    """
+    mode = im.mode
+    if mode in ("RGB", "L"):
+        return im
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im).astype(np.float32)
+        return Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if mode == "F":
+        arr = np.asarray(im)
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    # CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, LAB, HSV, 1, P without transparency.
+    return im.convert("RGB")
+
+
+def _classify_decode_error(exc: BaseException) -> SampleSkip:
+    message = str(exc)
+    if "truncated" in message.lower() or "incomplete" in message.lower():
+        return SampleSkip(TRUNCATED_IMAGE, message[:200])
+    return SampleSkip(CORRUPT_IMAGE, f"{type(exc).__name__}: {message[:200]}")
+
+
+try:  # libjpeg-turbo straight into a tensor; optional (removed in some future torchvision)
+    from torchvision.io import ImageReadMode as _TVReadMode
+    from torchvision.io import decode_jpeg as _TV_DECODE_JPEG
+
+    _TV_RGB = _TVReadMode.RGB
+except ImportError:  # pragma: no cover - depends on the installed torchvision
+    _TV_DECODE_JPEG = None
+    _TV_RGB = None
+
+
+def _decode_pixels(data: bytes, im: Image.Image, factor: int) -> torch.Tensor:
+    """Decode the image once into a ``(C, H, W)`` uint8 tensor with channels-last memory
+    (C is 3, or 1 for grayscale), ``factor`` times smaller than the full size (JPEG only).
+
+    Full-size JPEGs that look complete go to torchvision's libjpeg-turbo decoder, which writes
+    straight into a tensor (PIL decodes into its own 4-byte-per-pixel buffer and needs a copy
+    out); reduced decodes need PIL's ``draft`` (DCT scaling); everything else goes through PIL.
+    """
+    if (
+        _TV_DECODE_JPEG is not None
+        and im.format == "JPEG"
+        and factor == 1
+        and im.mode in ("RGB", "L")
+        and _ends_with_eoi(data)
+    ):
+        try:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            with warnings.catch_warnings():
+                # Deprecated in torchvision 0.29 in favour of torchcodec; PIL is the fallback.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return _TV_DECODE_JPEG(raw, mode=_TV_RGB)
+        except RuntimeError as exc:
+            raise _classify_decode_error(exc) from None
+    try:
+        if factor > 1:
+            im.draft("RGB", (im.width // factor, im.height // factor))
+        im.load()
+        im = _pil_to_rgb(im)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise _classify_decode_error(exc) from None
+    arr = np.asarray(im)
+    with warnings.catch_warnings():
+        # The array is read-only and never written through this tensor.
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(arr)
+    if pixels.ndim == 2:
+        pixels = pixels.unsqueeze(-1)
+    return pixels.permute(2, 0, 1)
+
+
+def resize_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Crop ``box = (left, top, width, height)`` out of ``pixels`` (C, H, W uint8) and resize it
+    to ``size = (height, width)`` with antialiased bilinear filtering, uint8 in and out.
+
+    torch's uint8 antialiased kernel (SIMD, channels-last input) does this ~3x faster than
+    PIL's ``resize(box=...)`` and matches it to within a fraction of a grey level.
+    """
+    left, top, w, h = box
+    crop = pixels[:, top : top + h, left : left + w].unsqueeze(0)
+    if w * h >= 4 * size[0] * size[1]:
+        # Large downscales run ~25% faster from a dense channels-last copy than from the
+        # strided window into the full image; for small crops the copy costs more than it saves.
+        crop = crop.contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(crop, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    if out.shape[0] == 1:
+        out = out.expand(3, -1, -1)
+    return out.contiguous()
+
+
+def plan_crops(
+    width: int,
+    height: int,
+    views: Sequence[ViewSpec],
+    rng: random.Random,
+    *,
+    allow_draft: bool = True,
+) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Draw every view's crop box for a ``width x height`` image and pick the decode factor.
+
+    Returns ``(factor, boxes)`` with boxes ``(left, top, width, height)`` in full-size pixels.
+    When ``factor > 1`` (see :func:`draft_factor`) the boxes are snapped to multiples of
+    ``factor`` so that they map exactly onto the reduced decode's pixel grid (JPEG DCT scaling
+    maps each ``factor x factor`` block to one pixel). Snapping moves an edge by at most
+    ``factor / 2`` full-size pixels, under half an output pixel since every snapped crop still
+    spans at least its output size on the reduced grid (checked; else a smaller factor is
+    used); without it the crops would be shifted by a fraction of a reduced pixel relative to a
+    full-size decode of the same box.
+    """
+    boxes = [sample_crop(rng, width, height, v.scale, v.ratio) for v in views]
+    factor = draft_factor(boxes, [v.size for v in views]) if allow_draft else 1
+    while factor > 1:
+        snapped = _snap(boxes, factor, width, height)
+        # Snapping and clipping to the grid can shave a pixel off a crop: re-check the promise.
+        if all(w // factor >= v.size[1] and h // factor >= v.size[0] for (_, _, w, h), v in zip(snapped, views)):
+            return factor, snapped
+        factor //= 2
+    return 1, boxes
+
+
+def _snap(
+    boxes: Sequence[tuple[int, int, int, int]], factor: int, width: int, height: int
+) -> list[tuple[int, int, int, int]]:
+    """Move box edges to the nearest multiple of ``factor`` inside the reduced grid."""
+    cols, rows = width // factor, height // factor
+    snapped = []
+    for left, top, w, h in boxes:
+        x0, y0 = min(round(left / factor), cols - 1), min(round(top / factor), rows - 1)
+        x1, y1 = min(round((left + w) / factor), cols), min(round((top + h) / factor), rows)
+        snapped.append((x0 * factor, y0 * factor, max(1, x1 - x0) * factor, max(1, y1 - y0) * factor))
+    return snapped
+
+
+def decode_views(
+    data: bytes,
+    views: Sequence[ViewSpec],
+    rng: random.Random,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_draft: bool = True,
+) -> list[torch.Tensor]:
+    """Decode an encoded image once and cut every view's crop out of it.
+
+    Args:
+        data: encoded image bytes (JPEG, PNG, WebP, ... anything PIL reads).
+        views: the views to produce, in order.
+        rng: source of the crop boxes.
+        max_pixels: images with more pixels (read from the header) are rejected undecoded.
+        allow_draft: permit reduced-size JPEG decoding when every crop stays larger than its
+            output size (see :func:`plan_crops`).
+
+    Returns:
+        One ``(3, h, w)`` uint8 tensor per view (contiguous).
+
+    Raises:
+        SampleSkip: the bytes are empty, not an image, corrupt, truncated or too large.
+    """
+    im = _open_header(data, max_pixels)
+    width, height = im.size
+    factor, boxes = plan_crops(width, height, views, rng, allow_draft=allow_draft and im.format == "JPEG")
+    pixels = _decode_pixels(data, im, factor)
+    dec_h, dec_w = pixels.shape[1], pixels.shape[2]
+    if (dec_w, dec_h) == (-(-width // factor), -(-height // factor)) and factor > 1:
+        # Snapped boxes map exactly onto the reduced grid; libjpeg rounds the reduced size up,
+        # so the grid always covers width // factor columns.
+        boxes = [(x // factor, y // factor, w // factor, h // factor) for x, y, w, h in boxes]
+    elif (dec_w, dec_h) != (width, height):
+        # Some other scale (not expected from libjpeg): map the boxes proportionally.
+        sx, sy = dec_w / width, dec_h / height
+        boxes = [
+            (min(round(x * sx), dec_w - 1), min(round(y * sy), dec_h - 1), max(1, round(w * sx)), max(1, round(h * sy)))
+            for x, y, w, h in boxes
+        ]
+        boxes = [(x, y, min(w, dec_w - x), min(h, dec_h - y)) for x, y, w, h in boxes]
+    return [resize_crop(pixels, box, v.size) for box, v in zip(boxes, views)]
+
+
+# --------------------------------------------------------------------------------------------
+# Batched half: photometric ops on float (N, 3, H, W) images in [0, 1]
+# --------------------------------------------------------------------------------------------
+def _per_sample(factor: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(factor, torch.Tensor):
+        return factor.to(device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
+    return factor
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma of ``(N, 3, H, W)`` images as ``(N, 1, H, W)`` (torchvision's weights)."""
+    r, g, b = x.unbind(dim=-3)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """``clamp(factor * x)`` per sample, as torchvision's ``adjust_brightness``."""
+    return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Blend each image with the mean of its grayscale, as torchvision's ``adjust_contrast``."""
+    f = _per_sample(factor, x)
+    mean = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return (x * f + (1.0 - f) * mean).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Blend each image with its grayscale, as torchvision's ``adjust_saturation``."""
+    f = _per_sample(factor, x)
+    return (x * f + (1.0 - f) * rgb_to_grayscale(x)).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Rotate hue by ``factor`` turns (in [-0.5, 0.5]), as torchvision's ``adjust_hue``.
+
+    Value (max) and chroma (max - min) are invariant under a hue rotation, so instead of a full
+    RGB->HSV->RGB round trip each output channel is ``max - chroma * w((n + 6h') mod 6)`` with the
+    piecewise-linear HSV basis ``w(k) = clamp(min(k, 4 - k), 0, 1)`` (n = 5, 3, 1 for R, G, B):
+    mathematically identical, and written with in-place ops into reused buffers because this is
+    the most expensive photometric op on CPU.
+    """
+    r, g, b = x.unbind(dim=-3)
+    maxc = x.amax(dim=-3)
+    chroma = maxc - x.amin(dim=-3)
+    inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
+    is_r = maxc == r
+    is_g = maxc == g
+    # Hue in sextants, with torchvision's tie-breaking (red, then green, then blue); at ties
+    # the formulas agree anyway, the hue being continuous across sextant borders.
+    h6 = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).mul_(inv)
+    h6 += torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
+    if isinstance(factor, torch.Tensor):
+        h6 += (6.0 * factor.to(device=x.device, dtype=x.dtype)).reshape(-1, 1, 1)
+    else:
+        h6 += 6.0 * factor
+    out = torch.empty_like(x)
+    k = torch.empty_like(h6)
+    w = torch.empty_like(h6)
+    for channel, n in enumerate((5.0, 3.0, 1.0)):
+        torch.add(h6, n, out=k)
+        torch.remainder(k, 6.0, out=k)
+        torch.neg(k, out=w)
+        w += 4.0
+        torch.minimum(k, w, out=w)
+        w.clamp_(0.0, 1.0)
+        torch.addcmul(maxc, w, chroma, value=-1.0, out=out.select(-3, channel))
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float, kernel_size: int) -> torch.Tensor:
+    """Gaussian blur with a per-sample ``sigma`` and a fixed odd ``kernel_size``.
+
+    The kernel is torchvision's (``linspace(-(k-1)/2, (k-1)/2)``, normalised), borders are
+    reflected like torchvision's ``gaussian_blur``; the 2-D kernel is applied as two 1-D
+    depthwise convolutions (separable, same result) with one kernel per sample and channel.
+    """
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError("kernel_size must be a positive odd integer")
+    n, c, h, w = x.shape
+    # Reflection padding needs pad < size; shrink the kernel for tiny images.
+    kernel_size = min(kernel_size, 2 * (min(h, w) - 1) + 1)
+    if kernel_size <= 1:
+        return x.clone()
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
+    sig = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1).expand(n, 1)
+    weights = torch.exp(-0.5 * (t / sig) ** 2)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    weights = weights.repeat_interleave(c, dim=0)  # (n*c, k)
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, weights.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, weights.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def blur_kernel_size(sigma_max: float) -> int:
+    """Odd kernel covering +-3 sigma of the widest blur (13 for sigma 2): the truncated tail
+    holds < 0.3% of the mass, and the kernel does not grow with the image size."""
+    return 2 * math.ceil(3.0 * sigma_max) + 1
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def sample_jitter_factors(
+    n: int,
+    strengths: tuple[float, float, float, float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``(n, 4)`` factors: brightness/contrast/saturation uniform in ``[max(0, 1-s), 1+s]``,
+    hue uniform in ``[-s, s]`` (torchvision's ``ColorJitter`` ranges)."""
+    u = torch.rand(n, 4, generator=generator, device=device)
+    lo = torch.tensor([max(0.0, 1.0 - s) for s in strengths[:3]] + [-strengths[3]], device=device)
+    hi = torch.tensor([1.0 + s for s in strengths[:3]] + [strengths[3]], device=device)
+    return lo + (hi - lo) * u
+
+
+def color_jitter(
+    x: torch.Tensor,
+    factors: torch.Tensor,
+    order: torch.Tensor | None = None,
+    active: Sequence[bool] = (True, True, True, True),
+) -> torch.Tensor:
+    """Apply brightness, contrast, saturation, hue with per-sample ``factors`` (N, 4).
+
+    ``order`` (N, 4) gives each sample's op order (a permutation of 0..3, 0 = brightness ...
+    3 = hue); None means the listed order. On an accelerator random order is done slot by slot:
+    in slot ``s`` each op runs once on the samples that put it there, so the total work equals
+    the fixed order's and there are only 16 (not 24 x 4) kernel groups. ``active`` skips ops
+    whose strength is zero (torchvision skips them too).
+    """
+    if order is None:
+        for op, fn in enumerate(_JITTER_OPS):
+            if active[op]:
+                x = fn(x, factors[:, op])
+        return x
+    if x.device.type == "cpu":
+        return _jitter_per_sample(x, factors, order, active)
+    return _jitter_by_slots(x, factors, order, active)
+
+
+def _jitter_per_sample(
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: Sequence[bool]
+) -> torch.Tensor:
+    # On CPU a loop over cache-resident per-sample slices beats gathering sample subsets.
+    x = x.clone()
+    for i, sample_order in enumerate(order.tolist()):
+        xi = x[i : i + 1]
+        for op in sample_order:
+            if active[op]:
+                xi = _JITTER_OPS[op](xi, factors[i : i + 1, op])
+        x[i : i + 1] = xi
+    return x
+
+
+def _jitter_by_slots(
+    x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: Sequence[bool]
+) -> torch.Tensor:
+    # On accelerators: few large kernels rather than a Python loop over samples.
+    x = x.clone()
+    for slot in range(4):
+        for op, fn in enumerate(_JITTER_OPS):
+            if not active[op]:
+                continue
+            idx = (order[:, slot] == op).nonzero().squeeze(1)
+            if idx.numel():
+                x[idx] = fn(x[idx], factors[idx, op])
+    return x
+
+
+class BatchAugment(torch.nn.Module):
+    """Photometric augmentation and normalisation of ``uint8`` view batches, on any device.
+
+    Call it on a batch from the loader after moving it to the device::
+
+        augment = BatchAugment(method_views("slip-simclr", 224))
+        batch = augment(move_to_device(batch))   # 'image' and 'views' become float
+
+    Per view and per sample: horizontal flip (``hflip_p``), colour jitter (``jitter_p``, random
+    op order unless ``jitter_order="fixed"``), grayscale (``grayscale_p``), Gaussian blur
+    (``blur_p``, sigma uniform in ``blur_sigma``, fixed kernel :func:`blur_kernel_size`), then
+    ``(x - mean) / std``. All random draws come from ``torch`` on the input's device (seeded by
+    ``seed`` when given), one draw per sample whether or not the op then applies, so CPU and
+    GPU follow the same distribution.
+
+    Args:
+        views: the method's views (the same declaration given to the pipeline).
+        mean, std: normalisation constants (ImageNet by default, as SLIP).
+        jitter_order: ``"random"`` (torchvision's ColorJitter behaviour) or ``"fixed"``.
+        out_dtype: dtype of the returned views (e.g. ``torch.bfloat16`` on GPU).
+        seed: seed for a private generator; None uses torch's global RNG.
+        cpu_chunk: samples processed together on CPU (cache blocking; no effect on results).
+    """
+
+    def __init__(
+        self,
+        views: MethodViews,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        *,
+        jitter_order: str = "random",
+        out_dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
+        cpu_chunk: int = 4,
+    ) -> None:
+        super().__init__()
+        if jitter_order not in ("random", "fixed"):
+            raise ValueError("jitter_order must be 'random' or 'fixed'")
+        self.views = views
+        self.jitter_order = jitter_order
+        self.out_dtype = out_dtype
+        self.seed = seed
+        self.cpu_chunk = cpu_chunk
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def sample_params(self, n: int, spec: ViewSpec, device: torch.device | str,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draw the per-sample random parameters of one view for a batch of ``n``.
+
+        Every sample gets every draw whether or not the op then applies, in a fixed order, so a
+        seeded run is reproducible and independent of how the batch is later chunked.
+        ``generator`` overrides the module's own (or torch's global) RNG.
+        """
+        gen = generator if generator is not None else self._generator(torch.device(device))
+        params: dict[str, torch.Tensor] = {}
+        if spec.hflip_p > 0:
+            params["flip"] = torch.rand(n, generator=gen, device=device) < spec.hflip_p
+        if spec.jitter is not None and spec.jitter_p > 0:
+            params["jitter"] = torch.rand(n, generator=gen, device=device) < spec.jitter_p
+            params["jitter_factors"] = sample_jitter_factors(n, spec.jitter, gen, device)
+            if self.jitter_order == "random":
+                params["jitter_order"] = torch.rand(n, 4, generator=gen, device=device).argsort(dim=1)
+        if spec.grayscale_p > 0:
+            params["grayscale"] = torch.rand(n, generator=gen, device=device) < spec.grayscale_p
+        if spec.blur_p > 0:
+            params["blur"] = torch.rand(n, generator=gen, device=device) < spec.blur_p
+            lo, hi = spec.blur_sigma
+            params["blur_sigma"] = lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+        return params
+
+    def apply(self, x: torch.Tensor, spec: ViewSpec, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Apply drawn ``params`` (see :meth:`sample_params`) to a uint8 batch ``x``.
+
+        On CPU the batch is processed a few samples at a time (``cpu_chunk``) so the float
+        intermediates stay in cache -- 2-6x faster than whole-batch ops there; on an
+        accelerator the whole batch goes at once.
+        """
+        n = x.shape[0]
+        out = torch.empty(x.shape, dtype=self.out_dtype, device=x.device)
+        step = n if x.device.type != "cpu" else max(1, self.cpu_chunk)
+        active = tuple(s > 0 for s in spec.jitter) if spec.jitter is not None else (False,) * 4
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        for start in range(0, n, step):
+            part = slice(start, min(n, start + step))
+            y = x[part].to(torch.float32).div_(255.0)
+            if "flip" in params:
+                idx = params["flip"][part].nonzero().squeeze(1)
+                if idx.numel():
+                    y[idx] = y[idx].flip(-1)
+            if "jitter" in params:
+                idx = params["jitter"][part].nonzero().squeeze(1)
+                if idx.numel():
+                    order = params.get("jitter_order")
+                    y[idx] = color_jitter(
+                        y[idx],
+                        params["jitter_factors"][part][idx],
+                        None if order is None else order[part][idx],
+                        active,
+                    )
+            if "grayscale" in params:
+                idx = params["grayscale"][part].nonzero().squeeze(1)
+                if idx.numel():
+                    y[idx] = rgb_to_grayscale(y[idx]).expand(-1, 3, -1, -1)
+            if "blur" in params:
+                idx = params["blur"][part].nonzero().squeeze(1)
+                if idx.numel():
+                    y[idx] = gaussian_blur(
+                        y[idx], params["blur_sigma"][part][idx], blur_kernel_size(spec.blur_sigma[1])
+                    )
+            out[part] = y.sub_(mean).div_(std)
+        return out
+
+    def augment(
+        self, x: torch.Tensor, spec: ViewSpec, *, return_params: bool = False,
+        generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Augment one ``(N, 3, H, W)`` uint8 view batch; float ``out_dtype`` out.
+
+        With ``return_params`` also returns the per-sample draws (``flip``, ``jitter``,
+        ``jitter_factors``, ``jitter_order``, ``grayscale``, ``blur``, ``blur_sigma``), which
+        tests use to check application rates. ``rows=(offset, total)`` says that ``x`` is rows
+        ``offset..offset+N`` of a global batch of ``total`` (e.g. this rank's share): the draws
+        are made for the whole global batch and sliced, so with a shared ``generator`` the
+        result does not depend on how the batch is split over ranks.
+        """
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise TypeError(f"expected a (N, 3, H, W) uint8 batch, got {tuple(x.shape)} {x.dtype}")
+        n = x.shape[0]
+        offset, total = rows if rows is not None else (0, n)
+        params = self.sample_params(total, spec, x.device, generator)
+        if total != n:
+            params = {k: v[offset:offset + n] for k, v in params.items()}
+        out = self.apply(x, spec, params)
+        return (out, params) if return_params else out
+
+    def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None,
+                rows: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Return a copy of ``batch`` with ``image`` (CLIP view) and each of ``views`` augmented;
+        other entries (``text``, ``key``) pass through. ``generator``/``rows``: see :meth:`augment`."""
+        out = dict(batch)
+        kw = {"generator": generator, "rows": rows}
+        if self.views.clip is not None and "image" in batch:
+            out["image"] = self.augment(batch["image"], self.views.clip, **kw)
+        if self.views.ssl and "views" in batch:
+            if len(batch["views"]) != len(self.views.ssl):
+                raise ValueError(f"batch has {len(batch['views'])} SSL views, expected {len(self.views.ssl)}")
+            out["views"] = [self.augment(v, s, **kw) for v, s in zip(batch["views"], self.views.ssl)]
+        return out
+

@@ -1,0 +1,1 @@
+"""Training: typed configs, the torchrun-ready trainer, checkpoints and resume."""

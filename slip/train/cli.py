@@ -1,0 +1,38 @@
+"""``slip train CONFIG [key=value ...]`` / ``python -m slip.train`` (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="slip train", description="Pretrain CLIP, SimCLR or SLIP. Rerunning with the same "
+        "train.output_dir resumes from its last checkpoint. Works unchanged under torchrun.")
+    parser.add_argument("config", help="a YAML recipe, e.g. configs/yfcc15m/slip_vit_b16.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=1024")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"slip train: configuration error: {e}", file=sys.stderr)
+        return 2
+    from .trainer import TrainingStopped, train
+
+    try:
+        result = train(cfg)
+    except TrainingStopped as e:
+        print(f"slip train: {e}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(f"slip train: configuration error: {e}", file=sys.stderr)
+        return 2
+    from ..distributed import is_main_process
+
+    if result.checkpoint is not None and is_main_process():
+        print(f"finished at step {result.step}; checkpoint: {result.checkpoint}")
+    return 0

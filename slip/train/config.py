@@ -1,0 +1,290 @@
+"""Typed training configuration: dataclass defaults <- YAML recipe(s) <- ``key=value`` overrides.
+
+A recipe may start with ``base: other.yaml`` (or a list), merged first, so recipes hold only
+their differences. Unknown keys, wrong types and impossible combinations fail here, before
+any heavy work, with a message naming the key (and the file it came from).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "slip_vit_b16"  # a name from slip.list_models(): tower sizes and SSL head shape
+    grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class ObjectiveConfig:
+    clip: bool = True  # the image-text contrastive branch
+    ssl: str = "simclr"  # self-supervised branch: simclr | none
+    ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
+    ssl_temperature: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard spec: brace pattern, directory, index.json, or weighted mix
+    samples_per_epoch: int | None = None  # None: the shards' index total
+    resampled: bool = False  # sample shards with replacement (infinite stream; for many nodes)
+    workers: int = 4  # dataloader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held for shuffling, per worker
+    image_size: int | None = None  # None: the model's input size
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate (after warm-up)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to biases, norms and other 1-D parameters
+    warmup_epochs: float = 1.0
+    start_lr: float = 1e-6  # learning rate at step 0, rising linearly to lr
+    min_lr: float = 1e-5  # end of the cosine decay
+    clip_grad_norm: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096  # global: over all ranks and accumulation micro-batches
+    epochs: float = 25.0
+    max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans epochs
+    accum_steps: int = 1  # micro-batches per step; the contrastive loss still sees the whole batch
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32
+    seed: int = 0
+    output_dir: str = "runs/slip"
+    log_every: int = 10  # steps
+    save_every: int = 1000  # steps; a checkpoint is also written at the end
+    keep_last: int = 3  # checkpoints kept on disk
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    logit_scale_max: float = 100.0
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str | None = None  # zero-shot validation: a synthetic benchmark dir, or a catalog key
+    catalog: str | None = None  # dataset catalog for catalog keys (e.g. imagenet)
+    every: int = 0  # steps between validations; 0: only at the end
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+SSL_METHODS = ("simclr", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {tp}, got {value!r}")
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return origin(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix[:-1]}" if prefix else "the top level"
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known keys in {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A recipe as a nested dict, with its ``base`` files merged underneath it."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a cycle")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    bases = data.pop("base", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_yaml(path.parent / base, _seen + (path,)))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=1e-3"`` -> ``{"optim": {"lr": 0.001}}``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- recipe at ``path`` <- overrides, type-checked and validated."""
+    values = read_yaml(path) if path is not None else {}
+    _fix_yaml_floats(values)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    try:
+        cfg = _build(Config, values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _fix_yaml_floats(values: dict) -> None:
+    # PyYAML follows YAML 1.1, where "1e-3" without a dot is a string; users mean a number.
+    for k, v in values.items():
+        if isinstance(v, dict):
+            _fix_yaml_floats(v)
+        elif isinstance(v, str) and _looks_numeric(v) and not v.strip().isdigit():
+            values[k] = float(v)
+
+
+def validate(cfg: Config) -> None:
+    """Combinations that cannot work; checked before any model or data is built."""
+    from ..models import get_architecture
+
+    try:
+        arch = get_architecture(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    o = cfg.objective
+    if o.ssl not in SSL_METHODS:
+        raise ConfigError(f"objective.ssl: {o.ssl!r} is not one of {', '.join(SSL_METHODS)}")
+    if not o.clip and o.ssl == "none":
+        raise ConfigError("objective.clip is false and objective.ssl is none: nothing to train")
+    if o.clip and arch.text is None:
+        raise ConfigError(f"objective.clip: model {cfg.model.name!r} has no text tower")
+    if o.ssl != "none" and arch.ssl_head is None:
+        raise ConfigError(f"objective.ssl: model {cfg.model.name!r} has no SSL head for {o.ssl}")
+    if o.ssl_temperature <= 0:
+        raise ConfigError("objective.ssl_temperature: must be positive")
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_last", "max_nonfinite"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be at least 1")
+    if t.batch_size % t.accum_steps:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.accum_steps {t.accum_steps}")
+    if t.epochs <= 0:
+        raise ConfigError("train.epochs: must be positive")
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shards given")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr: must be positive")
+    if cfg.data.workers < 0:
+        raise ConfigError("data.workers: must be 0 or more")
+    if cfg.eval.benchmark is None and cfg.eval.every:
+        raise ConfigError("eval.every is set but eval.benchmark is not")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,81 @@
+"""One optimisation step's forward and backward: plain, or accumulated over micro-batches.
+
+Accumulation keeps the contrastive losses over the whole batch (GradCache, Gao et al. 2021):
+1. the towers run on every micro-batch without autograd and their features are kept (a few
+   kilobytes per sample);
+2. the projections, SSL head and losses run once on the concatenated features, so every
+   negative of the global batch is present and BatchNorm in the SSL head sees the whole batch;
+   backward stops at the features and leaves their gradients;
+3. the towers run again per micro-batch with autograd and backpropagate those gradients.
+The towers have no batch statistics and no randomness, so this equals one big batch exactly,
+at the cost of a second tower forward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..models import SLIPModel
+
+Objective = Callable[[dict], dict]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("image", "text", "views") if k in batch}
+
+
+def batch_size_of(batch: dict) -> int:
+    for key in ("image", "text"):
+        if key in batch:
+            return batch[key].shape[0]
+    return batch["views"][0].shape[0]
+
+
+def _concat_features(parts: list[dict]) -> dict:
+    out: dict = {}
+    for key in parts[0]:
+        if key == "views":
+            out[key] = [torch.cat([p[key][i] for p in parts]) for i in range(len(parts[0][key]))]
+        else:
+            out[key] = torch.cat([p[key] for p in parts])
+    return out
+
+
+def _leaves(feats: dict) -> dict:
+    return {k: ([v.detach().requires_grad_(True) for v in vs] if k == "views" else vs.detach().requires_grad_(True))
+            for k, vs in feats.items()}
+
+
+def _flat(feats: dict) -> list[torch.Tensor]:
+    return [t for k in sorted(feats) for t in (feats[k] if k == "views" else [feats[k]])]
+
+
+def plain_step(model: torch.nn.Module, batch: dict, objective: Objective, autocast, scale: Callable) -> dict:
+    """Forward the whole (local) batch, compute the objective and backpropagate it."""
+    with autocast():
+        losses = objective(model(**model_inputs(batch)))
+    scale(losses["loss"]).backward()
+    return losses
+
+
+def accumulated_step(model: SLIPModel, micro_batches: list[dict], objective: Objective, autocast,
+                     scale: Callable, ) -> dict:
+    """Forward/backward of ``micro_batches`` as one batch (see the module docstring).
+
+    ``model`` is the bare model (not DDP-wrapped): gradients are synchronised by the caller.
+    """
+    with torch.no_grad(), autocast():
+        cached = [model.forward_features(**model_inputs(mb)) for mb in micro_batches]
+    feats = _leaves(_concat_features(cached))
+    with autocast():
+        losses = objective(model.forward_heads(feats))
+    scale(losses["loss"]).backward()
+    sizes = [batch_size_of(mb) for mb in micro_batches]
+    grads = [g.grad.split(sizes) for g in _flat(feats)]
+    for i, mb in enumerate(micro_batches):
+        with autocast():
+            again = _flat(model.forward_features(**model_inputs(mb)))
+        surrogate = sum((f * g[i].to(f.dtype)).sum() for f, g in zip(again, grads))
+        surrogate.backward()
+    return losses

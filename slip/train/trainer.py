@@ -1,0 +1,410 @@
+"""The training loop: config -> model, data, optimizer, schedule -> steps, logs, checkpoints.
+
+Runs unchanged in one process and under ``torchrun``. The trainer alone owns backward,
+precision, gradient synchronisation and the optimizer step; the model returns embeddings and
+:func:`slip.losses.slip_objective` turns them into losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import distributed as D
+from ..losses import slip_objective
+from ..models import create_model
+from ..models.batchnorm import sync_batchnorm
+from .checkpoints import CheckpointManager, rng_state, set_rng_state
+from .config import Config, ConfigError, save_config
+from .logger import MetricLogger, format_duration
+from .optim import build_optimizer, build_schedule, schedule_steps
+from .step import accumulated_step, batch_size_of, plain_step
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many non-finite losses); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    last_losses: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    skipped_updates: int = 0
+    skipped_samples: dict = field(default_factory=dict)
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether fp16 loss scaling is needed)."""
+    p = cfg.train.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p], p == "fp16"
+
+
+def _pipeline_method(cfg: Config) -> str:
+    o = cfg.objective
+    if o.clip and o.ssl == "simclr":
+        return "slip-simclr"
+    return "clip" if o.clip else "simclr"
+
+
+def _samples_per_epoch(cfg: Config, sources) -> int:
+    if cfg.data.samples_per_epoch is not None:
+        return cfg.data.samples_per_epoch
+    counts = [s.num_samples for s in sources]
+    if any(c is None for c in counts):
+        raise ConfigError("data.samples_per_epoch: the shards have no index.json with sample counts; set it")
+    return int(sum(counts))
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def _mean_over_ranks(values: dict) -> dict:
+    """Each rank's loss covers its own rows; the logged figure is the global-batch mean."""
+    if not D.is_distributed() or D.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / D.get_world_size() for k, v in zip(values, t)}
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    n = batch_size_of(batch)
+    if n % parts:
+        raise ValueError(f"a batch of {n} cannot be split into {parts} equal micro-batches")
+    size = n // parts
+    out = []
+    for i in range(parts):
+        s = slice(i * size, (i + 1) * size)
+        out.append({k: ([t[s] for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+                        else v[s]) for k, v in batch.items()})
+    return out
+
+
+# Settings that may change when a run resumes: where and how often things are logged, saved
+# and evaluated, how the data is read, and where to stop. Everything else defines the run.
+_RESUMABLE_CHANGES = {"train.output_dir", "train.log_every", "train.save_every", "train.keep_last",
+                      "train.max_steps", "train.max_nonfinite", "data.workers", "data.train", "eval.benchmark",
+                      "eval.catalog", "eval.every", "eval.batch_size"}
+
+
+def _run_defining_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        name = prefix + key
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _run_defining_changes(a, b, name + ".")
+        elif a != b and name not in _RESUMABLE_CHANGES:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs it; see :meth:`run`."""
+
+    def __init__(self, cfg: Config, *, log_stream=None):
+        self.cfg = cfg
+        self.rank, self.world, local_rank = D.init_from_env()
+        self.device = _device(local_rank)
+        t = cfg.train
+        per_rank, rem = divmod(t.batch_size, self.world * t.accum_steps)
+        if rem or per_rank < 1:
+            raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by {self.world} ranks "
+                              f"x {t.accum_steps} accumulation steps")
+        self.micro_batch = per_rank
+        self.output_dir = Path(t.output_dir)
+        self.amp_dtype, use_scaler = _precision(cfg, self.device)
+
+        self._seed(t.seed + self.rank)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name)
+        if cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(self.device)
+        if self.world > 1:
+            model = sync_batchnorm(model, self.device)
+        self.model = model
+        self._seed(t.seed + self.rank)
+        self.objective = functools.partial(
+            slip_objective, clip=cfg.objective.clip, ssl=cfg.objective.ssl != "none",
+            ssl_scale=cfg.objective.ssl_scale, ssl_temperature=cfg.objective.ssl_temperature)
+
+        self.loader = self._build_loader()
+        from ..data.views import BatchAugment
+
+        self.augment = BatchAugment(self.loader.views, out_dtype=self.amp_dtype or torch.float32).to(self.device)
+        self.steps_per_epoch, self.total_steps = schedule_steps(
+            _samples_per_epoch(cfg, self.loader.sources), t.batch_size, t.epochs)
+        self.last_step = min(self.total_steps, t.max_steps or self.total_steps)
+        self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
+        self.schedule = build_schedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+
+        # DDP when each step is one forward; accumulation syncs gradients once by hand.
+        if self.world > 1 and t.accum_steps == 1:
+            self.forward_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            D.broadcast_module_(model)
+            self.forward_model = model
+        if cfg.model.compile:
+            self.forward_model = torch.compile(self.forward_model)
+
+        self.checkpoints = CheckpointManager(self.output_dir, t.keep_last)
+        self.log = MetricLogger(self.output_dir, enabled=D.is_main_process(), stream=log_stream,
+                                total_steps=self.last_step)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_updates = 0
+        self.validator = self._build_validator()
+
+    # ----------------------------------------------------------------------------------
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _build_loader(self):
+        from ..data.pipeline import PipelineConfig, SlipLoader, parse_shard_spec
+
+        cfg = self.cfg
+        size = cfg.data.image_size or self.model.arch.vision.image_size
+        # Every rank must see the same number of batches per epoch: the epoch length is fixed.
+        samples = _samples_per_epoch(cfg, parse_shard_spec(cfg.data.train))
+        pipeline = PipelineConfig(
+            method=_pipeline_method(cfg), size=size, batch_size=self.micro_batch * cfg.train.accum_steps,
+            mode="resampled" if cfg.data.resampled else "epoch", shuffle_buffer=cfg.data.shuffle_buffer,
+            shuffle_initial=min(100, cfg.data.shuffle_buffer), seed=cfg.train.seed, workers=cfg.data.workers,
+            rank=self.rank, world_size=self.world, partial_batches=False, epoch_samples=samples,
+        )
+        return SlipLoader(cfg.data.train, pipeline)
+
+    def _build_validator(self):
+        if self.cfg.eval.benchmark is None:
+            return None
+        from .validation import ZeroShotValidator
+
+        return ZeroShotValidator(self.cfg.eval, image_size=self.model.arch.vision.image_size)
+
+    # ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, batch: dict) -> dict:
+        batch = _to_device(batch, self.device)
+        # Augmentation draws depend only on (seed, step, global row): the same for any number of
+        # ranks, and reproduced exactly after a resume.
+        n = batch_size_of(batch)
+        generator = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + self.step)
+        batch = self.augment(batch, generator=generator, rows=(self.rank * n, self.world * n))
+        self.schedule.step_update(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = self.cfg.train.accum_steps
+        if accum == 1:
+            losses = plain_step(self.forward_model, batch, self.objective, self._autocast, self.scaler.scale)
+        else:
+            losses = accumulated_step(self.model, _split(batch, accum), self.objective, self._autocast,
+                                      self.scaler.scale)
+            D.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
+        # Every rank decides together, or DDP ranks would diverge.
+        finite = torch.isfinite(losses["loss"].detach()).float()
+        if D.is_distributed():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.skipped_updates += 1
+            logger.warning("step %d: non-finite loss, update skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+                raise TrainingStopped(
+                    f"stopped at step {self.step}: {self.nonfinite_in_a_row} non-finite losses in a row "
+                    f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); the last checkpoint in "
+                    f"{self.checkpoints.dir} is intact. Lower optim.lr or use bf16/fp32 precision.")
+        else:
+            self.nonfinite_in_a_row = 0
+            if self.cfg.optim.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.model.has_text:
+                with torch.no_grad():  # CLIP's clamp: logits scaled by at most logit_scale_max
+                    self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    # ----------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        ranks = D.all_gather_object({"rng": rng_state(), "data": self.loader.state_dict()})
+        return {
+            "epoch": self.step // self.steps_per_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "world_size": self.world,
+            "ranks": ranks,
+            "skipped_updates": self.skipped_updates,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+
+    def save(self) -> Path | None:
+        state = self._state()  # collective: every rank takes part
+        path = None
+        if D.is_main_process():
+            path = self.checkpoints.save(self.model, self.step, **state)
+        D.barrier()
+        return path or self.checkpoints.path_for(self.step)
+
+    def try_resume(self) -> bool:
+        if D.is_main_process():
+            self.checkpoints.remove_stale_temporaries()
+        D.barrier()
+        found = self.checkpoints.latest()
+        if found is None:
+            return False
+        ckpt, path = found
+        meta = ckpt.meta
+        changed = _run_defining_changes(meta.get("config", {}), self.cfg.to_dict())
+        if changed:
+            raise ConfigError(f"{path}: {self.output_dir} holds a run with a different configuration "
+                              f"({'; '.join(changed)}); resume with the same settings or use another train.output_dir")
+        self.model.load_state_dict(ckpt.state_dict)
+        self.optimizer.load_state_dict(meta["optimizer"])
+        self.scaler.load_state_dict(meta["scaler"])
+        self.step = int(meta["step"])
+        self.skipped_updates = int(meta.get("skipped_updates", 0))
+        self.nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        ranks = meta["ranks"]
+        if meta["world_size"] == self.world:
+            mine = ranks[self.rank]
+            set_rng_state(mine["rng"])
+            self.loader.load_state_dict(mine["data"])
+            replay = "exact position restored"
+        else:
+            # Another world size splits the data differently: restart this epoch's data stream.
+            self.loader.load_state_dict({"epoch": self.step // self.steps_per_epoch, "workers": None})
+            replay = f"world size changed {meta['world_size']} -> {self.world}: epoch restarted, RNG reseeded"
+        self.log.message(f"resumed from {path} at step {self.step} ({replay})")
+        return True
+
+    # ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if D.is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        if not self.try_resume() or self.step % self.steps_per_epoch == 0:
+            self.loader.set_epoch(self.step // self.steps_per_epoch)  # from the epoch's start
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log.message(
+            f"training {cfg.model.name} ({n_params / 1e6:.1f}M parameters) on {self.world} x {self.device.type}, "
+            f"global batch {cfg.train.batch_size} ({self.micro_batch} per rank x {cfg.train.accum_steps} accumulation), "
+            f"{self.steps_per_epoch} steps/epoch, steps {self.step}->{self.last_step} of {self.total_steps}")
+        last_losses: dict = {}
+        validation: dict = {}
+        last_ckpt = None
+        window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+        run_start, start_step = time.perf_counter(), self.step
+        batches = iter(self.loader)
+        try:
+            while self.step < self.last_step:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    self.loader.set_epoch(self.step // self.steps_per_epoch)
+                    batches = iter(self.loader)
+                    continue
+                data_wait += time.perf_counter() - t0
+                last_losses = self._train_step(batch)
+                self.step += 1
+                window_steps += 1
+                if self.step % self.steps_per_epoch == 0 and self.step < self.last_step:
+                    self.loader.set_epoch(self.step // self.steps_per_epoch)
+                    batches = iter(self.loader)
+                if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
+                    last_losses = _mean_over_ranks(last_losses)
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
+                    done = self.step - start_step
+                    eta = (time.perf_counter() - run_start) / max(done, 1) * (self.last_step - self.step)
+                    self.log.log({
+                        **last_losses,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "logit_scale": float(self.model.logit_scale.detach().exp()) if self.model.has_text else None,
+                        "samples_per_s": round(rate, 2),
+                        "data_wait": round(data_wait / max(elapsed, 1e-9), 3),
+                        "peak_mem_gib": round(_peak_memory_gib(self.device), 3),
+                        "skipped_updates": self.skipped_updates,
+                        "eta": format_duration(eta),
+                    }, self.step)
+                    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+                if self.validator and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.last_step:
+                    validation = self.validate()
+                if self.step % cfg.train.save_every == 0 and self.step < self.last_step:
+                    last_ckpt = self.save()
+            last_ckpt = self.save()
+            if self.validator:
+                validation = self.validate()
+        finally:
+            skipped = self.loader.skipped()
+            if skipped:
+                self.log.message(f"skipped samples: {skipped}")
+            self.log.close()
+        return TrainResult(self.step, last_ckpt, last_losses, validation, self.skipped_updates, skipped)
+
+    def validate(self) -> dict:
+        self.model.eval()
+        try:
+            result = self.validator(self.model, self.device)
+        finally:
+            self.model.train()
+        self.log.log(result, self.step, kind="eval")
+        return result
+
+
+def train(cfg: Config, *, log_stream=None) -> TrainResult:
+    """Train with ``cfg`` (resuming from ``cfg.train.output_dir`` when it holds checkpoints)."""
+    return Trainer(cfg, log_stream=log_stream).run()

@@ -1,0 +1,336 @@
+"""Tests of slip.data.shards: shard layout, index, image validation/conversion, crash safety."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from slip.data import shards
+from slip.data.shards import Sample, SampleSkipped, clean_key, load_index, prepare_image, write_shards
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def noise_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def solid_jpeg(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (40, 30)) -> bytes:
+    return encode(Image.new("RGB", size, colour), "JPEG", quality=95)
+
+
+def read_shard(path: Path) -> list[dict[str, bytes]]:
+    """Samples of one shard in order, as {"__key__": key, ext: bytes}."""
+    samples: list[dict] = []
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def read_all(out_dir: Path) -> list[dict[str, bytes]]:
+    index = load_index(out_dir)
+    samples: list[dict] = []
+    for shard in index["shards"]:
+        samples.extend(read_shard(out_dir / shard["name"]))
+    return samples
+
+
+def decode(jpg: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(jpg))
+    img.load()
+    return img
+
+
+# ------------------------------------------------------------------------------------------
+# layout and index
+# ------------------------------------------------------------------------------------------
+
+
+def test_shards_layout_index_and_members(tmp_path: Path) -> None:
+    images = [encode(noise_image(i), "JPEG", quality=90) for i in range(7)]
+    samples = [
+        Sample(key=f"img{i}", image=images[i], caption=f"  caption\nnumber {i} ", extra={"source": "test", "n": i})
+        for i in range(7)
+    ]
+    index = write_shards(samples, tmp_path / "out", samples_per_shard=3, corpus="unit", progress=False)
+
+    on_disk = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert on_disk == index
+    assert index["format"] == "slip-shards/1"
+    assert index["corpus"] == "unit"
+    assert index["shards"] == [
+        {"name": "shard-000000.tar", "samples": 3},
+        {"name": "shard-000001.tar", "samples": 3},
+        {"name": "shard-000002.tar", "samples": 1},
+    ]
+    assert index["total_samples"] == 7
+    assert index["skipped"] == {}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"
+    ]
+
+    read = read_all(tmp_path / "out")
+    assert [s["__key__"] for s in read] == [f"img{i}" for i in range(7)]
+    for i, sample in enumerate(read):
+        assert set(sample) == {"__key__", "jpg", "txt", "json"}
+        # RGB JPEGs needing no change are stored byte for byte.
+        assert sample["jpg"] == images[i]
+        assert sample["txt"].decode("utf-8") == f"caption number {i}"
+        meta = json.loads(sample["json"])
+        assert meta == {"source": "test", "n": i, "width": 48, "height": 40}
+
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        assert {m.mtime for m in tar.getmembers()} == {shards.SHARD_MTIME}
+
+
+def test_shards_readable_by_webdataset(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    samples = [Sample(key=f"k{i}", image=solid_jpeg(), caption=f"c{i}", extra={"captions": [f"c{i}", "x"]}) for i in range(5)]
+    write_shards(samples, tmp_path, samples_per_shard=2, progress=False)
+    urls = [str(tmp_path / s["name"]) for s in load_index(tmp_path)["shards"]]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json")
+    rows = list(dataset)
+    assert [r[0] for r in rows] == [f"k{i}" for i in range(5)]
+    assert all(r[1].mode == "RGB" and r[1].size == (40, 30) for r in rows)
+    assert [r[2] for r in rows] == [f"c{i}" for i in range(5)]
+    assert rows[3][3]["captions"] == ["c3", "x"]
+
+
+def test_shards_identical_with_worker_processes(tmp_path: Path) -> None:
+    images = [encode(noise_image(i, (90, 70)).convert("L"), "PNG") if i % 2 else encode(noise_image(i), "JPEG") for i in range(40)]
+    samples = [Sample(key=f"s{i:03d}", image=images[i], caption=f"c {i}") for i in range(40)]
+    one = write_shards(samples, tmp_path / "one", samples_per_shard=16, max_side=50, workers=1, progress=False)
+    two = write_shards(samples, tmp_path / "two", samples_per_shard=16, max_side=50, workers=2, progress=False)
+    assert one == two
+    for shard in one["shards"]:
+        assert (tmp_path / "one" / shard["name"]).read_bytes() == (tmp_path / "two" / shard["name"]).read_bytes()
+
+
+def test_image_paths_are_read_in_workers(tmp_path: Path) -> None:
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"img{i}.jpg"
+        path.write_bytes(solid_jpeg((10 * i, 0, 0)))
+        paths.append(path)
+    samples = [Sample(key=p.stem, image=p, caption="x") for p in paths]
+    samples.append(Sample(key="gone", image=tmp_path / "gone.jpg", caption="x"))
+    samples.append(Sample(key="dir", image=tmp_path, caption="x"))
+    index = write_shards(samples, tmp_path / "out", workers=2, progress=False)
+    assert index["total_samples"] == 5
+    assert index["skipped"] == {"missing_image": 1, "unreadable_image": 1}
+    assert [s["jpg"] for s in read_all(tmp_path / "out")] == [p.read_bytes() for p in paths]
+
+
+# ------------------------------------------------------------------------------------------
+# bad inputs and conversions
+# ------------------------------------------------------------------------------------------
+
+
+def corrupted_png() -> bytes:
+    data = bytearray(encode(noise_image(3), "PNG"))
+    start = data.index(b"IDAT") + 20
+    for i in range(start, start + 40):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    good = solid_jpeg()
+    jpeg = encode(noise_image(5, (64, 64)), "JPEG")
+    empty_file = tmp_path / "empty.jpg"
+    empty_file.write_bytes(b"")
+
+    def unreadable() -> bytes:
+        raise PermissionError("denied")
+
+    def vanished() -> bytes:
+        raise FileNotFoundError("no such archive member")
+
+    samples = [
+        Sample("ok1", good, "fine"),
+        Sample("undecodable", corrupted_png(), "x"),
+        Sample("garbled_jpeg", jpeg[:300] + bytes(range(256)) * 4, "x"),
+        Sample("truncated", jpeg[: len(jpeg) // 2], "x"),
+        Sample("text", b"this is not an image at all", "x"),
+        Sample("zero", empty_file, "x"),
+        Sample("zero_bytes", b"", "x"),
+        Sample("missing", tmp_path / "does-not-exist.jpg", "x"),
+        Sample("none", None, "x"),
+        Sample("callable_missing", vanished, "x"),
+        Sample("callable_unreadable", unreadable, "x"),
+        Sample("no_caption", good, None),
+        Sample("blank_caption", good, " \n\t "),
+        Sample("latin1_caption", good, "café".encode("latin-1")),
+        Sample("surrogate_caption", good, "bad \udcff"),
+        Sample("dup", good, "first"),
+        Sample("dup", good, "second"),
+        Sample("nan", good, "x", extra={"value": float("nan")}),
+        Sample("ok2", good, "fine".encode("utf-8")),
+    ]
+    index = write_shards(samples, tmp_path / "out", progress=False)
+    assert index["skipped"] == {
+        "bad_metadata": 1,
+        "caption_not_utf8": 2,
+        "corrupt_image": 3,
+        "duplicate_key": 1,
+        "empty_caption": 1,
+        "empty_file": 2,
+        "missing_caption": 1,
+        "missing_image": 3,
+        "not_an_image": 1,
+        "unreadable_image": 1,
+    }
+    assert index["total_samples"] == 3
+    written = read_all(tmp_path / "out")
+    assert [(s["__key__"], s["txt"]) for s in written] == [("ok1", b"fine"), ("dup", b"first"), ("ok2", b"fine")]
+
+
+def test_decompression_bomb_rejected_by_pixel_cap(tmp_path: Path) -> None:
+    big = encode(Image.new("RGB", (100, 100), (0, 255, 0)), "PNG")
+    small = encode(Image.new("RGB", (40, 25), (0, 255, 0)), "PNG")
+    index = write_shards(
+        [Sample("big", big, "x"), Sample("small", small, "x")], tmp_path, max_pixels=1000, progress=False
+    )
+    assert index["skipped"] == {"too_many_pixels": 1}
+    assert [s["__key__"] for s in read_all(tmp_path)] == ["small"]
+    with pytest.raises(SampleSkipped) as info:
+        prepare_image(big, max_pixels=9_999)
+    assert info.value.reason == "too_many_pixels"
+    assert prepare_image(big, max_pixels=10_000).width == 100
+
+
+def test_mode_conversions_to_rgb(tmp_path: Path) -> None:
+    cmyk = encode(Image.new("CMYK", (20, 10), (0, 255, 255, 0)), "JPEG", quality=95)  # red in CMYK
+    palette = Image.new("P", (20, 10), 0)
+    palette.putpalette([0, 0, 255] + [0] * 765)
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (10, 0, 20, 10))  # right half fully transparent
+    sixteen = Image.fromarray(np.full((10, 20), 32896, dtype=np.uint16))  # mid grey in 16 bit
+    assert sixteen.mode.startswith("I;16")
+    grey = encode(Image.new("L", (20, 10), 77), "JPEG", quality=95)
+    samples = [
+        Sample("cmyk", cmyk, "x"),
+        Sample("palette", encode(palette, "PNG"), "x"),
+        Sample("rgba", encode(rgba, "PNG"), "x"),
+        Sample("sixteen", encode(sixteen, "PNG"), "x"),
+        Sample("grey", grey, "x"),
+        Sample("gif", encode(palette, "GIF"), "x"),
+    ]
+    index = write_shards(samples, tmp_path, progress=False)
+    assert index["skipped"] == {}
+    out = {s["__key__"]: decode(s["jpg"]) for s in read_all(tmp_path)}
+    assert all(img.format == "JPEG" and img.mode == "RGB" and img.size == (20, 10) for img in out.values())
+    pixel = {k: np.asarray(img)[5, 5].astype(int) for k, img in out.items()}
+    assert np.abs(pixel["cmyk"] - [255, 0, 0]).max() < 20
+    assert np.abs(pixel["palette"] - [0, 0, 255]).max() < 20
+    assert np.abs(pixel["gif"] - [0, 0, 255]).max() < 20
+    assert np.abs(pixel["rgba"] - [255, 0, 0]).max() < 20
+    assert np.abs(np.asarray(out["rgba"])[5, 15].astype(int) - [255, 255, 255]).max() < 20  # white
+    assert np.abs(pixel["sixteen"] - [128, 128, 128]).max() < 6  # scaled, not clipped to 255
+    assert np.abs(pixel["grey"] - [77, 77, 77]).max() < 6
+
+
+def test_prepare_image_keeps_or_reencodes() -> None:
+    jpeg = encode(noise_image(1, (120, 80)), "JPEG", quality=90)
+    kept = prepare_image(jpeg)
+    assert kept.data == jpeg and not kept.reencoded and (kept.width, kept.height) == (120, 80)
+    # Shorter side above max_side: downscaled so the shorter side is exactly max_side.
+    small = prepare_image(jpeg, max_side=40)
+    assert small.reencoded and (small.width, small.height) == (60, 40)
+    assert decode(small.data).size == (60, 40)
+    tall = prepare_image(encode(noise_image(2, (30, 90)), "PNG"), max_side=20)
+    assert (tall.width, tall.height) == (20, 60)
+    # Shorter side not above max_side: untouched.
+    assert prepare_image(jpeg, max_side=80).data == jpeg
+
+
+def test_exif_orientation_applied() -> None:
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    rotated = prepare_image(encode(img, "JPEG", exif=exif.tobytes()))
+    assert rotated.reencoded and (rotated.width, rotated.height) == (20, 40)
+
+
+def test_clean_key() -> None:
+    assert clean_key("a/b.c d") == "a_b_c_d"
+    assert clean_key("ok-key_1") == "ok-key_1"
+    long_a, long_b = clean_key("x" * 100 + "a"), clean_key("x" * 100 + "b")
+    assert len(long_a) <= shards.MAX_KEY_LENGTH and long_a != long_b
+    with pytest.raises(ValueError):
+        clean_key("")
+
+
+# ------------------------------------------------------------------------------------------
+# crash safety and overwrite protection
+# ------------------------------------------------------------------------------------------
+
+
+def test_interrupted_run_leaves_no_partial_shard(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def failing_source():
+        for i in range(5):
+            yield Sample(f"k{i}", solid_jpeg(), f"c{i}")
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_shards(failing_source(), out, samples_per_shard=2, progress=False)
+    # The two completed shards are in place; the third (one sample) was never renamed.
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        assert len(read_shard(out / name)) == 2
+
+    with pytest.raises(FileExistsError):
+        write_shards([Sample("a", solid_jpeg(), "c")], out, progress=False)
+    index = write_shards([Sample("a", solid_jpeg(), "c")], out, overwrite=True, progress=False)
+    assert index["shards"] == [{"name": "shard-000000.tar", "samples": 1}]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar"]
+
+
+def test_failure_while_writing_removes_temporary_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = shards.TarWriter.write
+
+    def write_then_fail(self, obj):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return original(self, obj)
+
+    monkeypatch.setattr(shards.TarWriter, "write", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_shards([Sample(f"k{i}", solid_jpeg(), "c") for i in range(5)], tmp_path, samples_per_shard=10, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_arguments(tmp_path: Path) -> None:
+    for kwargs in ({"samples_per_shard": 0}, {"workers": 0}, {"max_side": 0}, {"prefix": "a/b"}, {"max_pixels": 0}):
+        with pytest.raises(ValueError):
+            write_shards([], tmp_path, progress=False, **kwargs)
+
+
+def test_empty_input_writes_empty_index(tmp_path: Path) -> None:
+    index = write_shards([Sample("a", b"", "c")], tmp_path, progress=False, corpus=None)
+    assert index["shards"] == [] and index["total_samples"] == 0 and index["corpus"] is None
+    assert index["skipped"] == {"empty_file": 1}
+    assert load_index(tmp_path) == index

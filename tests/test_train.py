@@ -1,0 +1,237 @@
+"""The trainer on CPU: every objective runs, accumulation is exact, resume is exact, bad
+losses are handled, and torchrun with 2 processes matches one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import slip
+from slip.data.synthetic import generate_synthetic
+from slip.losses import slip_objective
+from slip.train.config import load_config
+from slip.train.step import accumulated_step, plain_step
+from slip.train.trainer import Trainer, TrainingStopped, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    # 256 samples in shards of 8: with shuffling off, a rank's batch of 8 is one shard, which
+    # lets a 2-rank run see exactly the global batches of a 1-rank run (see the torchrun test).
+    out = tmp_path_factory.mktemp("corpus")
+    generate_synthetic(out, seed=0, train_samples=256, test_per_class=2, image_size=32, samples_per_shard=8)
+    return out
+
+
+def tiny(corpus: Path, out: Path, *overrides: str):
+    return load_config(None, [
+        "model.name=slip_vit_tiny", f"data.train={corpus / 'train'}", "data.workers=0", "data.shuffle_buffer=0",
+        "train.batch_size=16", "train.epochs=2", "train.precision=fp32", f"train.output_dir={out}",
+        "train.log_every=1", "train.save_every=4", "optim.lr=1e-3", "optim.warmup_epochs=0.25", *overrides])
+
+
+def losses_by_step(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec
+    return out
+
+
+@pytest.mark.parametrize("name,objective", [
+    ("clip_vit_tiny", ["objective.ssl=none"]),
+    ("simclr_vit_tiny", ["objective.clip=false"]),
+    ("slip_vit_tiny", []),
+])
+def test_a_few_steps_of_each_objective(corpus, tmp_path, name, objective):
+    cfg = tiny(corpus, tmp_path / "run", f"model.name={name}", "train.max_steps=3", *objective)
+    result = train(cfg)
+    assert result.step == 3 and result.checkpoint.name == "step-00000003.pt"
+    steps = losses_by_step(tmp_path / "run")
+    assert sorted(steps) == [1, 2, 3]
+    for rec in steps.values():
+        assert torch.isfinite(torch.tensor(rec["loss"]))
+        assert ("clip_loss" in rec) == (name != "simclr_vit_tiny") and ("ssl_loss" in rec) == (name != "clip_vit_tiny")
+        assert rec["samples_per_s"] > 0 and 0 <= rec["data_wait"] <= 1
+    model, _ = slip.load_pretrained(result.checkpoint)
+    assert model.arch == slip.create_model(name).arch
+    state = torch.load(result.checkpoint, weights_only=True)
+    assert state["step"] == 3 and "optimizer" in state and state["ranks"][0]["data"]["handed_out"] == 3
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_accumulating_two_micro_batches_equals_one_double_batch():
+    torch.manual_seed(0)
+    model = slip.create_model("slip_vit_tiny").train()
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "views": [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)],
+             "text": slip.get_tokenizer()([f"a {c} shape number {i}" for i, c in enumerate("abcdefgh")])}
+    halves = [{"image": batch["image"][s], "views": [v[s] for v in batch["views"]], "text": batch["text"][s]}
+              for s in (slice(0, 4), slice(4, 8))]
+    objective = slip_objective
+    ctx = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        losses = fn()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.load_state_dict(state)  # undo BatchNorm running-stat updates between the runs
+        return losses, out
+
+    plain, g_plain = grads(lambda: plain_step(model, batch, objective, ctx, lambda x: x))
+    accum, g_accum = grads(lambda: accumulated_step(model, halves, objective, ctx, lambda x: x))
+    for key in ("loss", "clip_loss", "ssl_loss"):
+        assert accum[key].item() == pytest.approx(plain[key].item(), rel=1e-5), key
+    assert g_plain.keys() == g_accum.keys()
+    for name in g_plain:
+        scale = max(1.0, g_plain[name].abs().max().item())
+        assert (g_plain[name] - g_accum[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_accumulation_in_the_trainer_matches_the_plain_run(corpus, tmp_path):
+    plain = train(tiny(corpus, tmp_path / "plain", "train.max_steps=3"))
+    accum = train(tiny(corpus, tmp_path / "accum", "train.max_steps=3", "train.accum_steps=2"))
+    a, b = losses_by_step(tmp_path / "plain"), losses_by_step(tmp_path / "accum")
+    for step in (1, 2, 3):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4), step
+    assert plain.step == accum.step == 3
+
+
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(corpus, tmp_path):
+    full = tmp_path / "full"
+    train(tiny(corpus, full, "train.max_steps=10"))
+    part = tmp_path / "part"
+    train(tiny(corpus, part, "train.max_steps=5"))  # stops (and saves) at step 5
+    result = train(tiny(corpus, part, "train.max_steps=10"))  # resumes at 5
+    assert result.step == 10
+    a, b = losses_by_step(full), losses_by_step(part)
+    for step in range(6, 11):
+        for key in ("loss", "clip_loss", "ssl_loss", "lr"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+    w_full = torch.load(full / "checkpoints" / "step-00000010.pt", weights_only=True)["state_dict"]
+    w_part = torch.load(part / "checkpoints" / "step-00000010.pt", weights_only=True)["state_dict"]
+    for k in w_full:
+        assert torch.allclose(w_full[k].float(), w_part[k].float(), atol=1e-5), k
+
+
+def test_resume_refuses_a_different_run_in_the_same_directory(corpus, tmp_path):
+    from slip.train.config import ConfigError
+
+    train(tiny(corpus, tmp_path / "run", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match=r"different configuration \(optim\.lr: 0\.001 -> 0\.002\)"):
+        train(tiny(corpus, tmp_path / "run", "train.max_steps=2", "optim.lr=2e-3"))
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_the_last_checkpoint_intact(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path / "run", "train.max_nonfinite=3", "train.save_every=2")
+    trainer = Trainer(cfg)
+    real = trainer.objective
+    poisoned = {3} | set(range(5, 100))
+
+    def objective(outputs):
+        losses = real(outputs)
+        if trainer.step + 1 in poisoned:  # the step being computed
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    trainer.objective = objective
+    before = {}
+
+    with pytest.raises(TrainingStopped, match=r"3 non-finite losses in a row.*last checkpoint"):
+        original_step = trainer._train_step
+
+        def spy(batch):
+            if trainer.step + 1 == 3:
+                before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            out = original_step(batch)
+            if trainer.step + 1 == 3:
+                after = trainer.model.state_dict()
+                assert all(torch.equal(before[k], after[k]) for k in before if "num_batches" not in k
+                           and "running" not in k), "a skipped update must not change the weights"
+            return out
+
+        trainer._train_step = spy
+        trainer.run()
+    assert trainer.skipped_updates == 4  # step 3, then 5, 6, 7
+    last = trainer.checkpoints.paths()[-1]
+    assert last.name == "step-00000006.pt"
+    model, _ = slip.load_pretrained(last)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _run_cli(args, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_at_any_moment_then_rerun_finishes_at_the_same_step(corpus, tmp_path):
+    cfg_args = [f"{k}" for k in [
+        "model.name=slip_vit_tiny", f"data.train={corpus / 'train'}", "data.workers=0", "data.shuffle_buffer=0",
+        "train.batch_size=16", "train.epochs=1", "train.precision=fp32", f"train.output_dir={tmp_path / 'run'}",
+        "train.log_every=1", "train.save_every=1", "train.keep_last=2"]]
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("data: {train: x}\n")
+    proc = _run_cli(["-m", "slip.train", str(cfg_file), *cfg_args])
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "step-00000003.pt").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # saves happen every step: likely mid-save or mid-step
+    proc.wait()
+    killed_at = max(int(p.stem.split("-")[1]) for p in ckpts.glob("step-*.pt"))
+    (ckpts / ".step-00000099.pt.leftover.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves
+    rerun = _run_cli(["-m", "slip.train", str(cfg_file), *cfg_args])
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert f"resumed from {ckpts / f'step-{killed_at:08d}.pt'}" in out
+    assert "finished at step 16" in out  # 1 epoch of 256 samples at batch 16
+    assert not list(ckpts.glob(".*.tmp"))
+    assert [p.name for p in sorted(ckpts.glob("step-*.pt"))] == ["step-00000015.pt", "step-00000016.pt"]
+
+
+def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
+    overrides = ["model.name=slip_vit_tiny", f"data.train={corpus / 'train'}", "data.workers=0",
+                 "data.shuffle_buffer=0", "train.batch_size=16", "train.epochs=1", "train.max_steps=4",
+                 "train.precision=fp32", "train.log_every=1", "train.save_every=100"]
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("data: {train: x}\n")
+    single = _run_cli(["-m", "slip.train", str(cfg_file), *overrides, f"train.output_dir={tmp_path / 'one'}"])
+    out1, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out1
+    multi = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      "-m", "slip.train", str(cfg_file), *overrides, f"train.output_dir={tmp_path / 'two'}"])
+    out2, _ = multi.communicate(timeout=300)
+    assert multi.returncode == 0, out2
+    assert "on 2 x cpu" in out2
+    a, b = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
+    for step in (1, 2, 3, 4):
+        for key in ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+    w1 = torch.load(tmp_path / "one" / "checkpoints" / "step-00000004.pt", weights_only=True)["state_dict"]
+    w2 = torch.load(tmp_path / "two" / "checkpoints" / "step-00000004.pt", weights_only=True)["state_dict"]
+    for k in w1:
+        a, b = w1[k].float(), w2[k].float()
+        # Some parameters have an exactly zero gradient, so only rounding noise reaches them and
+        # Adam scales noise into full-size steps: they cannot agree between runs and are left out.
+        if k.endswith(("attn.qkv.bias", "attn.in_proj_bias")):
+            # The key bias: softmax ignores a shift shared by all keys.
+            width = a.shape[0] // 3
+            a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
+        if k in ("image_mlp.layer1.bias", "image_mlp.layer2.bias", "image_mlp.bn1.running_mean",
+                 "image_mlp.bn2.running_mean"):
+            continue  # BatchNorm right after removes the bias (its running mean tracks it)
+        assert torch.allclose(a, b, atol=1e-4), k

@@ -1,0 +1,108 @@
+"""Typed configuration: recipes, overrides and the errors users see."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from slip.train.config import Config, ConfigError, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("*/*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.parent.name != "base"], ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.batch_size == 4096 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-8
+    assert cfg.optim.min_lr == 1e-5 and cfg.optim.start_lr == 1e-6 and cfg.optim.warmup_epochs == 1
+    method = recipe.stem.split("_")[0]
+    expected = {"clip": (5e-4, 0.5, True, "none"), "simclr": (3.2e-3, 0.1, False, "simclr"),
+                "slip": (3e-3, 0.1, True, "simclr")}[method]
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.clip, cfg.objective.ssl) == expected
+    assert cfg.train.epochs == {"yfcc15m": 25, "cc3m": 40, "cc12m": 35}[recipe.parent.name]
+    assert cfg.model.name == recipe.stem
+
+
+def test_recipes_cover_every_method_size_and_corpus():
+    names = {(p.parent.name, p.stem) for p in RECIPES}
+    for corpus in ("yfcc15m", "cc3m", "cc12m"):
+        for method in ("clip", "simclr", "slip"):
+            for size in ("s16", "b16", "l16"):
+                assert (corpus, f"{method}_vit_{size}") in names
+
+
+def test_overrides_are_typed_and_win_over_the_file(tmp_path):
+    path = write(tmp_path, "data: {train: shards/}\noptim: {lr: 1e-3}\n")
+    cfg = load_config(path, ["optim.lr=2e-4", "train.batch_size=64", "optim.betas=[0.8, 0.9]", "eval.benchmark=x"])
+    assert cfg.optim.lr == 2e-4 and cfg.train.batch_size == 64 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.eval.benchmark == "x"
+    assert load_config(path).optim.lr == 1e-3  # "1e-3" is a number, not YAML 1.1's string
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=1"], r"unknown key optim\.lrr \(known keys in optim: .*\blr\b"),
+    (["trian.epochs=1"], r"unknown key trian"),
+    (["optim.lr=fast"], r"optim\.lr: expected a number, got 'fast'"),
+    (["train.batch_size=1.5"], r"train\.batch_size: expected an integer"),
+    (["train.batch_size=true"], r"train\.batch_size: expected an integer"),
+    (["model.grad_checkpointing=1"], r"model\.grad_checkpointing: expected true or false"),
+    (["optim.betas=[0.9]"], r"optim\.betas: expected 2 values"),
+    (["model.name=resnet50"], r"model\.name: unknown model 'resnet50'; known models: .*slip_vit_b16"),
+    (["model.name=clip_vit_b16"], r"objective\.ssl: model 'clip_vit_b16' has no SSL head"),
+    (["model.name=simclr_vit_b16"], r"objective\.clip: model 'simclr_vit_b16' has no text tower"),
+    (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
+    (["objective.ssl=byol"], r"objective\.ssl: 'byol' is not one of simclr, none"),
+    (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),
+    (["train.precision=fp8"], r"train\.precision: 'fp8'"),
+    (["data.train="], r"data\.train: no training shards"),
+    (["eval.every=10"], r"eval\.every is set but eval\.benchmark is not"),
+    (["optim"], r"not of the form key=value"),
+])
+def test_bad_configs_fail_naming_the_key(tmp_path, overrides, message):
+    path = write(tmp_path, "data: {train: shards/}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_errors_in_a_file_name_the_file(tmp_path):
+    path = write(tmp_path, "data: {train: shards/}\noptim: {lr: [1]}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim\.lr: expected a number"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"missing\.yaml: no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_base_files_merge_under_the_recipe_and_cycles_are_caught(tmp_path):
+    (tmp_path / "a.yaml").write_text("data: {train: a/, workers: 2}\noptim: {lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noptim: {lr: 0.2}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.data.train, cfg.data.workers, cfg.optim.lr) == ("a/", 2, 0.2)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "b.yaml")
+
+
+def test_override_parsing():
+    assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+    assert parse_override("x=hello world") == {"x": "hello world"}
+    assert parse_override("x=null") == {"x": None}
+
+
+def test_config_round_trips_through_a_saved_yaml(tmp_path):
+    from slip.train.config import save_config
+
+    cfg = load_config(write(tmp_path, "data: {train: s/}\n"), ["optim.lr=0.5"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert again == cfg and isinstance(again, Config)
