@@ -235,3 +235,29 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
                  "image_mlp.bn2.running_mean"):
             continue  # BatchNorm right after removes the bias (its running mean tracks it)
         assert torch.allclose(a, b, atol=1e-4), k
+
+
+def test_training_validation_matches_the_zero_shot_command(corpus, tmp_path, capsys):
+    from slip.eval.zero_shot_cli import main as zero_shot_main
+
+    result = train(tiny(corpus, tmp_path / "run", "train.max_steps=2", f"eval.benchmark={corpus / 'benchmark'}"))
+    assert set(result.validation) == {"synthetic_top1", "synthetic_held_out", "synthetic_seen"}
+    out = tmp_path / "zs.json"
+    assert zero_shot_main(["--checkpoint", str(result.checkpoint), "--benchmark-dir", str(corpus / "benchmark"),
+                           "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"]) == 0
+    synthetic = json.loads(out.read_text())["results"]["synthetic"]
+    assert synthetic["value"] == result.validation["synthetic_top1"]
+    assert synthetic["groups"]["held_out"]["value"] == result.validation["synthetic_held_out"]
+    assert synthetic["groups"]["seen"]["value"] == result.validation["synthetic_seen"]
+
+
+def test_demo_command_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
+    from slip.demo import main as demo_main
+
+    assert demo_main(["--out", str(tmp_path / "demo"), "--train-samples", "256", "train.batch_size=32",
+                      "train.epochs=0.25", "data.workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out colour x shape" in out and "chance" in out and "3.3%" in out
+    assert "slip.load_pretrained(" in out
+    ckpt = next((tmp_path / "demo" / "run" / "checkpoints").glob("step-*.pt"))
+    slip.load_pretrained(ckpt)
