@@ -261,3 +261,18 @@ def test_demo_command_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
     assert "slip.load_pretrained(" in out
     ckpt = next((tmp_path / "demo" / "run" / "checkpoints").glob("step-*.pt"))
     slip.load_pretrained(ckpt)
+
+
+def test_too_few_shards_for_the_data_readers_is_a_config_error(corpus, tmp_path):
+    from slip.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.train: .* has 32 shards, fewer than 1 ranks x 40 workers"):
+        Trainer(tiny(corpus, tmp_path / "run", "data.workers=40"))
+
+
+def test_logit_scale_is_clamped_to_the_configured_maximum(corpus, tmp_path):
+    trainer = Trainer(tiny(corpus, tmp_path / "run", "train.max_steps=1", "train.logit_scale_max=50"))
+    with torch.no_grad():
+        trainer.model.logit_scale.fill_(6.0)  # exp(6) = 403
+    trainer.run()
+    assert trainer.model.logit_scale.exp().item() == pytest.approx(50.0, rel=1e-5)

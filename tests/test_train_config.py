@@ -58,6 +58,8 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["model.name=clip_vit_b16"], r"objective\.ssl: model 'clip_vit_b16' has no SSL head"),
     (["model.name=simclr_vit_b16"], r"objective\.clip: model 'simclr_vit_b16' has no text tower"),
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
+    (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
+    (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
     (["objective.ssl=byol"], r"objective\.ssl: 'byol' is not one of simclr, none"),
     (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),
     (["train.precision=fp8"], r"train\.precision: 'fp8'"),

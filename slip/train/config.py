@@ -262,6 +262,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"objective.clip: model {cfg.model.name!r} has no text tower")
     if o.ssl != "none" and arch.ssl_head is None:
         raise ConfigError(f"objective.ssl: model {cfg.model.name!r} has no SSL head for {o.ssl}")
+    # Parts of the model no objective trains would sit idle (and DDP refuses unused parameters).
+    if not o.clip and arch.text is not None:
+        raise ConfigError(f"objective.clip is false but model {cfg.model.name!r} has a text tower; "
+                          "pick an image-only model (simclr_*)")
+    if o.ssl == "none" and arch.ssl_head is not None:
+        raise ConfigError(f"objective.ssl is none but model {cfg.model.name!r} has an SSL head; pick a clip_* model")
     if o.ssl_temperature <= 0:
         raise ConfigError("objective.ssl_temperature: must be positive")
     t = cfg.train

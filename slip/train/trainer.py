@@ -211,7 +211,16 @@ class Trainer:
         cfg = self.cfg
         size = cfg.data.image_size or self.model.arch.vision.image_size
         # Every rank must see the same number of batches per epoch: the epoch length is fixed.
-        samples = _samples_per_epoch(cfg, parse_shard_spec(cfg.data.train))
+        sources = parse_shard_spec(cfg.data.train)
+        samples = _samples_per_epoch(cfg, sources)
+        readers = self.world * max(1, cfg.data.workers)
+        for source in sources:
+            if not cfg.data.resampled and len(source.urls) < readers:
+                # Shards are the unit of splitting in epoch mode; a reader without one yields nothing.
+                raise ConfigError(
+                    f"data.train: {source.name} has {len(source.urls)} shards, fewer than {self.world} ranks x "
+                    f"{max(1, cfg.data.workers)} workers; write smaller shards, lower data.workers, "
+                    "or set data.resampled=true")
         pipeline = PipelineConfig(
             method=_pipeline_method(cfg), size=size, batch_size=self.micro_batch * cfg.train.accum_steps,
             mode="resampled" if cfg.data.resampled else "epoch", shuffle_buffer=cfg.data.shuffle_buffer,
