@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from slip.data import shards
-from slip.data.shards import Sample, SampleSkipped, clean_key, load_index, prepare_image, write_shards
+from slip.data.shards import Sample, SampleSkip, clean_key, load_index, prepare_image, write_shards
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_decompression_bomb_rejected_by_pixel_cap(tmp_path: Path) -> None:
     )
     assert index["skipped"] == {"too_many_pixels": 1}
     assert [s["__key__"] for s in read_all(tmp_path)] == ["small"]
-    with pytest.raises(SampleSkipped) as info:
+    with pytest.raises(SampleSkip) as info:
         prepare_image(big, max_pixels=9_999)
     assert info.value.reason == "too_many_pixels"
     assert prepare_image(big, max_pixels=10_000).width == 100

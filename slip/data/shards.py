@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset.writer import TarWriter
 
+from slip.data.errors import SampleSkip
 from slip.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -116,18 +117,6 @@ class PreparedImage:
     width: int
     height: int
     reencoded: bool
-
-
-class SampleSkipped(Exception):
-    """Raised for a bad sample; ``reason`` is one of :data:`SKIP_REASONS`."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,26 +202,26 @@ def prepare_image(
     is longer, and re-encoded as JPEG with ``quality``.
 
     Raises:
-        SampleSkipped: with the reason the bytes cannot be used.
+        SampleSkip: with the reason the bytes cannot be used.
     """
     if not data:
-        raise SampleSkipped(EMPTY_FILE)
+        raise SampleSkip(EMPTY_FILE)
     with _pixel_cap(max_pixels):
         try:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise SampleSkipped(TOO_MANY_PIXELS, str(exc)) from None
+            raise SampleSkip(TOO_MANY_PIXELS, str(exc)) from None
         except UnidentifiedImageError:
-            raise SampleSkipped(NOT_AN_IMAGE) from None
+            raise SampleSkip(NOT_AN_IMAGE) from None
         except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on corrupt headers
-            raise SampleSkipped(CORRUPT_IMAGE, repr(exc)) from None
+            raise SampleSkip(CORRUPT_IMAGE, repr(exc)) from None
         with img:
             fmt = img.format
             width, height = img.size
             if width <= 0 or height <= 0:
-                raise SampleSkipped(CORRUPT_IMAGE, f"size {width}x{height}")
+                raise SampleSkip(CORRUPT_IMAGE, f"size {width}x{height}")
             if width * height > max_pixels:
-                raise SampleSkipped(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels}")
+                raise SampleSkip(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels}")
             if fmt == "PNG":
                 # Pillow's PNG decoder ignores chunk checksums, so corrupted pixel data would
                 # decode to garbage silently; verify() checks every chunk's CRC.
@@ -240,7 +229,7 @@ def prepare_image(
                     with Image.open(io.BytesIO(data)) as check:
                         check.verify()
                 except Exception as exc:  # noqa: BLE001 - verify raises SyntaxError, OSError...
-                    raise SampleSkipped(CORRUPT_IMAGE, repr(exc)) from None
+                    raise SampleSkip(CORRUPT_IMAGE, repr(exc)) from None
             target = _target_size(width, height, max_side)
             if target is not None and fmt == "JPEG":
                 # DCT-domain downscaling while decoding: large photos decode several times
@@ -253,9 +242,9 @@ def prepare_image(
             try:
                 img.load()
             except Image.DecompressionBombError as exc:
-                raise SampleSkipped(TOO_MANY_PIXELS, str(exc)) from None
+                raise SampleSkip(TOO_MANY_PIXELS, str(exc)) from None
             except Exception as exc:  # noqa: BLE001 - truncated/corrupt data: OSError, SyntaxError...
-                raise SampleSkipped(CORRUPT_IMAGE, repr(exc)) from None
+                raise SampleSkip(CORRUPT_IMAGE, repr(exc)) from None
             drafted = img.size != (width, height)
             try:
                 out = img
@@ -264,7 +253,7 @@ def prepare_image(
                     out = ImageOps.exif_transpose(out)
                 out, converted = _to_rgb(out)
             except Exception as exc:  # noqa: BLE001 - exotic modes PIL cannot convert
-                raise SampleSkipped(UNSUPPORTED_MODE, f"{img.mode}: {exc!r}") from None
+                raise SampleSkip(UNSUPPORTED_MODE, f"{img.mode}: {exc!r}") from None
             resize_to = _target_size(out.width, out.height, max_side)
             if resize_to is not None:
                 out = out.resize(resize_to, Image.Resampling.LANCZOS)
@@ -281,9 +270,9 @@ def _read_image_ref(ref: bytes | str) -> bytes:
     try:
         return Path(ref).read_bytes()
     except FileNotFoundError:
-        raise SampleSkipped(MISSING_IMAGE, ref) from None
+        raise SampleSkip(MISSING_IMAGE, ref) from None
     except OSError as exc:
-        raise SampleSkipped(UNREADABLE_IMAGE, f"{ref}: {exc}") from None
+        raise SampleSkip(UNREADABLE_IMAGE, f"{ref}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +297,7 @@ def _prepare_chunk(
                     quality=options.quality,
                 )
             )
-        except SampleSkipped as skip:
+        except SampleSkip as skip:
             results.append((skip.reason, skip.detail))
     return results
 
@@ -341,32 +330,32 @@ def normalise_caption(caption: str | bytes | None) -> str:
     """Return the caption as one line of text (whitespace runs collapsed to single spaces).
 
     Raises:
-        SampleSkipped: ``missing_caption`` for None, ``caption_not_utf8`` for bytes that are not
+        SampleSkip: ``missing_caption`` for None, ``caption_not_utf8`` for bytes that are not
             UTF-8 (or text that cannot be encoded as UTF-8), ``empty_caption`` for blank text.
     """
     if caption is None:
-        raise SampleSkipped(MISSING_CAPTION)
+        raise SampleSkip(MISSING_CAPTION)
     if isinstance(caption, (bytes, bytearray, memoryview)):
         try:
             caption = bytes(caption).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise SampleSkipped(CAPTION_NOT_UTF8, str(exc)) from None
+            raise SampleSkip(CAPTION_NOT_UTF8, str(exc)) from None
     if not isinstance(caption, str):
         raise TypeError(f"caption must be str, bytes or None, not {type(caption).__name__}")
     text = " ".join(caption.removeprefix("\ufeff").split())
     if not text:
-        raise SampleSkipped(EMPTY_CAPTION)
+        raise SampleSkip(EMPTY_CAPTION)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # lone surrogates, e.g. from surrogateescape'd file names
-        raise SampleSkipped(CAPTION_NOT_UTF8, str(exc)) from None
+        raise SampleSkip(CAPTION_NOT_UTF8, str(exc)) from None
     return text
 
 
 def _resolve_image_ref(image: ImageRef) -> bytes | str:
     """Turn a Sample.image into bytes or a path string that a worker process can use."""
     if image is None:
-        raise SampleSkipped(MISSING_IMAGE)
+        raise SampleSkip(MISSING_IMAGE)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
@@ -375,9 +364,9 @@ def _resolve_image_ref(image: ImageRef) -> bytes | str:
         try:
             data = image()
         except FileNotFoundError as exc:
-            raise SampleSkipped(MISSING_IMAGE, str(exc)) from None
+            raise SampleSkip(MISSING_IMAGE, str(exc)) from None
         except OSError as exc:
-            raise SampleSkipped(UNREADABLE_IMAGE, str(exc)) from None
+            raise SampleSkip(UNREADABLE_IMAGE, str(exc)) from None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"image callable returned {type(data).__name__}, expected bytes")
         return bytes(data)
@@ -638,7 +627,7 @@ def write_shards(
             try:
                 caption = normalise_caption(sample.caption)
                 ref = _resolve_image_ref(sample.image)
-            except SampleSkipped as exc:
+            except SampleSkip as exc:
                 skip(key, exc.reason, exc.detail)
                 bar.update(1)
                 continue

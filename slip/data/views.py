@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from slip.data.errors import SampleSkip
+from slip.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Same default as slip.data.shards and PIL: larger images are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -59,18 +59,6 @@ _LUMA = (0.2989, 0.587, 0.114)
 
 # JPEG DCT scaling factors PIL's draft() can apply (libjpeg supports 1/1, 1/2, 1/4, 1/8).
 _DRAFT_FACTORS = (8, 4, 2)
-
-
-class SampleSkip(Exception):
-    """A sample cannot be used; ``reason`` is a short counter key, ``detail`` a human note."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
 # --------------------------------------------------------------------------------------------
