@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .datasets import DatasetNotFoundError, _SkippingDataset, make_eval_loader
-from .zero_shot import _device_of, _rank_and_world, _show_progress, _unwrap, run_image_model
+from .zero_shot import _device_of, _rank_and_world, _unwrap, encode_texts, run_image_model
 
 __all__ = [
     "RetrievalDataset",
@@ -202,18 +201,8 @@ def evaluate_retrieval(
     keep = (owner_all >= 0).nonzero().flatten().tolist()
     captions = [dataset.captions[j] for j in keep]
 
-    was_training = inner.training
-    inner.eval()
-    chunks = []
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            starts = range(0, len(captions), batch_size)
-            for start in tqdm(starts, desc="retrieval captions", disable=not _show_progress(progress), leave=False):
-                tokens = tokenizer(captions[start:start + batch_size]).to(device)
-                chunks.append(inner.encode_text(tokens, normalize=True).float().cpu())
-    finally:
-        inner.train(was_training)
-    text_emb = torch.cat(chunks)
+    text_emb = encode_texts(inner, tokenizer, captions, batch_size, device, progress=progress,
+                            desc="retrieval captions").cpu()
     similarity = image_emb.float() @ text_emb.T
     return {
         "n_images": int(len(image_ids)),

@@ -165,19 +165,7 @@ def build_classifier(
                 prompts.append(template.format(name))
                 owner.append(c)
 
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            starts = range(0, len(prompts), batch_size)
-            show = _show_progress(progress) and len(starts) > 1
-            for start in tqdm(starts, desc="text", disable=not show, leave=False):
-                tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-                chunks.append(model.encode_text(tokens, normalize=True).float())
-    finally:
-        model.train(was_training)
-    embeddings = torch.cat(chunks)
+    embeddings = encode_texts(model, tokenizer, prompts, batch_size, device, progress=progress)
     owner_t = torch.tensor(owner, device=embeddings.device)
     sums = torch.zeros(len(synonyms), embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
     sums.index_add_(0, owner_t, embeddings)
@@ -189,6 +177,24 @@ def build_classifier(
         with atomic_path(cache_path) as tmp:
             torch.save({"classifier": classifier.cpu(), "benchmark": benchmark_key, "model": model_id}, tmp)
     return classifier
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device: torch.device, *,
+                 progress: bool | None = None, desc: str = "text") -> torch.Tensor:
+    """L2-normalised float32 text embeddings (len(texts), E), encoded in eval mode in batches."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            starts = range(0, len(texts), batch_size)
+            show = _show_progress(progress) and len(starts) > 1
+            for start in tqdm(starts, desc=desc, disable=not show, leave=False):
+                tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+                chunks.append(model.encode_text(tokens, normalize=True).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
 
 
 def _show_progress(progress: bool | None) -> bool:
