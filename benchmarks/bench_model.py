@@ -91,7 +91,8 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16):
             out = model(image=views[0], text=batch_text, views=views[1:])
-            loss = slip_objective(out, clip=model.has_text, ssl=model.has_ssl_head)["loss"]
+            loss = slip_objective(out, clip=model.has_text,
+                                  ssl_loss=model.ssl.loss if model.has_ssl_head else None)["loss"]
         loss.backward()
 
     if dev == "cuda":

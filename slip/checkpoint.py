@@ -102,11 +102,16 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         arch = infer_architecture(state_dict, args.get("model"), path)
         meta = {k: v for k, v in obj.items() if k not in ("args", "state_dict", "model")}
         meta["args"] = args
-        return LoadedCheckpoint(arch, state_dict, meta, "released")
+        return LoadedCheckpoint(arch, _released_names(state_dict), meta, "released")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state_dict = _strip_prefix(obj)
-        return LoadedCheckpoint(infer_architecture(state_dict, None, path), state_dict, {}, "released")
+        return LoadedCheckpoint(infer_architecture(state_dict, None, path), _released_names(state_dict), {}, "released")
     raise CheckpointError(f"{path}: no 'state_dict' entry; top-level keys: {sorted(map(str, obj))[:20]}")
+
+
+def _released_names(state_dict: dict) -> dict:
+    """SLIP's SimCLR head ``image_mlp`` lives in slip's SSL method module (``ssl.image_mlp``)."""
+    return {("ssl." + k if k.startswith("image_mlp.") else k): v for k, v in state_dict.items()}
 
 
 def _state_dict_of(obj: dict, path: Path) -> dict:
@@ -123,8 +128,8 @@ def _read_safetensors(path: Path) -> LoadedCheckpoint:
         meta = dict(f.metadata() or {})
         state_dict = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT:
-        return LoadedCheckpoint(infer_architecture(_strip_prefix(state_dict), None, path),
-                                _strip_prefix(state_dict), meta, "released")
+        state_dict = _strip_prefix(state_dict)
+        return LoadedCheckpoint(infer_architecture(state_dict, None, path), _released_names(state_dict), meta, "released")
     try:
         arch = Architecture.from_dict(json.loads(meta.pop("arch")))
     except (KeyError, TypeError, ValueError) as e:

@@ -8,6 +8,8 @@ gradients of one process with batch W*B; the mean of the per-rank losses is that
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -71,32 +73,72 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) ->
     return {"loss": loss, "ssl_loss": loss, "ssl_acc": _accuracy(logits_a, labels)}
 
 
+def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
+                temperature: float = 0.2) -> dict:
+    """MoCo v3's symmetrised contrastive loss (Chen, Xie, He 2021).
+
+    Args:
+        q1, q2: (B, D) online queries of views 1 and 2 (predictor outputs).
+        k1, k2: (B, D) momentum keys of views 1 and 2 (no gradient).
+    ctr(q, k): cross-entropy of q against the keys of the whole global batch (gathered from
+    all ranks, no gradient), the positive being the same image's key, scaled by 2 x temperature
+    as in MoCo v3. Loss = ctr(q1, k2) + ctr(q2, k1). ``ssl_acc``: top-1 of view 1's queries.
+    """
+    labels = _local_labels(q1.shape[0], q1.device)
+
+    def ctr(q, k):
+        q = F.normalize(q, dim=-1)
+        with torch.no_grad():
+            keys = all_gather_with_grad(F.normalize(k, dim=-1))
+        logits = q @ keys.t() / temperature
+        return F.cross_entropy(logits, labels) * (2 * temperature), logits
+
+    loss_a, logits_a = ctr(q1, k2)
+    loss_b, _ = ctr(q2, k1)
+    loss = loss_a + loss_b
+    return {"loss": loss, "ssl_loss": loss, "ssl_acc": _accuracy(logits_a, labels)}
+
+
+def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> dict:
+    """BYOL's symmetrised normalised MSE (Grill et al. 2020): each view's prediction regresses
+    the target projection of the other view, ``2 - 2 cos(p, z)``, averaged over the batch.
+
+    Args:
+        p1, p2: (B, D) online predictions; z1, z2: (B, D) target projections (no gradient).
+    Returns ``loss`` = mean(2 - 2cos(p1, z2)) + mean(2 - 2cos(p2, z1)), ``ssl_loss`` and
+    ``ssl_cos`` (the mean cosine, 1 at perfect agreement).
+    """
+    def regress(p, z):
+        return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)
+
+    a, b = regress(p1, z2), regress(p2, z1)
+    loss = a.mean() + b.mean()
+    return {"loss": loss, "ssl_loss": loss, "ssl_cos": 1 - (a.mean() + b.mean()).detach() / 4}
+
+
 def slip_objective(
     outputs: dict,
     *,
     clip: bool = True,
-    ssl: bool = True,
+    ssl_loss: Callable[[dict], dict] | None = None,
     ssl_scale: float = 1.0,
-    ssl_temperature: float = 0.1,
 ) -> dict:
     """The SLIP objective: ``clip_loss + ssl_scale * ssl_loss``, the one place losses are summed.
 
-    ``outputs`` is what :class:`slip.models.SLIPModel` returns. With ``clip=False`` it is SimCLR,
-    with ``ssl=False`` CLIP. Returns ``loss`` and every part and accuracy of the branches used.
+    ``outputs`` is what :class:`slip.models.SLIPModel` returns; ``ssl_loss`` is the SSL method's
+    loss on ``outputs["ssl"]`` (e.g. ``model.ssl.loss``). With ``clip=False`` it is the SSL
+    method alone; without ``ssl_loss``, CLIP. Returns ``loss`` and every part and metric.
     """
-    if not (clip or ssl):
-        raise ValueError("slip_objective needs at least one of clip and ssl")
+    if not clip and ssl_loss is None:
+        raise ValueError("slip_objective needs at least one of clip and ssl_loss")
     parts: dict = {}
     total = 0.0
     if clip:
         c = clip_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"])
         parts.update(clip_loss=c["clip_loss"], clip_acc=c["clip_acc"])
         total = total + c["loss"]
-    if ssl:
-        embeds = outputs["ssl_embeds"]
-        if len(embeds) != 2:
-            raise ValueError(f"SimCLR needs exactly 2 views, got {len(embeds)}")
-        s = simclr_loss(embeds[0], embeds[1], temperature=ssl_temperature)
-        parts.update(ssl_loss=s["ssl_loss"], ssl_acc=s["ssl_acc"])
+    if ssl_loss is not None:
+        s = ssl_loss(outputs["ssl"])
+        parts.update({k: v for k, v in s.items() if k != "loss"})
         total = total + ssl_scale * s["loss"]
     return {"loss": total, **parts}

@@ -78,10 +78,12 @@ def test_released_layout_loads_with_every_key_matched(tmp_path, kind, size):
     model, preprocess = slip.load_pretrained(path)  # strict: raises on missing or unexpected keys
     assert model.arch == get_architecture(f"{kind}_vit_{size}16")
     loaded = model.state_dict()
-    assert set(loaded) == set(shapes)
-    for i, key in enumerate(sorted(shapes)):
-        assert tuple(loaded[key].shape) == shapes[key], key
-        assert torch.all(loaded[key] == i), key
+    ours = {("ssl." + k if k.startswith("image_mlp.") else k): k for k in shapes}  # SLIP's head lives in model.ssl
+    assert set(loaded) == set(ours)
+    index = {key: i for i, key in enumerate(sorted(shapes))}
+    for key, released_key in ours.items():
+        assert tuple(loaded[key].shape) == shapes[released_key], key
+        assert torch.all(loaded[key] == index[released_key]), key
     assert not model.training
     assert preprocess.transforms[1].size == (224, 224)
 
@@ -100,7 +102,7 @@ def test_released_slip_gives_the_original_embeddings(tmp_path):
         ours, ref = model.encode_text(text), original.encode_text(text)
         assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-4), (ours - ref).abs().max()
         feats = torch.randn(8, 384)
-        assert torch.allclose(model.image_mlp(feats), original.image_mlp(feats), atol=1e-5)
+        assert torch.allclose(model.ssl.image_mlp(feats), original.image_mlp(feats), atol=1e-5)
 
 
 def test_state_dict_not_matching_its_declared_model_is_refused(tmp_path):

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from slip import create_model
 from slip.distributed import all_gather_with_grad
-from slip.losses import slip_objective
+from slip.losses import mocov3_loss, simclr_loss, slip_objective
 from slip.models.batchnorm import GlobalBatchNorm1d
 
 B, D, WORLD = 3, 8, 2
@@ -46,8 +46,12 @@ def _bn_input():
 
 def _losses(emb: dict, ssl_scale: float = 0.7) -> dict:
     outputs = {"image_embed": emb["img"], "text_embed": emb["txt"], "logit_scale": torch.tensor(12.0),
-               "ssl_embeds": [emb["z1"], emb["z2"]]}
-    return slip_objective(outputs, ssl_scale=ssl_scale)
+               "ssl": {"embeds": [emb["z1"], emb["z2"]]}}
+    return slip_objective(outputs, ssl_loss=_simclr, ssl_scale=ssl_scale)
+
+
+def _simclr(out: dict) -> dict:
+    return simclr_loss(*out["embeds"], temperature=0.1)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -61,6 +65,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         gathered = all_gather_with_grad(torch.full((2, 1), float(rank)))
 
+        moco_in = {k: v[rows].clone().requires_grad_(True) for k, v in _embeddings().items()}
+        moco = mocov3_loss(moco_in["img"], moco_in["txt"], moco_in["z1"], moco_in["z2"], temperature=0.2)
+        moco["loss"].backward()
+
         bn = GlobalBatchNorm1d(5)
         bn_in = _bn_input()[rows].clone().requires_grad_(True)
         bn_out = bn(bn_in)
@@ -70,12 +78,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model = DistributedDataParallel(create_model("clip_vit_tiny"))
         images, text = _batch()
         model_out = model(image=images[rows], text=text[rows])
-        model_loss = slip_objective(model_out, ssl=False)["loss"]
+        model_loss = slip_objective(model_out)["loss"]
         model_loss.backward()  # DDP averages the gradients over ranks
         torch.save({
             "losses": {k: v.detach() for k, v in out.items()},
             "grads": {k: v.grad for k, v in local.items()},
             "gathered": gathered,
+            "moco": {"loss": moco["loss"].detach(), "acc": moco["ssl_acc"],
+                     "grads": {k: moco_in[k].grad for k in ("img", "txt")}},
             "bn": {"out": bn_out.detach(), "grad": bn_in.grad, "state": bn.state_dict()},
             "model_loss": model_loss.detach(),
             "model_grads": {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
@@ -117,7 +127,7 @@ def test_ddp_clip_model_matches_single_process_double_batch(ranks):
     torch.manual_seed(0)
     model = create_model("clip_vit_tiny")
     images, text = _batch()
-    loss = slip_objective(model(image=images, text=text), ssl=False)["loss"]
+    loss = slip_objective(model(image=images, text=text))["loss"]
     loss.backward()
     assert (sum(r["model_loss"] for r in ranks) / WORLD).item() == pytest.approx(loss.item(), rel=1e-5)
     for name, p in model.named_parameters():
@@ -137,3 +147,14 @@ def test_global_batchnorm_matches_batchnorm_over_the_whole_batch(ranks):
     for key, value in bn.state_dict().items():
         for r in ranks:
             assert torch.allclose(r["bn"]["state"][key].float(), value.float(), atol=1e-5), key
+
+
+def test_mocov3_loss_over_two_ranks_matches_one_process(ranks):
+    full = {k: v.clone().requires_grad_(True) for k, v in _embeddings().items()}
+    single = mocov3_loss(full["img"], full["txt"], full["z1"], full["z2"], temperature=0.2)
+    single["loss"].backward()
+    assert (sum(r["moco"]["loss"] for r in ranks) / WORLD).item() == pytest.approx(single["loss"].item(), rel=1e-5)
+    assert (sum(r["moco"]["acc"] for r in ranks) / WORLD).item() == pytest.approx(single["ssl_acc"].item())
+    for key in ("img", "txt"):  # queries; keys get no gradient
+        dist_grad = torch.cat([r["moco"]["grads"][key] for r in ranks]) / WORLD
+        assert torch.allclose(dist_grad, full[key].grad, atol=1e-6), key

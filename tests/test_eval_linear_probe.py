@@ -96,7 +96,7 @@ def _simclr_pretrain(x: torch.Tensor, steps: int = 120, batch: int = 128, lr: fl
     for _ in range(steps):
         b = x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
         out = model(views=[_augment(b, gen), _augment(b, gen)])
-        loss = simclr_loss(*out["ssl_embeds"], temperature=0.1)["loss"]
+        loss = simclr_loss(*out["ssl"]["embeds"], temperature=0.1)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -93,14 +93,16 @@ def test_slip_objective_sums_clip_and_scaled_ssl():
     outputs = {
         "image_embed": torch.randn(4, 8, generator=g), "text_embed": torch.randn(4, 8, generator=g),
         "logit_scale": torch.tensor(10.0),
-        "ssl_embeds": [torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)],
+        "ssl": {"embeds": [torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)]},
     }
-    out = slip_objective(outputs, ssl_scale=0.5)
+
+    def ssl_loss(out):
+        return simclr_loss(*out["embeds"], temperature=0.1)
+
+    out = slip_objective(outputs, ssl_loss=ssl_loss, ssl_scale=0.5)
     assert set(out) == {"loss", "clip_loss", "clip_acc", "ssl_loss", "ssl_acc"}
     assert out["loss"].item() == pytest.approx((out["clip_loss"] + 0.5 * out["ssl_loss"]).item())
-    assert slip_objective(outputs, ssl=False)["loss"].item() == pytest.approx(out["clip_loss"].item())
-    assert set(slip_objective(outputs, clip=False)) == {"loss", "ssl_loss", "ssl_acc"}
-    with pytest.raises(ValueError, match="exactly 2 views"):
-        slip_objective({**outputs, "ssl_embeds": outputs["ssl_embeds"][:1]})
+    assert slip_objective(outputs)["loss"].item() == pytest.approx(out["clip_loss"].item())
+    assert set(slip_objective(outputs, clip=False, ssl_loss=ssl_loss)) == {"loss", "ssl_loss", "ssl_acc"}
     with pytest.raises(ValueError, match="at least one"):
-        slip_objective(outputs, clip=False, ssl=False)
+        slip_objective(outputs, clip=False)

@@ -65,9 +65,9 @@ def test_forward_returns_a_dict_with_every_branch():
     out = model(image=x, text=_tokens(), views=[x, x.flip(-1)])
     assert out["image_embed"].shape == (3, 32) and out["text_embed"].shape == (3, 32)
     assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
-    assert [e.shape for e in out["ssl_embeds"]] == [(3, 32), (3, 32)]
+    assert [e.shape for e in out["ssl"]["embeds"]] == [(3, 32), (3, 32)]
     assert set(slip.create_model("clip_vit_tiny")(image=x, text=_tokens())) == {"image_embed", "text_embed", "logit_scale"}
-    assert set(slip.create_model("simclr_vit_tiny")(views=[x, x])) == {"ssl_embeds"}
+    assert set(slip.create_model("simclr_vit_tiny")(views=[x, x])) == {"ssl"}
 
 
 def test_wrong_branch_for_the_model_is_a_clear_error():
@@ -88,8 +88,8 @@ def test_three_views_share_one_tower_call_and_match_separate_calls():
         out = model(image=image, text=_tokens(3)[[0, 1, 2, 0]], views=[v1, v2])
         assert calls == [12], "one tower call over the concatenated views"
         assert torch.allclose(out["image_embed"], model.encode_image(image), atol=1e-5)
-        for v, e in zip((v1, v2), out["ssl_embeds"]):
-            assert torch.allclose(e, model.image_mlp(model.visual(v)), atol=1e-5)
+        for v, e in zip((v1, v2), out["ssl"]["embeds"]):
+            assert torch.allclose(e, model.ssl.image_mlp(model.visual(v)), atol=1e-5)
 
 
 def test_views_of_different_sizes_are_grouped_by_shape():
@@ -116,11 +116,12 @@ def test_ssl_head_batchnorm_sees_each_view_separately():
     out = model(views=[v1, v2])
     feats = model.visual(torch.cat([v1, v2]))
     f1, f2 = feats[:8], feats[8:]
-    assert torch.allclose(out["ssl_embeds"][0], model.image_mlp(f1), atol=1e-5)
-    assert torch.allclose(out["ssl_embeds"][1], model.image_mlp(f2), atol=1e-5)
-    joint = model.image_mlp(feats)  # one call over both views would mix their statistics
-    assert not torch.allclose(out["ssl_embeds"][0], joint[:8], atol=1e-3)
-    assert model.image_mlp.bn1.num_batches_tracked.item() == 2 + 2 + 1
+    head = model.ssl.image_mlp
+    assert torch.allclose(out["ssl"]["embeds"][0], head(f1), atol=1e-5)
+    assert torch.allclose(out["ssl"]["embeds"][1], head(f2), atol=1e-5)
+    joint = head(feats)  # one call over both views would mix their statistics
+    assert not torch.allclose(out["ssl"]["embeds"][0], joint[:8], atol=1e-3)
+    assert head.bn1.num_batches_tracked.item() == 2 + 2 + 1
 
 
 def test_text_features_ignore_padding_after_the_end_token():

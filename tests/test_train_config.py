@@ -17,17 +17,35 @@ def write(tmp_path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.parent.name != "base"], ids=lambda p: f"{p.parent.name}/{p.stem}")
+PRETRAINING = [p for p in RECIPES if p.parent.name in ("yfcc15m", "cc3m", "cc12m")]
+EXPECTED = {  # recipe prefix -> (lr, weight decay, clip, ssl method, model kind)
+    "clip": (5e-4, 0.5, True, "none", "clip"), "simclr": (3.2e-3, 0.1, False, "simclr", "simclr"),
+    "slip": (3e-3, 0.1, True, "simclr", "slip"), "mocov3": (2.4e-3, 0.1, False, "mocov3", "simclr"),
+    "byol": (2.4e-3, 0.1, False, "byol", "simclr"), "slip_mocov3": (3e-3, 0.1, True, "mocov3", "slip"),
+    "slip_byol": (3e-3, 0.1, True, "byol", "slip"),
+}
+
+
+@pytest.mark.parametrize("recipe", PRETRAINING, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_recipe_loads_and_validates(recipe):
     cfg = load_config(recipe)
     assert cfg.train.batch_size == 4096 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-8
     assert cfg.optim.min_lr == 1e-5 and cfg.optim.start_lr == 1e-6 and cfg.optim.warmup_epochs == 1
-    method = recipe.stem.split("_")[0]
-    expected = {"clip": (5e-4, 0.5, True, "none"), "simclr": (3.2e-3, 0.1, False, "simclr"),
-                "slip": (3e-3, 0.1, True, "simclr")}[method]
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.clip, cfg.objective.ssl) == expected
+    prefix, size = recipe.stem.rsplit("_vit_", 1)
+    lr, wd, clip, ssl, kind = EXPECTED[prefix]
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.clip, cfg.objective.ssl) == (lr, wd, clip, ssl)
     assert cfg.train.epochs == {"yfcc15m": 25, "cc3m": 40, "cc12m": 35}[recipe.parent.name]
-    assert cfg.model.name == recipe.stem
+    assert cfg.model.name == f"{kind}_vit_{size}"
+    if ssl in ("simclr", "mocov3"):
+        assert cfg.objective.ssl_temperature == {"simclr": 0.1, "mocov3": 0.2}[ssl]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
+def test_tiny_recipes_load(recipe):
+    if recipe.stem == "common":
+        return
+    cfg = load_config(recipe)
+    assert cfg.model.name.endswith("_vit_tiny") and cfg.train.batch_size == 16
 
 
 def test_recipes_cover_every_method_size_and_corpus():
@@ -36,6 +54,9 @@ def test_recipes_cover_every_method_size_and_corpus():
         for method in ("clip", "simclr", "slip"):
             for size in ("s16", "b16", "l16"):
                 assert (corpus, f"{method}_vit_{size}") in names
+    for combo in ("mocov3", "byol", "slip_mocov3", "slip_byol"):  # every SSL method, alone and in SLIP
+        assert ("yfcc15m", f"{combo}_vit_b16") in names
+        assert ("tiny", combo) in names
 
 
 def test_overrides_are_typed_and_win_over_the_file(tmp_path):
@@ -60,7 +81,7 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
     (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
     (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
-    (["objective.ssl=byol"], r"objective\.ssl: 'byol' is not one of simclr, none"),
+    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of byol, mocov3, simclr, none"),
     (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),
     (["train.precision=fp8"], r"train\.precision: 'fp8'"),
     (["data.train="], r"data\.train: no training shards"),

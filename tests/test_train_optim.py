@@ -16,10 +16,10 @@ def test_no_weight_decay_on_biases_norms_and_other_1d_parameters():
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     for name in ("logit_scale", "visual.blocks.0.norm1.weight", "visual.blocks.0.attn.qkv.bias",
-                 "transformer.resblocks.0.ln_1.bias", "image_mlp.bn1.weight", "image_mlp.layer1.bias"):
+                 "transformer.resblocks.0.ln_1.bias", "ssl.image_mlp.bn1.weight", "ssl.image_mlp.layer1.bias"):
         assert decay_of[id(named[name])] == 0.0, name
     for name in ("visual.blocks.0.attn.qkv.weight", "visual.pos_embed", "token_embedding.weight",
-                 "image_projection", "text_projection", "image_mlp.layer3.weight"):
+                 "image_projection", "text_projection", "ssl.image_mlp.layer3.weight"):
         assert decay_of[id(named[name])] == 0.1, name
     assert len(decay_of) == len(named)
 

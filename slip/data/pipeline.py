@@ -599,8 +599,10 @@ class DecodeSamples:
             # the same crops and captions without replaying earlier samples, and the draws do not
             # depend on how shards are split over ranks and workers. Resampled shards can repeat
             # within a pass, so there the stream position is part of the key too.
+            # The shard's file name, not its path: moving a corpus must not change its augmentations.
             where = (self.rank, worker, index) if self.resampled else ()
-            rng = _rng(self.seed, "views", self.epoch.get(), sample.get("__url__"), key, pass_no, *where)
+            shard = os.path.basename(str(sample.get("__url__", "")))
+            rng = _rng(self.seed, "views", self.epoch.get(), sample.get("__corpus__"), shard, key, pass_no, *where)
             try:
                 caption = None
                 if self.views.needs_text:

@@ -1,4 +1,4 @@
-"""The SLIP model: a shared timm ViT, an optional CLIP text tower, an optional SSL head.
+"""The SLIP model: a shared timm ViT, an optional CLIP text tower, an optional SSL method.
 
 CLIP is the model without an SSL head, SimCLR the model without a text tower, SLIP has both.
 Attribute names follow the released SLIP checkpoints (``visual``, ``transformer``,
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .heads import ssl_mlp
 from .presets import Architecture, get_architecture
 from .text import TextTransformer
 
@@ -26,7 +25,7 @@ class SLIPModel(nn.Module):
     ``forward`` returns a dict, like open_clip's models:
     ``image_embed`` (N, E) and ``text_embed`` (N, E) unnormalised, ``logit_scale`` (scalar,
     already exponentiated) when there is a text tower and ``image``/``text`` are given, and
-    ``ssl_embeds``, one (N, ssl_out) tensor per SSL view, when there is a head and ``views``
+    ``ssl``, the SSL method's outputs (for SimCLR ``{"embeds": [z1, z2]}``), when ``views``
     are given.
     """
 
@@ -52,7 +51,10 @@ class SLIPModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
             self._init_clip_parameters()
         if arch.ssl_head is not None:
-            self.image_mlp = ssl_mlp(v.width, arch.ssl_head.mlp_dim, arch.ssl_head.out_dim)
+            from ..ssl import build_method
+
+            # Built after the tower: momentum methods start from a copy of it.
+            self.ssl = build_method(arch.ssl_head, encoder=self.visual, width=v.width)
 
     @property
     def has_text(self) -> bool:
@@ -134,11 +136,14 @@ class SLIPModel(nn.Module):
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         views: Sequence[torch.Tensor] | None = None,
+        targets: bool = True,
     ) -> dict:
-        """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (list of (N, width)).
+        """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (list of (N, width)),
+        and with ``targets`` the SSL method's momentum targets ``ssl_targets`` (no gradient).
 
         Everything here is per-sample (no batch statistics), so features of micro-batches can be
         computed separately and concatenated; :meth:`forward_heads` then sees the whole batch.
+        (Momentum targets go through a projector with BatchNorm, once per micro-batch.)
         """
         views = list(views) if views is not None else []
         if views and not self.has_ssl_head:
@@ -152,12 +157,14 @@ class SLIPModel(nn.Module):
             feats["image"] = tower.pop(0)
         if views:
             feats["views"] = tower
+            if targets and self.ssl.has_targets:
+                feats["ssl_targets"] = self.ssl.target_features(views)
         if text is not None:
             feats["text"] = self.text_features(text)
         return feats
 
     def forward_heads(self, feats: dict) -> dict:
-        """Projections and the SSL head on tower features (see :meth:`forward`)."""
+        """Projections and the SSL method's heads on tower features (see :meth:`forward`)."""
         out: dict = {}
         if "image" in feats:
             out["image_embed"] = feats["image"] @ self.image_projection
@@ -166,9 +173,7 @@ class SLIPModel(nn.Module):
         if self.has_text and ("image" in feats or "text" in feats):
             out["logit_scale"] = self.logit_scale.exp()
         if "views" in feats:
-            # One head call per view: BatchNorm must see each view's own batch statistics,
-            # as in SLIP, where every view went through the head separately.
-            out["ssl_embeds"] = [self.image_mlp(f) for f in feats["views"]]
+            out["ssl"] = self.ssl(feats["views"], feats.get("ssl_targets"))
         return out
 
     def forward(

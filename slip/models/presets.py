@@ -35,10 +35,11 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class SSLHeadConfig:
-    """SimCLR's 3-layer MLP (Linear-BN-ReLU-Linear-BN-ReLU-Linear) on the image features."""
+    """The self-supervised branch: a method from :mod:`slip.ssl` and its head sizes."""
 
-    mlp_dim: int = 4096
-    out_dim: int = 256
+    mlp_dim: int = 4096  # hidden width of the projector (and predictor) MLPs
+    out_dim: int = 256  # SSL embedding size
+    method: str = "simclr"  # simclr | mocov3 | byol (see slip.ssl.method_names())
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Architecture:
     vision: VisionConfig
     text: TextConfig | None = None  # None: an image-only model (SimCLR)
     embed_dim: int = 512  # joint image-text embedding size
-    ssl_head: SSLHeadConfig | None = None  # None: no SSL branch (CLIP)
+    ssl_head: SSLHeadConfig | None = None  # None: no SSL branch (CLIP); its method is trainable state
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

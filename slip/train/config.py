@@ -25,14 +25,16 @@ class ModelConfig:
     name: str = "slip_vit_b16"  # a name from slip.list_models(): tower sizes and SSL head shape
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the model
+    freeze_patch_embed: bool = False  # keep the ViT's patch projection fixed (MoCo v3's stability trick)
 
 
 @dataclass
 class ObjectiveConfig:
     clip: bool = True  # the image-text contrastive branch
-    ssl: str = "simclr"  # self-supervised branch: simclr | none
+    ssl: str = "simclr"  # self-supervised branch: simclr | mocov3 | byol | none (slip.ssl registry)
     ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
-    ssl_temperature: float = 0.1
+    ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2)
+    momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
 
 
 @dataclass
@@ -94,7 +96,6 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
-SSL_METHODS = ("simclr", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -253,9 +254,11 @@ def validate(cfg: Config) -> None:
         arch = get_architecture(cfg.model.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
+    from ..ssl import method_names
+
     o = cfg.objective
-    if o.ssl not in SSL_METHODS:
-        raise ConfigError(f"objective.ssl: {o.ssl!r} is not one of {', '.join(SSL_METHODS)}")
+    if o.ssl != "none" and o.ssl not in method_names():
+        raise ConfigError(f"objective.ssl: {o.ssl!r} is not one of {', '.join(method_names() + ['none'])}")
     if not o.clip and o.ssl == "none":
         raise ConfigError("objective.clip is false and objective.ssl is none: nothing to train")
     if o.clip and arch.text is None:
@@ -268,8 +271,10 @@ def validate(cfg: Config) -> None:
                           "pick an image-only model (simclr_*)")
     if o.ssl == "none" and arch.ssl_head is not None:
         raise ConfigError(f"objective.ssl is none but model {cfg.model.name!r} has an SSL head; pick a clip_* model")
-    if o.ssl_temperature <= 0:
+    if o.ssl_temperature is not None and o.ssl_temperature <= 0:
         raise ConfigError("objective.ssl_temperature: must be positive")
+    if o.momentum is not None and not 0 <= o.momentum < 1:
+        raise ConfigError("objective.momentum: must be in [0, 1)")
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")

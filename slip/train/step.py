@@ -8,7 +8,8 @@ Accumulation keeps the contrastive losses over the whole batch (GradCache, Gao e
    backward stops at the features and leaves their gradients;
 3. the towers run again per micro-batch with autograd and backpropagate those gradients.
 The towers have no batch statistics and no randomness, so this equals one big batch exactly,
-at the cost of a second tower forward.
+at the cost of a second tower forward. (Momentum methods compute their targets once per
+micro-batch in step 1; their projector's BatchNorm then sees micro-batch statistics.)
 """
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def batch_size_of(batch: dict) -> int:
     return batch["views"][0].shape[0]
 
 
+_LISTS = ("views", "ssl_targets")  # feature entries holding one tensor per view
+_TRAINED = ("image", "text", "views")  # entries that carry gradient back into the towers
+
+
 def _concat_features(parts: list[dict]) -> dict:
     out: dict = {}
     for key in parts[0]:
-        if key == "views":
+        if key in _LISTS:
             out[key] = [torch.cat([p[key][i] for p in parts]) for i in range(len(parts[0][key]))]
         else:
             out[key] = torch.cat([p[key] for p in parts])
@@ -43,12 +48,14 @@ def _concat_features(parts: list[dict]) -> dict:
 
 
 def _leaves(feats: dict) -> dict:
-    return {k: ([v.detach().requires_grad_(True) for v in vs] if k == "views" else vs.detach().requires_grad_(True))
-            for k, vs in feats.items()}
+    def leaf(t: torch.Tensor, key: str) -> torch.Tensor:
+        return t.detach().requires_grad_(key in _TRAINED)
+
+    return {k: ([leaf(v, k) for v in vs] if k in _LISTS else leaf(vs, k)) for k, vs in feats.items()}
 
 
 def _flat(feats: dict) -> list[torch.Tensor]:
-    return [t for k in sorted(feats) for t in (feats[k] if k == "views" else [feats[k]])]
+    return [t for k in sorted(feats) if k in _TRAINED for t in (feats[k] if k in _LISTS else [feats[k]])]
 
 
 def plain_step(model: torch.nn.Module, batch: dict, objective: Objective, autocast, scale: Callable) -> dict:
@@ -75,7 +82,7 @@ def accumulated_step(model: SLIPModel, micro_batches: list[dict], objective: Obj
     grads = [g.grad.split(sizes) for g in _flat(feats)]
     for i, mb in enumerate(micro_batches):
         with autocast():
-            again = _flat(model.forward_features(**model_inputs(mb)))
+            again = _flat(model.forward_features(**model_inputs(mb), targets=False))
         surrogate = sum((f * g[i].to(f.dtype)).sum() for f, g in zip(again, grads))
         surrogate.backward()
     return losses

@@ -7,6 +7,7 @@ precision, gradient synchronisation and the optimizer step; the model returns em
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as D
 from ..losses import slip_objective
-from ..models import create_model
+from ..models import create_model, get_architecture
 from ..models.batchnorm import sync_batchnorm
 from .checkpoints import CheckpointManager, rng_state, set_rng_state
 from .config import Config, ConfigError, save_config
@@ -65,10 +66,19 @@ def _precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, b
 
 
 def _pipeline_method(cfg: Config) -> str:
+    # SimCLR, MoCo v3 and BYOL all take two augmented views (here all with SimCLR's augmentation).
     o = cfg.objective
-    if o.clip and o.ssl == "simclr":
-        return "slip-simclr"
-    return "clip" if o.clip else "simclr"
+    if o.ssl == "none":
+        return "clip"
+    return "slip-simclr" if o.clip else "simclr"
+
+
+def resolve_architecture(cfg: Config):
+    """The model preset named by ``model.name``, with the SSL branch the objective asks for."""
+    arch = get_architecture(cfg.model.name)
+    if cfg.objective.ssl != "none":
+        arch = dataclasses.replace(arch, ssl_head=dataclasses.replace(arch.ssl_head, method=cfg.objective.ssl))
+    return arch
 
 
 def _samples_per_epoch(cfg: Config, sources) -> int:
@@ -157,17 +167,21 @@ class Trainer:
 
         self._seed(t.seed + self.rank)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = create_model(cfg.model.name)
+        model = create_model(resolve_architecture(cfg))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if cfg.model.freeze_patch_embed:
+            model.visual.patch_embed.requires_grad_(False)
         model.to(self.device)
         if self.world > 1:
             model = sync_batchnorm(model, self.device)
         self.model = model
         self._seed(t.seed + self.rank)
-        self.objective = functools.partial(
-            slip_objective, clip=cfg.objective.clip, ssl=cfg.objective.ssl != "none",
-            ssl_scale=cfg.objective.ssl_scale, ssl_temperature=cfg.objective.ssl_temperature)
+        ssl_loss = None
+        if cfg.objective.ssl != "none":
+            ssl_loss = functools.partial(model.ssl.loss, temperature=cfg.objective.ssl_temperature)
+        self.objective = functools.partial(slip_objective, clip=cfg.objective.clip, ssl_loss=ssl_loss,
+                                           ssl_scale=cfg.objective.ssl_scale)
 
         self.loader = self._build_loader()
         from ..data.views import BatchAugment
@@ -279,10 +293,14 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.model.has_ssl_head:  # momentum updates of the SSL method, if it has any
+                extra = self.model.ssl.on_step_end(self.step + 1, self.total_steps, self.model.visual,
+                                                   base_momentum=self.cfg.objective.momentum)
+                losses = {**losses, **extra}
             if self.model.has_text:
                 with torch.no_grad():  # CLIP's clamp: logits scaled by at most logit_scale_max
                     self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
 
     # ----------------------------------------------------------------------------------
     def _state(self) -> dict:

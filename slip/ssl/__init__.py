@@ -1,0 +1,14 @@
+"""The swappable self-supervised branch: one module per method, registered by name.
+
+A method (:class:`~slip.ssl.base.SSLMethod`) owns its heads, its extra state (a momentum copy
+of the image tower), its loss and its per-step hook. Adding one is a new file with a
+``@register_method("name")`` class, an import line below, and a config.
+"""
+from __future__ import annotations
+
+from .base import SSLMethod, method_names, register_method, build_method  # noqa: F401
+
+# Importing a method's module registers it.
+from . import simclr, mocov3, byol  # noqa: E402,F401
+
+__all__ = ["SSLMethod", "build_method", "method_names", "register_method"]

@@ -1,0 +1,112 @@
+"""The SSL method interface, its registry, and helpers shared by methods (MLPs, EMA)."""
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from collections import OrderedDict
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+_METHODS: dict[str, type["SSLMethod"]] = {}
+
+
+def register_method(name: str) -> Callable[[type["SSLMethod"]], type["SSLMethod"]]:
+    def add(cls: type[SSLMethod]) -> type[SSLMethod]:
+        if name in _METHODS:
+            raise ValueError(f"SSL method {name!r} is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+    return add
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def build_method(head, encoder: nn.Module, width: int) -> "SSLMethod":
+    """The method named by ``head.method`` (an :class:`~slip.models.SSLHeadConfig`), built for
+    an image tower of feature size ``width``; ``encoder`` is copied by momentum methods."""
+    try:
+        cls = _METHODS[head.method]
+    except KeyError:
+        raise ValueError(f"unknown SSL method {head.method!r}; known methods: {', '.join(method_names())}") from None
+    return cls(encoder=encoder, width=width, mlp_dim=head.mlp_dim, out_dim=head.out_dim)
+
+
+class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
+    """One self-supervised objective on two (or more) views of each image.
+
+    The model runs the online image tower on every view (in one call, with the CLIP view) and
+    hands the features to :meth:`forward`; methods with a momentum encoder compute their
+    targets in :meth:`target_features` (no gradient). Splitting the work this way lets the
+    trainer's gradient accumulation cache features across micro-batches.
+    """
+
+    name: ClassVar[str] = ""
+    num_views: ClassVar[int] = 2
+    default_temperature: ClassVar[float | None] = None
+    default_momentum: ClassVar[float | None] = None
+
+    def __init__(self, encoder: nn.Module, width: int, mlp_dim: int, out_dim: int):
+        super().__init__()
+
+    @property
+    def has_targets(self) -> bool:
+        return False
+
+    def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Per view (N, D) targets from the momentum branch, without gradient; None if unused."""
+        return None
+
+    @abc.abstractmethod
+    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None) -> dict:
+        """Heads on the online tower features of each view; returns what :meth:`loss` needs."""
+
+    @abc.abstractmethod
+    def loss(self, out: dict, temperature: float | None = None) -> dict:
+        """``loss``, ``ssl_loss`` and metrics (e.g. ``ssl_acc``) from :meth:`forward`'s output."""
+
+    def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
+        """Called after each optimizer step (momentum updates); returns values to log."""
+        return {}
+
+
+def mlp(dims: list[int], *, last_bn: bool = False, last_bn_affine: bool = True) -> nn.Sequential:
+    """Linear layers of widths ``dims``, with BatchNorm + ReLU between them (and optionally a
+    BatchNorm after the last, as MoCo v3's projector). Names: layer1, bn1, relu1, layer2, ..."""
+    layers: list[tuple[str, nn.Module]] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
+        last = i == len(dims) - 1
+        layers.append((f"layer{i}", nn.Linear(d_in, d_out)))
+        if not last:
+            layers += [(f"bn{i}", nn.BatchNorm1d(d_out)), (f"relu{i}", nn.ReLU(inplace=True))]
+        elif last_bn:
+            layers.append((f"bn{i}", nn.BatchNorm1d(d_out, affine=last_bn_affine)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy that receives no gradient (the momentum branch)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def momentum_at(step: int, total_steps: int, base: float) -> float:
+    """Cosine schedule from ``base`` at step 0 to 1 at the last step (BYOL, MoCo v3)."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target = momentum * target + (1 - momentum) * online, over parameters. Buffers (BatchNorm
+    statistics) are left to the momentum branch's own forward passes, as in BYOL and MoCo v3."""
+    t_params, o_params = list(target.parameters()), [p.detach() for p in online.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
