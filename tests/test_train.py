@@ -172,10 +172,26 @@ def test_non_finite_losses_skip_updates_then_stop_with_the_last_checkpoint_intac
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    # A failing or timed-out test must not leave trainers (or torchrun's workers) running.
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _run_cli(args, env=None, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    _STARTED.append(proc)
+    return proc
 
 
 def test_sigkill_at_any_moment_then_rerun_finishes_at_the_same_step(corpus, tmp_path):
