@@ -63,6 +63,8 @@ def _torch_load(path: Path) -> object:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # not a pickle of objects at all: junk or damage
+                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
             raise CheckpointError(
                 f"{path}: refused to load: the file holds Python objects other than tensors, plain "
                 f"containers and argparse.Namespace, and loading them could run code ({e})"
