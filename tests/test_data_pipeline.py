@@ -18,14 +18,7 @@ from slip.data import pipeline as P
 from slip.data import views as V
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors: intra-op threads only add latency, and on a busy 2-core machine an OpenMP
-    # barrier waiting for a descheduled thread makes each op ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -10,12 +10,7 @@ from slip.data import pipeline as P
 from test_data_pipeline import _config, _shard_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batches(loader, limit=None):

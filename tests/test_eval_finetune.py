@@ -60,14 +60,7 @@ def _shape(cls: int, rng: random.Random, size: int = 40) -> Image.Image:
     return image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy shared CPU spinning
-    # threads made these runs several times slower (4 s vs 32 s measured for one run).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -104,15 +104,7 @@ def _simclr_pretrain(x: torch.Tensor, steps: int = 120, batch: int = 128, lr: fl
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: its tensors are tiny, so on a shared 2-core machine
-    extra threads only add synchronisation, and the short SimCLR run (chaotic, like any
-    training) then sums in the same order whatever the machine's core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 @pytest.fixture(scope="module")
