@@ -75,6 +75,31 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
         return {}
 
 
+class MomentumMethod(SSLMethod):
+    """A method whose targets come from a momentum (EMA) copy of the image tower and projector
+    (MoCo v3's keys, BYOL's targets). Subclasses build ``self.projector`` and call
+    :meth:`_init_momentum_branch`; the copies start equal to the online weights."""
+
+    def _init_momentum_branch(self, encoder: nn.Module) -> None:
+        self.momentum_encoder = frozen_copy(encoder)
+        self.momentum_projector = frozen_copy(self.projector)
+
+    @property
+    def has_targets(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        feats = self.momentum_encoder(torch.cat(views)).split([v.shape[0] for v in views])
+        return [self.momentum_projector(f) for f in feats]  # per view: BatchNorm statistics per view
+
+    def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
+        m = momentum_at(step, total_steps, base_momentum or self.default_momentum)
+        ema_update(self.momentum_encoder, encoder, m)
+        ema_update(self.momentum_projector, self.projector, m)
+        return {"momentum": m}
+
+
 def mlp(dims: list[int], *, last_bn: bool = False, last_bn_affine: bool = True) -> nn.Sequential:
     """Linear layers of widths ``dims``, with BatchNorm + ReLU between them (and optionally a
     BatchNorm after the last, as MoCo v3's projector). Names: layer1, bn1, relu1, layer2, ..."""

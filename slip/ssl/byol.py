@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from ..losses import byol_loss
-from .base import SSLMethod, ema_update, frozen_copy, momentum_at, mlp, register_method
+from .base import MomentumMethod, mlp, register_method
 
 
 @register_method("byol")
-class BYOL(SSLMethod):
+class BYOL(MomentumMethod):
     """Projector and predictor: 2-layer MLPs with BN (width -> 4096 -> 256, 256 -> 4096 -> 256).
     The target is an EMA copy of the image tower and projector, momentum rising from 0.996 to 1
     on a cosine schedule. Loss: symmetrised 2 - 2 cos(prediction, target of the other view)."""
@@ -20,17 +20,7 @@ class BYOL(SSLMethod):
         super().__init__(encoder, width, mlp_dim, out_dim)
         self.projector = mlp([width, mlp_dim, out_dim])
         self.predictor = mlp([out_dim, mlp_dim, out_dim])
-        self.target_encoder = frozen_copy(encoder)
-        self.target_projector = frozen_copy(self.projector)
-
-    @property
-    def has_targets(self) -> bool:
-        return True
-
-    @torch.no_grad()
-    def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        feats = self.target_encoder(torch.cat(views)).split([v.shape[0] for v in views])
-        return [self.target_projector(f) for f in feats]
+        self._init_momentum_branch(encoder)  # BYOL's "target network"
 
     def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None) -> dict:
         if targets is None:
@@ -40,9 +30,3 @@ class BYOL(SSLMethod):
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         (p1, p2), (z1, z2) = out["predictions"], out["targets"]
         return byol_loss(p1, p2, z1, z2)
-
-    def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
-        m = momentum_at(step, total_steps, base_momentum or self.default_momentum)
-        ema_update(self.target_encoder, encoder, m)
-        ema_update(self.target_projector, self.projector, m)
-        return {"momentum": m}

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from ..losses import mocov3_loss
-from .base import SSLMethod, ema_update, frozen_copy, momentum_at, mlp, register_method
+from .base import MomentumMethod, mlp, register_method
 
 
 @register_method("mocov3")
-class MoCoV3(SSLMethod):
+class MoCoV3(MomentumMethod):
     """Projector: 3-layer MLP (hidden 4096, out 256, BN after the hidden layers and a non-affine BN
     at the output). Predictor: 2-layer MLP (256 -> 4096 -> 256, BN after the hidden layer). The
     momentum branch is a copy of the image tower and projector, updated by EMA with momentum
@@ -23,17 +23,7 @@ class MoCoV3(SSLMethod):
         super().__init__(encoder, width, mlp_dim, out_dim)
         self.projector = mlp([width, mlp_dim, mlp_dim, out_dim], last_bn=True, last_bn_affine=False)
         self.predictor = mlp([out_dim, mlp_dim, out_dim])
-        self.momentum_encoder = frozen_copy(encoder)
-        self.momentum_projector = frozen_copy(self.projector)
-
-    @property
-    def has_targets(self) -> bool:
-        return True
-
-    @torch.no_grad()
-    def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        feats = self.momentum_encoder(torch.cat(views)).split([v.shape[0] for v in views])
-        return [self.momentum_projector(f) for f in feats]  # per view: BN statistics per view
+        self._init_momentum_branch(encoder)
 
     def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None) -> dict:
         if targets is None:
@@ -44,9 +34,3 @@ class MoCoV3(SSLMethod):
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         (q1, q2), (k1, k2) = out["queries"], out["keys"]
         return mocov3_loss(q1, q2, k1, k2, temperature=temperature or self.default_temperature)
-
-    def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
-        m = momentum_at(step, total_steps, base_momentum or self.default_momentum)
-        ema_update(self.momentum_encoder, encoder, m)
-        ema_update(self.momentum_projector, self.projector, m)
-        return {"momentum": m}
