@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from slip import create_model
@@ -158,3 +159,18 @@ def test_mocov3_loss_over_two_ranks_matches_one_process(ranks):
     for key in ("img", "txt"):  # queries; keys get no gradient
         dist_grad = torch.cat([r["moco"]["grads"][key] for r in ranks]) / WORLD
         assert torch.allclose(dist_grad, full[key].grad, atol=1e-6), key
+
+
+def test_converting_batchnorms_keeps_their_parameters_and_a_frozen_one_frozen():
+    # A momentum branch's BatchNorm is frozen; a converted copy that required grad again would
+    # never get one, and DDP would stop at the second step waiting for it.
+    from slip.models.batchnorm import sync_batchnorm
+
+    online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    frozen = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    frozen.requires_grad_(False)
+    weight = online[1].weight
+    model = sync_batchnorm(nn.ModuleDict({"online": online, "frozen": frozen}), torch.device("cpu"))
+    assert isinstance(model["online"][1], GlobalBatchNorm1d) and isinstance(model["frozen"][1], GlobalBatchNorm1d)
+    assert model["online"][1].weight is weight and weight.requires_grad
+    assert not any(p.requires_grad for p in model["frozen"].parameters())

@@ -22,22 +22,26 @@ EXPECTED = {  # recipe prefix -> (lr, weight decay, clip, ssl method, model kind
     "clip": (5e-4, 0.5, True, "none", "clip"), "simclr": (3.2e-3, 0.1, False, "simclr", "simclr"),
     "slip": (3e-3, 0.1, True, "simclr", "slip"), "mocov3": (2.4e-3, 0.1, False, "mocov3", "simclr"),
     "byol": (2.4e-3, 0.1, False, "byol", "simclr"), "slip_mocov3": (3e-3, 0.1, True, "mocov3", "slip"),
-    "slip_byol": (3e-3, 0.1, True, "byol", "slip"),
+    "slip_byol": (3e-3, 0.1, True, "byol", "slip"), "beit": (3e-3, 0.05, False, "beit", "simclr"),
+    "slip_beit": (3e-3, 0.1, True, "beit", "slip"),
 }
 
 
 @pytest.mark.parametrize("recipe", PRETRAINING, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_recipe_loads_and_validates(recipe):
     cfg = load_config(recipe)
-    assert cfg.train.batch_size == 4096 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.eps == 1e-8
-    assert cfg.optim.min_lr == 1e-5 and cfg.optim.start_lr == 1e-6 and cfg.optim.warmup_epochs == 1
     prefix, size = recipe.stem.rsplit("_vit_", 1)
+    betas = (0.9, 0.999) if prefix == "beit" else (0.9, 0.98)  # BEiT's own AdamW setting
+    assert cfg.train.batch_size == 4096 and cfg.optim.betas == betas and cfg.optim.eps == 1e-8
+    assert cfg.optim.min_lr == 1e-5 and cfg.optim.start_lr == 1e-6 and cfg.optim.warmup_epochs == 1
     lr, wd, clip, ssl, kind = EXPECTED[prefix]
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.clip, cfg.objective.ssl) == (lr, wd, clip, ssl)
     assert cfg.train.epochs == {"yfcc15m": 25, "cc3m": 40, "cc12m": 35}[recipe.parent.name]
     assert cfg.model.name == f"{kind}_vit_{size}"
     if ssl in ("simclr", "mocov3"):
         assert cfg.objective.ssl_temperature == {"simclr": 0.1, "mocov3": 0.2}[ssl]
+    if ssl == "beit":
+        assert cfg.objective.tokenizer and cfg.objective.mask_ratio == 0.4
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
@@ -54,7 +58,7 @@ def test_recipes_cover_every_method_size_and_corpus():
         for method in ("clip", "simclr", "slip"):
             for size in ("s16", "b16", "l16"):
                 assert (corpus, f"{method}_vit_{size}") in names
-    for combo in ("mocov3", "byol", "slip_mocov3", "slip_byol"):  # every SSL method, alone and in SLIP
+    for combo in ("mocov3", "byol", "beit", "slip_mocov3", "slip_byol", "slip_beit"):  # every SSL method, alone and in SLIP
         assert ("yfcc15m", f"{combo}_vit_b16") in names
         assert ("tiny", combo) in names
 
@@ -81,7 +85,9 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
     (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
     (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
-    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of byol, mocov3, simclr, none"),
+    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of beit, byol, mocov3, simclr, none"),
+    (["objective.ssl=beit"], r"objective\.tokenizer: beit needs a visual tokenizer"),
+    (["objective.mask_ratio=1.2"], r"objective\.mask_ratio: must be in \(0, 1\)"),
     (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),
     (["train.precision=fp8"], r"train\.precision: 'fp8'"),
     (["data.train="], r"data\.train: no training shards"),

@@ -22,6 +22,8 @@ Batch layout (every entry has the batch size B as its first dimension):
 * ``views``: a list of ``(B, 3, H, W)`` uint8 tensors, one per SSL view (two for SimCLR; absent
   for method ``clip``). A list rather than one stacked tensor so views may differ in size;
 * ``text``: ``(B, 77)`` int64 token ids (absent when the method has no image-text loss);
+* ``patch_mask``: ``(B, H * W)`` bool, the views' blockwise patch mask (only when the views
+  declare one, e.g. BEiT's); drawn per sample from the sample's own RNG;
 * ``key``: list of B sample keys (strings).
 
 :class:`~slip.data.views.BatchAugment` turns ``image`` and ``views`` into normalised float.
@@ -610,6 +612,7 @@ class DecodeSamples:
                 crops = decode_views(
                     _image_bytes(sample), specs, rng, max_pixels=self.max_pixels, allow_draft=self.allow_draft
                 )
+                mask = None if self.views.mask is None else self.views.mask(rng).reshape(-1)
             except SampleSkip as skip:
                 self.counter.add(skip.reason, skip.detail, key)
                 continue
@@ -617,7 +620,7 @@ class DecodeSamples:
                 self.counter.add(SAMPLE_ERROR, f"{type(exc).__name__}: {exc}", key)
                 logger.debug("unexpected error on sample %s", key, exc_info=True)
                 continue
-            yield {"key": key, "caption": caption, "views": crops, "position": (pass_no, index)}
+            yield {"key": key, "caption": caption, "views": crops, "mask": mask, "position": (pass_no, index)}
 
 
 class Collate:
@@ -636,6 +639,8 @@ class Collate:
             batch["views"] = [
                 torch.stack([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
             ]
+        if self.views.mask is not None:
+            batch["patch_mask"] = torch.stack([s["mask"] for s in samples])
         if self.views.needs_text and self.tokenizer is not None:
             batch["text"] = self.tokenizer([s["caption"] for s in samples]).long()
         return batch

@@ -20,6 +20,14 @@ The views of a method are declared with :class:`ViewSpec` (see :func:`method_vie
 * SimCLR views (two): ``RandomResizedCrop(size, scale=(0.08, 1))``, colour jitter
   ``(0.4, 0.4, 0.4, 0.1)`` with p=0.8, grayscale p=0.2, Gaussian blur sigma in [0.1, 2] with
   p=0.5, horizontal flip p=0.5, ImageNet normalisation.
+* BYOL / MoCo v3 views (two, asymmetric, :func:`byol_views`): as SimCLR's but colour jitter
+  ``(0.4, 0.4, 0.2, 0.1)``; the first view is always blurred and never solarised, the second
+  blurred with p=0.1 and solarised with p=0.2.
+* BEiT views (:func:`beit_views`): one ``RandomResizedCrop(scale=(0.08, 1))`` cut at two sizes
+  from the same box with the same flip and colour jitter (``(0.4, 0.4, 0.4)``, always): the
+  tower's view (ImageNet-normalised) and the visual tokenizer's (``normalize=False``: float
+  pixels in [0, 1]). A view declares the sharing with ``shares="<name of the earlier view>"``.
+  :attr:`MethodViews.mask` adds a blockwise patch mask per sample, drawn in the workers.
 
 Colour jitter applies brightness, contrast, saturation and hue in a random order per sample, as
 torchvision's ``ColorJitter`` does (``jitter_order="fixed"`` keeps that listed order instead).
@@ -83,6 +91,14 @@ class ViewSpec:
         grayscale_p: probability of converting to (3-channel) grayscale.
         blur_p: probability of a Gaussian blur.
         blur_sigma: range of the blur's standard deviation in output pixels (uniform).
+        solarize_p: probability of solarising (pixels at or above 128/255 inverted, as
+            torchvision's ``RandomSolarize(threshold=128)`` on uint8 images).
+        shares: name of an earlier view of the same declaration whose crop box and random
+            photometric draws this view reuses (the same crop at another size: BEiT's two
+            views). Its crop and photometric settings must equal that view's; only ``size``
+            and ``normalize`` may differ.
+        normalize: apply the mean/std normalisation (False: float pixels in [0, 1], e.g. for
+            a visual tokenizer with its own normalisation).
     """
 
     name: str
@@ -95,6 +111,9 @@ class ViewSpec:
     grayscale_p: float = 0.0
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    shares: str | None = None
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -103,11 +122,15 @@ class ViewSpec:
             raise ValueError(f"view {self.name!r}: scale must satisfy 0 < lo <= hi <= 1")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"view {self.name!r}: ratio must satisfy 0 < lo <= hi")
-        for p in (self.hflip_p, self.jitter_p, self.grayscale_p, self.blur_p):
+        for p in (self.hflip_p, self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"view {self.name!r}: probabilities must lie in [0, 1]")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"view {self.name!r}: blur_sigma must satisfy 0 < lo <= hi")
+
+
+# What a view that ``shares`` another takes from it, and so must declare identically.
+_SHARED_FIELDS = ("scale", "ratio", "hflip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p")
 
 
 @dataclass(frozen=True)
@@ -117,10 +140,31 @@ class MethodViews:
     Attributes:
         clip: the view fed to the image tower for the image-text loss, or None (SimCLR alone).
         ssl: the self-supervised views (two for SimCLR), or empty (CLIP alone).
+        mask: a patch-mask generator (e.g. :class:`slip.ssl.masking.BlockMaskGenerator`), called
+            with each sample's RNG in the workers; batches then carry ``patch_mask``
+            ``(B, H * W)`` bool. None: no mask.
     """
 
     clip: ViewSpec | None
     ssl: tuple[ViewSpec, ...] = field(default_factory=tuple)
+    mask: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        seen: dict[str, ViewSpec] = {}
+        for view in self.all:
+            if view.name in seen:
+                raise ValueError(f"two views are named {view.name!r}")
+            if view.shares is not None:
+                source = seen.get(view.shares)
+                if source is None:
+                    raise ValueError(f"view {view.name!r} shares {view.shares!r}, which is not an earlier view")
+                if source.shares is not None:
+                    raise ValueError(f"view {view.name!r} shares {view.shares!r}, which itself shares a view")
+                differ = [f for f in _SHARED_FIELDS if getattr(view, f) != getattr(source, f)]
+                if differ:
+                    raise ValueError(f"view {view.name!r} shares the crop and draws of {view.shares!r} but declares "
+                                     f"other {', '.join(differ)}")
+            seen[view.name] = view
 
     @property
     def all(self) -> tuple[ViewSpec, ...]:
@@ -155,6 +199,26 @@ def simclr_view(size: int | tuple[int, int] = 224, name: str = "simclr") -> View
         blur_p=0.5,
         blur_sigma=(0.1, 2.0),
     )
+
+
+def byol_views(size: int | tuple[int, int] = 224, prefix: str = "byol") -> tuple[ViewSpec, ViewSpec]:
+    """BYOL's two asymmetric views (Grill et al. 2020, Table 6), also MoCo v3's for ViTs:
+    crop scale (0.08, 1), flip 0.5, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale 0.2,
+    Gaussian blur sigma in [0.1, 2] with p=1.0 / 0.1, solarisation with p=0.0 / 0.2."""
+    common = dict(size=_pair(size), scale=(0.08, 1.0), hflip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                  grayscale_p=0.2, blur_sigma=(0.1, 2.0))
+    return (ViewSpec(name=f"{prefix}1", blur_p=1.0, solarize_p=0.0, **common),
+            ViewSpec(name=f"{prefix}2", blur_p=0.1, solarize_p=0.2, **common))
+
+
+def beit_views(size: int | tuple[int, int] = 224, tokenizer_size: int | tuple[int, int] = 112) -> tuple[ViewSpec, ViewSpec]:
+    """BEiT's two views of one crop (Bao et al. 2021): RandomResizedCrop scale (0.08, 1), flip
+    0.5 and colour jitter (0.4, 0.4, 0.4) always, then the tower's view at ``size`` and the
+    visual tokenizer's at ``tokenizer_size``, unnormalised. (BEiT resizes them bicubic and
+    Lanczos; both are antialiased bilinear here.)"""
+    common = dict(scale=(0.08, 1.0), hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0)
+    return (ViewSpec(name="beit", size=_pair(size), **common),
+            ViewSpec(name="beit_tokens", size=_pair(tokenizer_size), shares="beit", normalize=False, **common))
 
 
 METHODS = ("clip", "simclr", "slip-simclr")
@@ -384,7 +448,12 @@ def plan_crops(
     used); without it the crops would be shifted by a fraction of a reduced pixel relative to a
     full-size decode of the same box.
     """
-    boxes = [sample_crop(rng, width, height, v.scale, v.ratio) for v in views]
+    boxes: list[tuple[int, int, int, int]] = []
+    by_name: dict[str, int] = {}
+    for i, v in enumerate(views):
+        # A sharing view takes its source's box (validated by MethodViews) and draws nothing.
+        boxes.append(boxes[by_name[v.shares]] if v.shares is not None else sample_crop(rng, width, height, v.scale, v.ratio))
+        by_name[v.name] = i
     factor = draft_factor(boxes, [v.size for v in views]) if allow_draft else 1
     while factor > 1:
         snapped = _snap(boxes, factor, width, height)
@@ -549,6 +618,14 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float, kernel_size: int
     return y.reshape(n, c, h, w)
 
 
+SOLARIZE_THRESHOLD = 128 / 255  # ImageOps.solarize's default on uint8, as BYOL and MoCo v3 use it
+
+
+def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
+    """Invert pixels at or above ``threshold`` (torchvision's ``solarize`` on [0, 1] floats)."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
 def blur_kernel_size(sigma_max: float) -> int:
     """Odd kernel covering +-3 sigma of the widest blur (13 for sigma 2): the truncated tail
     holds < 0.3% of the mass, and the kernel does not grow with the image size."""
@@ -705,6 +782,8 @@ class BatchAugment(torch.nn.Module):
             params["blur"] = torch.rand(n, generator=gen, device=device) < spec.blur_p
             lo, hi = spec.blur_sigma
             params["blur_sigma"] = lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+        if spec.solarize_p > 0:
+            params["solarize"] = torch.rand(n, generator=gen, device=device) < spec.solarize_p
         return params
 
     def apply(self, x: torch.Tensor, spec: ViewSpec, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -715,7 +794,8 @@ class BatchAugment(torch.nn.Module):
         accelerator the whole batch goes at once.
         """
         n = x.shape[0]
-        out = torch.empty(x.shape, dtype=self.out_dtype, device=x.device)
+        # Unnormalised views feed visual tokenizers: kept in float32 whatever ``out_dtype`` is.
+        out = torch.empty(x.shape, dtype=self.out_dtype if spec.normalize else torch.float32, device=x.device)
         step = n if x.device.type != "cpu" else max(1, self.cpu_chunk)
         active = tuple(s > 0 for s in spec.jitter) if spec.jitter is not None else (False,) * 4
         mean, std = self.mean.to(x.device), self.std.to(x.device)
@@ -746,43 +826,57 @@ class BatchAugment(torch.nn.Module):
                     y[idx] = gaussian_blur(
                         y[idx], params["blur_sigma"][part][idx], blur_kernel_size(spec.blur_sigma[1])
                     )
-            out[part] = y.sub_(mean).div_(std)
+            if "solarize" in params:
+                idx = params["solarize"][part].nonzero().squeeze(1)
+                if idx.numel():
+                    y[idx] = solarize(y[idx])
+            out[part] = y.sub_(mean).div_(std) if spec.normalize else y
         return out
 
     def augment(
         self, x: torch.Tensor, spec: ViewSpec, *, return_params: bool = False,
         generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Augment one ``(N, 3, H, W)`` uint8 view batch; float ``out_dtype`` out.
 
         With ``return_params`` also returns the per-sample draws (``flip``, ``jitter``,
-        ``jitter_factors``, ``jitter_order``, ``grayscale``, ``blur``, ``blur_sigma``), which
-        tests use to check application rates. ``rows=(offset, total)`` says that ``x`` is rows
-        ``offset..offset+N`` of a global batch of ``total`` (e.g. this rank's share): the draws
-        are made for the whole global batch and sliced, so with a shared ``generator`` the
-        result does not depend on how the batch is split over ranks.
+        ``jitter_factors``, ``jitter_order``, ``grayscale``, ``blur``, ``blur_sigma``,
+        ``solarize``), which tests use to check application rates; ``params`` applies given
+        draws instead of drawing (a view that ``shares`` another's). ``rows=(offset, total)``
+        says that ``x`` is rows ``offset..offset+N`` of a global batch of ``total`` (e.g. this
+        rank's share): the draws are made for the whole global batch and sliced, so with a
+        shared ``generator`` the result does not depend on how the batch is split over ranks.
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise TypeError(f"expected a (N, 3, H, W) uint8 batch, got {tuple(x.shape)} {x.dtype}")
-        n = x.shape[0]
-        offset, total = rows if rows is not None else (0, n)
-        params = self.sample_params(total, spec, x.device, generator)
-        if total != n:
-            params = {k: v[offset:offset + n] for k, v in params.items()}
+        if params is None:
+            n = x.shape[0]
+            offset, total = rows if rows is not None else (0, n)
+            params = self.sample_params(total, spec, x.device, generator)
+            if total != n:
+                params = {k: v[offset:offset + n] for k, v in params.items()}
         out = self.apply(x, spec, params)
-        return (out, params) if return_params else out
+        return (out, dict(params)) if return_params else out
 
     def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None,
                 rows: tuple[int, int] | None = None) -> dict[str, Any]:
         """Return a copy of ``batch`` with ``image`` (CLIP view) and each of ``views`` augmented;
-        other entries (``text``, ``key``) pass through. ``generator``/``rows``: see :meth:`augment`."""
+        other entries (``text``, ``key``, ``patch_mask``) pass through. A view that ``shares``
+        another gets that view's draws. ``generator``/``rows``: see :meth:`augment`."""
         out = dict(batch)
         kw = {"generator": generator, "rows": rows}
+        drawn: dict[str, Mapping[str, torch.Tensor]] = {}
         if self.views.clip is not None and "image" in batch:
-            out["image"] = self.augment(batch["image"], self.views.clip, **kw)
+            out["image"], drawn[self.views.clip.name] = self.augment(batch["image"], self.views.clip,
+                                                                     return_params=True, **kw)
         if self.views.ssl and "views" in batch:
             if len(batch["views"]) != len(self.views.ssl):
                 raise ValueError(f"batch has {len(batch['views'])} SSL views, expected {len(self.views.ssl)}")
-            out["views"] = [self.augment(v, s, **kw) for v, s in zip(batch["views"], self.views.ssl)]
+            out["views"] = []
+            for v, spec in zip(batch["views"], self.views.ssl):
+                y, drawn[spec.name] = self.augment(v, spec, return_params=True,
+                                                   params=drawn.get(spec.shares) if spec.shares else None, **kw)
+                out["views"].append(y)
         return out
 

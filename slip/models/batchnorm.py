@@ -47,6 +47,10 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
             new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
                                     child.track_running_stats)
             new.load_state_dict(child.state_dict())
+            # The same Parameter objects, as torch's convert_sync_batchnorm does: a frozen
+            # BatchNorm (a momentum branch's) stays frozen, and optimizers built earlier still hold them.
+            if child.affine:
+                new.weight, new.bias = child.weight, child.bias
             setattr(module, name, new)
         else:
             sync_batchnorm(child, device)

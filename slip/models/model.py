@@ -12,9 +12,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..ssl.base import MASKED, TARGET
 from .presets import Architecture, get_architecture
 from .text import TextTransformer
 
@@ -51,7 +53,7 @@ class SLIPModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
             self._init_clip_parameters()
         if arch.ssl_head is not None:
-            from ..ssl import build_method
+            from ..ssl import build_method  # importing slip.ssl registers the methods
 
             # Built after the tower: momentum methods start from a copy of it.
             self.ssl = build_method(arch.ssl_head, encoder=self.visual, width=v.width)
@@ -115,31 +117,56 @@ class SLIPModel(nn.Module):
         x = self.text_features(text) @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def image_features(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def image_features(self, images: Sequence[torch.Tensor],
+                       masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Tower features of several image batches in as few tower calls as possible.
 
         Batches of the same shape are concatenated into one call (the ViT has no batch
-        statistics, so this is exact); results come back in input order.
+        statistics, so this is exact); results come back in input order. ``masks`` gives, per
+        batch, None or an ``(N, L)`` bool patch mask: masked batches come back as ``(N, L, width)``
+        patch tokens with the SSL method's mask token substituted (BEiT), the others as pooled
+        ``(N, width)`` features.
         """
+        masks = list(masks) if masks is not None else [None] * len(images)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, x in enumerate(images):
             groups[tuple(x.shape[1:])].append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
         for idx in groups.values():
-            feats = self.visual(torch.cat([images[i] for i in idx]))
-            for i, f in zip(idx, feats.split([images[i].shape[0] for i in idx])):
-                out[i] = f
+            x = torch.cat([images[i] for i in idx])
+            sizes = [images[i].shape[0] for i in idx]
+            if all(masks[i] is None for i in idx):
+                for i, f in zip(idx, self.visual(x).split(sizes)):
+                    out[i] = f
+                continue
+            num_patches = self.visual.patch_embed.num_patches
+            mask = torch.cat([masks[i] if masks[i] is not None else
+                              torch.zeros(n, num_patches, dtype=torch.bool, device=x.device) for i, n in zip(idx, sizes)])
+            prefix = self.visual.num_prefix_tokens
+            for i, t in zip(idx, self._masked_tower(x, mask).split(sizes)):
+                out[i] = t[:, prefix:] if masks[i] is not None else self.visual.forward_head(t)
         return out  # type: ignore[return-value]
+
+    def _masked_tower(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features`` with masked patch embeddings replaced by the mask token."""
+        v = self.visual
+        tokens = self.ssl.mask_patches(v.patch_embed(x), mask)
+        tokens = v.norm_pre(v.patch_drop(v._pos_embed(tokens)))
+        tokens = checkpoint_seq(v.blocks, tokens) if v.grad_checkpointing else v.blocks(tokens)
+        return v.norm(tokens)
 
     def forward_features(
         self,
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         views: Sequence[torch.Tensor] | None = None,
+        patch_mask: torch.Tensor | None = None,
         targets: bool = True,
     ) -> dict:
-        """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (list of (N, width)),
-        and with ``targets`` the SSL method's momentum targets ``ssl_targets`` (no gradient).
+        """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (per tower view of
+        the SSL method: (N, width), or (N, L, width) patch tokens for a masked view), with
+        ``patch_mask`` the mask it was given, and with ``targets`` the SSL method's targets
+        ``ssl_targets`` (momentum keys, tokenizer codes; no gradient).
 
         Everything here is per-sample (no batch statistics), so features of micro-batches can be
         computed separately and concatenated; :meth:`forward_heads` then sees the whole batch.
@@ -150,13 +177,22 @@ class SLIPModel(nn.Module):
             raise RuntimeError("SSL views were given but this model has no SSL head")
         if image is not None:
             self._require_text("the CLIP branch (image=...)")
-        inputs = ([image] if image is not None else []) + views
-        tower = self.image_features(inputs) if inputs else []
+        roles = self.ssl.view_roles if views else ()
+        if len(views) != len(roles):
+            raise ValueError(f"SSL method {self.ssl.name!r} takes {len(roles)} views, got {len(views)}")
+        if MASKED in roles and patch_mask is None:
+            raise ValueError(f"SSL method {self.ssl.name!r} needs a patch_mask")
+        tower_views = [(v, r) for v, r in zip(views, roles) if r != TARGET]
+        inputs = ([image] if image is not None else []) + [v for v, _ in tower_views]
+        masks = ([None] if image is not None else []) + [patch_mask if r == MASKED else None for _, r in tower_views]
+        tower = self.image_features(inputs, masks) if inputs else []
         feats: dict = {}
         if image is not None:
             feats["image"] = tower.pop(0)
         if views:
             feats["views"] = tower
+            if patch_mask is not None:
+                feats["patch_mask"] = patch_mask
             if targets and self.ssl.has_targets:
                 feats["ssl_targets"] = self.ssl.target_features(views)
         if text is not None:
@@ -173,7 +209,7 @@ class SLIPModel(nn.Module):
         if self.has_text and ("image" in feats or "text" in feats):
             out["logit_scale"] = self.logit_scale.exp()
         if "views" in feats:
-            out["ssl"] = self.ssl(feats["views"], feats.get("ssl_targets"))
+            out["ssl"] = self.ssl(feats["views"], feats.get("ssl_targets"), feats.get("patch_mask"))
         return out
 
     def forward(
@@ -181,8 +217,9 @@ class SLIPModel(nn.Module):
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         views: Sequence[torch.Tensor] | None = None,
+        patch_mask: torch.Tensor | None = None,
     ) -> dict:
-        return self.forward_heads(self.forward_features(image=image, text=text, views=views))
+        return self.forward_heads(self.forward_features(image=image, text=text, views=views, patch_mask=patch_mask))
 
 
 def create_model(name: str | Architecture) -> SLIPModel:

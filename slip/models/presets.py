@@ -39,7 +39,8 @@ class SSLHeadConfig:
 
     mlp_dim: int = 4096  # hidden width of the projector (and predictor) MLPs
     out_dim: int = 256  # SSL embedding size
-    method: str = "simclr"  # simclr | mocov3 | byol (see slip.ssl.method_names())
+    method: str = "simclr"  # simclr | mocov3 | byol | beit (see slip.ssl.method_names())
+    vocab_size: int = 8192  # BEiT: codes of the visual tokenizer (DALL-E/FLAVA: 8192)
 
 
 @dataclass(frozen=True)

@@ -34,37 +34,75 @@ def build_method(head, encoder: nn.Module, width: int) -> "SSLMethod":
         cls = _METHODS[head.method]
     except KeyError:
         raise ValueError(f"unknown SSL method {head.method!r}; known methods: {', '.join(method_names())}") from None
-    return cls(encoder=encoder, width=width, mlp_dim=head.mlp_dim, out_dim=head.out_dim)
+    return cls(encoder=encoder, width=width, head=head)
+
+
+def method_class(name: str) -> type["SSLMethod"]:
+    """The registered class of method ``name`` (class attributes describe its needs)."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown SSL method {name!r}; known methods: {', '.join(method_names())}") from None
+
+
+# What the model does with each of a method's views (``SSLMethod.view_roles``):
+POOLED = "pooled"  # through the online tower; the method gets the pooled (N, width) feature
+MASKED = "masked"  # through the online tower with ``patch_mask``; the method gets (N, L, width) patch tokens
+TARGET = "target"  # not through the online tower; only ``target_features`` sees it (e.g. a tokenizer's view)
 
 
 class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     """One self-supervised objective on two (or more) views of each image.
 
-    The model runs the online image tower on every view (in one call, with the CLIP view) and
-    hands the features to :meth:`forward`; methods with a momentum encoder compute their
-    targets in :meth:`target_features` (no gradient). Splitting the work this way lets the
+    A method declares the views it needs from the data pipeline (:meth:`data_views`) and what
+    the model does with each (``view_roles``). The model runs the online image tower on every
+    ``pooled``/``masked`` view (in one call, with the CLIP view) and hands the features to
+    :meth:`forward`; targets that need no gradient (a momentum encoder's keys, a visual
+    tokenizer's codes) come from :meth:`target_features`. Splitting the work this way lets the
     trainer's gradient accumulation cache features across micro-batches.
     """
 
     name: ClassVar[str] = ""
-    num_views: ClassVar[int] = 2
+    view_roles: ClassVar[tuple[str, ...]] = (POOLED, POOLED)
+    needs_visual_tokenizer: ClassVar[bool] = False  # see :meth:`attach_visual_tokenizer`
     default_temperature: ClassVar[float | None] = None
     default_momentum: ClassVar[float | None] = None
 
-    def __init__(self, encoder: nn.Module, width: int, mlp_dim: int, out_dim: int):
+    def __init__(self, encoder: nn.Module, width: int, head):
         super().__init__()
+
+    @property
+    def num_views(self) -> int:
+        return len(self.view_roles)
 
     @property
     def has_targets(self) -> bool:
         return False
 
+    def data_views(self, image_size: int, mask_ratio: float = 0.4):
+        """The method's part of the data declaration: a :class:`~slip.data.views.MethodViews`
+        with its SSL views (and patch mask, if any) and no CLIP view. Default: SimCLR's two
+        views. ``mask_ratio`` is for methods that mask patches."""
+        from ..data.views import MethodViews, simclr_view
+
+        return MethodViews(clip=None, ssl=(simclr_view(image_size, "simclr1"), simclr_view(image_size, "simclr2")))
+
     def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Per view (N, D) targets from the momentum branch, without gradient; None if unused."""
+        """Per view targets computed without gradient (all of ``views``, whatever their role);
+        None if the method uses none."""
         return None
 
+    def mask_patches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings ``(N, L, width)`` with the positions where ``mask`` ``(N, L)`` is True
+        replaced (by a learned mask token); methods with a ``masked`` view implement it."""
+        raise RuntimeError(f"SSL method {self.name!r} has no masked view")
+
     @abc.abstractmethod
-    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None) -> dict:
-        """Heads on the online tower features of each view; returns what :meth:`loss` needs."""
+    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None,
+                patch_mask: torch.Tensor | None = None) -> dict:
+        """Heads on the online tower features of the ``pooled``/``masked`` views (in order);
+        ``patch_mask`` is the batch's mask when the method has a ``masked`` view. Returns
+        what :meth:`loss` needs."""
 
     @abc.abstractmethod
     def loss(self, out: dict, temperature: float | None = None) -> dict:
@@ -79,6 +117,12 @@ class MomentumMethod(SSLMethod):
     """A method whose targets come from a momentum (EMA) copy of the image tower and projector
     (MoCo v3's keys, BYOL's targets). Subclasses build ``self.projector`` and call
     :meth:`_init_momentum_branch`; the copies start equal to the online weights."""
+
+    def data_views(self, image_size: int, mask_ratio: float = 0.4):
+        """BYOL's asymmetric views (blur 1.0 / 0.1, solarisation 0.0 / 0.2), which MoCo v3 uses too."""
+        from ..data.views import MethodViews, byol_views
+
+        return MethodViews(clip=None, ssl=byol_views(image_size, prefix=self.name))
 
     def _init_momentum_branch(self, encoder: nn.Module) -> None:
         self.momentum_encoder = frozen_copy(encoder)

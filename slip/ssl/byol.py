@@ -16,13 +16,14 @@ class BYOL(MomentumMethod):
 
     default_momentum = 0.996
 
-    def __init__(self, encoder: nn.Module, width: int, mlp_dim: int, out_dim: int):
-        super().__init__(encoder, width, mlp_dim, out_dim)
+    def __init__(self, encoder: nn.Module, width: int, head):
+        super().__init__(encoder, width, head)
+        mlp_dim, out_dim = head.mlp_dim, head.out_dim
         self.projector = mlp([width, mlp_dim, out_dim])
         self.predictor = mlp([out_dim, mlp_dim, out_dim])
         self._init_momentum_branch(encoder)  # BYOL's "target network"
 
-    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None) -> dict:
+    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None, patch_mask=None) -> dict:
         if targets is None:
             raise RuntimeError("BYOL needs the target projections (forward_features(..., targets=True))")
         return {"predictions": [self.predictor(self.projector(f)) for f in feats], "targets": targets}

@@ -19,13 +19,14 @@ class MoCoV3(MomentumMethod):
     default_temperature = 0.2
     default_momentum = 0.99
 
-    def __init__(self, encoder: nn.Module, width: int, mlp_dim: int, out_dim: int):
-        super().__init__(encoder, width, mlp_dim, out_dim)
+    def __init__(self, encoder: nn.Module, width: int, head):
+        super().__init__(encoder, width, head)
+        mlp_dim, out_dim = head.mlp_dim, head.out_dim
         self.projector = mlp([width, mlp_dim, mlp_dim, out_dim], last_bn=True, last_bn_affine=False)
         self.predictor = mlp([out_dim, mlp_dim, out_dim])
         self._init_momentum_branch(encoder)
 
-    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None) -> dict:
+    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None, patch_mask=None) -> dict:
         if targets is None:
             raise RuntimeError("MoCo v3 needs the momentum keys (forward_features(..., targets=True))")
         queries = [self.predictor(self.projector(f)) for f in feats]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..losses import simclr_loss
 from .base import SSLMethod, mlp, register_method
@@ -14,11 +15,12 @@ class SimCLR(SSLMethod):
 
     default_temperature = 0.1
 
-    def __init__(self, encoder, width: int, mlp_dim: int, out_dim: int):
-        super().__init__(encoder, width, mlp_dim, out_dim)
+    def __init__(self, encoder: nn.Module, width: int, head):
+        super().__init__(encoder, width, head)
+        mlp_dim, out_dim = head.mlp_dim, head.out_dim
         self.image_mlp = mlp([width, mlp_dim, mlp_dim, out_dim])
 
-    def forward(self, feats: list[torch.Tensor], targets=None) -> dict:
+    def forward(self, feats: list[torch.Tensor], targets=None, patch_mask=None) -> dict:
         # One head call per view: BatchNorm must see each view's own batch statistics,
         # as in SLIP, where every view went through the head separately.
         return {"embeds": [self.image_mlp(f) for f in feats]}

@@ -31,10 +31,12 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     clip: bool = True  # the image-text contrastive branch
-    ssl: str = "simclr"  # self-supervised branch: simclr | mocov3 | byol | none (slip.ssl registry)
+    ssl: str = "simclr"  # self-supervised branch: simclr | mocov3 | byol | beit | none (slip.ssl registry)
     ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
     ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2)
     momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
+    tokenizer: str | None = None  # BEiT's visual tokenizer: a FLAVA codebook directory or a k-means file
+    mask_ratio: float = 0.4  # BEiT: fraction of patches masked (in blocks); 75/196 reproduces BEiT's code
 
 
 @dataclass
@@ -275,6 +277,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.ssl_temperature: must be positive")
     if o.momentum is not None and not 0 <= o.momentum < 1:
         raise ConfigError("objective.momentum: must be in [0, 1)")
+    if not 0 < o.mask_ratio < 1:
+        raise ConfigError("objective.mask_ratio: must be in (0, 1)")
+    if o.ssl != "none":
+        from ..ssl import method_class
+
+        if method_class(o.ssl).needs_visual_tokenizer and not o.tokenizer:
+            raise ConfigError(f"objective.tokenizer: {o.ssl} needs a visual tokenizer (a FLAVA codebook directory, "
+                              "or a k-means codebook file from `slip fit-tokenizer`)")
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")

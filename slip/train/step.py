@@ -23,7 +23,7 @@ Objective = Callable[[dict], dict]
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("image", "text", "views") if k in batch}
+    return {k: batch[k] for k in ("image", "text", "views", "patch_mask") if k in batch}
 
 
 def batch_size_of(batch: dict) -> int:

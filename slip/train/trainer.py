@@ -65,20 +65,42 @@ def _precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, b
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p], p == "fp16"
 
 
-def _pipeline_method(cfg: Config) -> str:
-    # SimCLR, MoCo v3 and BYOL all take two augmented views (here all with SimCLR's augmentation).
-    o = cfg.objective
-    if o.ssl == "none":
-        return "clip"
-    return "slip-simclr" if o.clip else "simclr"
+def load_tokenizer(cfg: Config):
+    """The visual tokenizer ``objective.tokenizer`` names, or None when the method needs none."""
+    from ..ssl import method_class
+
+    if cfg.objective.ssl == "none" or not method_class(cfg.objective.ssl).needs_visual_tokenizer:
+        return None
+    from ..ssl.visual_tokenizers import load_visual_tokenizer
+
+    try:
+        return load_visual_tokenizer(cfg.objective.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"objective.tokenizer: {e}") from None
 
 
-def resolve_architecture(cfg: Config):
-    """The model preset named by ``model.name``, with the SSL branch the objective asks for."""
+def resolve_architecture(cfg: Config, tokenizer=None):
+    """The model preset named by ``model.name``, with the SSL branch the objective asks for
+    (and, for BEiT, a head over ``tokenizer``'s vocabulary)."""
     arch = get_architecture(cfg.model.name)
     if cfg.objective.ssl != "none":
-        arch = dataclasses.replace(arch, ssl_head=dataclasses.replace(arch.ssl_head, method=cfg.objective.ssl))
+        head = dataclasses.replace(arch.ssl_head, method=cfg.objective.ssl)
+        if tokenizer is not None:
+            head = dataclasses.replace(head, vocab_size=tokenizer.vocab_size)
+        arch = dataclasses.replace(arch, ssl_head=head)
     return arch
+
+
+def data_views(cfg: Config, model, image_size: int):
+    """What the data pipeline cuts from each image: the CLIP view if the objective has the
+    image-text loss, then the SSL method's own views (and patch mask)."""
+    from ..data.views import MethodViews, clip_view
+
+    clip = clip_view(image_size) if cfg.objective.clip else None
+    if cfg.objective.ssl == "none":
+        return MethodViews(clip=clip)
+    own = model.ssl.data_views(image_size, mask_ratio=cfg.objective.mask_ratio)
+    return MethodViews(clip=clip, ssl=own.ssl, mask=own.mask)
 
 
 def _samples_per_epoch(cfg: Config, sources) -> int:
@@ -167,7 +189,10 @@ class Trainer:
 
         self._seed(t.seed + self.rank)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = create_model(resolve_architecture(cfg))
+        tokenizer = load_tokenizer(cfg)
+        model = create_model(resolve_architecture(cfg, tokenizer))
+        if tokenizer is not None:
+            model.ssl.attach_visual_tokenizer(tokenizer.to(self.device))
         if cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.model.freeze_patch_embed:
@@ -236,7 +261,7 @@ class Trainer:
                     f"{max(1, cfg.data.workers)} workers; write smaller shards, lower data.workers, "
                     "or set data.resampled=true")
         pipeline = PipelineConfig(
-            method=_pipeline_method(cfg), size=size, batch_size=self.micro_batch * cfg.train.accum_steps,
+            views=data_views(cfg, self.model, size), batch_size=self.micro_batch * cfg.train.accum_steps,
             mode="resampled" if cfg.data.resampled else "epoch", shuffle_buffer=cfg.data.shuffle_buffer,
             shuffle_initial=min(100, cfg.data.shuffle_buffer), seed=cfg.train.seed, workers=cfg.data.workers,
             rank=self.rank, world_size=self.world, partial_batches=False, epoch_samples=samples,

@@ -1,0 +1,117 @@
+"""BEiT (Bao et al. 2021) as SLIP's SSL branch: masked image modelling against a visual tokenizer.
+
+Per image, one crop is cut at two sizes (:func:`slip.data.views.beit_views`): the tower's view
+(224 px) and the tokenizer's (112 px for the DALL-E/FLAVA codebook). About 40% of the tower's
+patches are masked in blocks (:class:`~slip.ssl.masking.BlockMaskGenerator`, drawn in the data
+workers); their patch embeddings are replaced by a learned mask token before the position
+embedding, and a linear head over the tokenizer's vocabulary predicts, from the tower's final
+(normalised) tokens, the code the tokenizer gives each masked patch. Loss: cross-entropy over
+the masked positions of the batch.
+
+The tokenizer is frozen and is not part of the model: it is attached with
+:meth:`BEiT.attach_visual_tokenizer` (the trainer loads it from ``objective.tokenizer``), kept
+out of the state dict, and moved to the views' device when first used.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import MASKED, TARGET, SSLMethod, register_method
+
+# BEiT's smallest mask block is 16 patches on the 14 x 14 grid; smaller grids scale it down.
+_BEIT_MIN_BLOCK, _BEIT_GRID_PATCHES = 16, 196
+
+
+@register_method("beit")
+class BEiT(SSLMethod):
+    """Masked image modelling: ``mask_token`` (1, 1, width) and ``lm_head`` (width -> vocabulary).
+
+    Views: ``masked`` (the tower's, with ``patch_mask``) and ``target`` (the tokenizer's). The
+    vocabulary size is ``head.vocab_size`` (8192 for the DALL-E/FLAVA codebook); both are
+    initialised with a truncated normal of std 0.02, as in BEiT.
+    """
+
+    view_roles = (MASKED, TARGET)
+    needs_visual_tokenizer = True
+
+    def __init__(self, encoder: nn.Module, width: int, head):
+        super().__init__(encoder, width, head)
+        self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
+        self.vocab_size = int(head.vocab_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.lm_head = nn.Linear(width, self.vocab_size)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
+        nn.init.zeros_(self.lm_head.bias)
+        object.__setattr__(self, "_tokenizer", None)  # see attach_visual_tokenizer
+
+    # -- the tokenizer (held outside the module tree) ------------------------------------------
+    def attach_visual_tokenizer(self, tokenizer) -> None:
+        """Use ``tokenizer`` (a :class:`~slip.ssl.visual_tokenizers.VisualTokenizer`) for the targets.
+
+        It is stored as a plain attribute, not a submodule: it is not saved in checkpoints, not
+        wrapped by DDP and not converted by ``model.to(dtype)``.
+        """
+        if tokenizer.vocab_size != self.vocab_size:
+            raise ValueError(f"the visual tokenizer has {tokenizer.vocab_size} codes but the BEiT head predicts "
+                             f"{self.vocab_size} (ssl_head.vocab_size)")
+        if tuple(tokenizer.grid) != self.grid:
+            raise ValueError(f"the visual tokenizer gives a {tokenizer.grid[0]}x{tokenizer.grid[1]} grid of codes "
+                             f"but the image tower has {self.grid[0]}x{self.grid[1]} patches")
+        object.__setattr__(self, "_tokenizer", tokenizer)
+
+    @property
+    def visual_tokenizer(self):
+        if self._tokenizer is None:
+            raise RuntimeError("BEiT needs a visual tokenizer: call attach_visual_tokenizer() "
+                               "(in training, set objective.tokenizer)")
+        return self._tokenizer
+
+    # -- data ------------------------------------------------------------------------------------
+    def data_views(self, image_size: int, mask_ratio: float = 0.4):
+        from ..data.views import MethodViews, beit_views
+        from .masking import BlockMaskGenerator
+
+        num_patches = self.grid[0] * self.grid[1]
+        min_block = max(1, round(_BEIT_MIN_BLOCK * num_patches / _BEIT_GRID_PATCHES))
+        mask = BlockMaskGenerator(self.grid, mask_ratio=mask_ratio, min_block=min_block)
+        return MethodViews(clip=None, ssl=beit_views(image_size, self.visual_tokenizer.input_size), mask=mask)
+
+    # -- model -----------------------------------------------------------------------------------
+    def mask_patches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = mask.unsqueeze(-1).to(tokens.dtype)
+        return tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
+
+    @property
+    def has_targets(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The codes ``(N, L)`` of the tokenizer's view (the second), computed in float32."""
+        tokenizer, pixels = self.visual_tokenizer, views[1]
+        first = next(iter(tokenizer.buffers()), None)
+        first = first if first is not None else next(iter(tokenizer.parameters()), None)
+        if first is not None and first.device != pixels.device:
+            tokenizer.to(pixels.device)
+        with torch.autocast(pixels.device.type, enabled=False):
+            return [tokenizer(pixels.float())]
+
+    def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None,
+                patch_mask: torch.Tensor | None = None) -> dict:
+        if targets is None or patch_mask is None:
+            raise RuntimeError("BEiT needs the tokenizer's codes and the patch mask "
+                               "(forward_features(..., patch_mask=..., targets=True))")
+        (tokens,), (codes,) = feats, targets
+        if codes.shape != patch_mask.shape or tokens.shape[:2] != patch_mask.shape:
+            raise ValueError(f"BEiT: patch tokens {tuple(tokens.shape)}, codes {tuple(codes.shape)} and mask "
+                             f"{tuple(patch_mask.shape)} disagree")
+        return {"logits": self.lm_head(tokens[patch_mask]), "labels": codes[patch_mask]}
+
+    def loss(self, out: dict, temperature: float | None = None) -> dict:
+        logits, labels = out["logits"].float(), out["labels"]
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=-1) == labels).float().mean() * 100
+        return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
