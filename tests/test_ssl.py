@@ -167,3 +167,20 @@ def test_a_missing_tokenizer_is_a_config_error_naming_the_key(corpus, tmp_path):
 
     with pytest.raises(ConfigError, match=r"objective\.tokenizer: .*nothing\.safetensors: no visual tokenizer here"):
         _run(corpus, tmp_path / "run", "beit", f"objective.tokenizer={tmp_path / 'nothing.safetensors'}")
+
+
+def test_beit_trains_with_a_codebook_directory_in_flava_format(corpus, tmp_path):
+    # A randomly initialised FlavaImageCodebook (small hidden size, the real 8192 codes and 8x
+    # downsampling) saved like facebook/flava-image-codebook: sized to the tiny tower's 4 x 4
+    # patches, it reads the 32 px crops.
+    from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
+
+    torch.manual_seed(0)
+    codebook = FlavaImageCodebook(FlavaImageCodebookConfig(hidden_size=8, vocab_size=8192))
+    codebook.save_pretrained(tmp_path / "codebook")
+    result, records = _run(corpus, tmp_path / "run", "slip_beit", "train.max_steps=2",
+                           f"objective.tokenizer={tmp_path / 'codebook'}")
+    assert result.step == 2 and all(math.isfinite(r["ssl_loss"]) for r in records)
+    assert records[0]["ssl_loss"] == pytest.approx(math.log(8192), rel=0.1)  # a fresh head over 8192 codes
+    model, _ = slip.load_pretrained(result.checkpoint)
+    assert model.arch.ssl_head.vocab_size == 8192 and model.ssl.lm_head.out_features == 8192

@@ -122,7 +122,7 @@ class MomentumMethod(SSLMethod):
         """BYOL's asymmetric views (blur 1.0 / 0.1, solarisation 0.0 / 0.2), which MoCo v3 uses too."""
         from ..data.views import MethodViews, byol_views
 
-        return MethodViews(clip=None, ssl=byol_views(image_size, prefix=self.name))
+        return MethodViews(clip=None, ssl=byol_views(image_size, prefix=f"{self.name}_"))
 
     def _init_momentum_branch(self, encoder: nn.Module) -> None:
         self.momentum_encoder = frozen_copy(encoder)

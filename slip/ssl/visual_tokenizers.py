@@ -599,11 +599,13 @@ def load_visual_tokenizer(
     path: str | os.PathLike,
     *,
     input_size: int | None = None,
+    grid: int | None = None,
     device: torch.device | str | None = None,
 ) -> VisualTokenizer:
     """Load a tokenizer by what ``path`` is: a directory -> :class:`FlavaCodebookTokenizer`
-    (``input_size`` defaults to 112), a file -> :class:`KMeansPatchTokenizer` (its own
-    ``input_size``; a different requested one is an error).
+    (``input_size`` defaults to 112, or to what gives ``grid`` x ``grid`` codes, e.g. the image
+    tower's patch grid), a file -> :class:`KMeansPatchTokenizer` (its own ``input_size``; a
+    different requested one is an error).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -611,7 +613,10 @@ def load_visual_tokenizer(
     """
     root = Path(path).expanduser()
     if root.is_dir():
-        return FlavaCodebookTokenizer.from_directory(root, input_size=input_size or 112, device=device)
+        tokenizer = FlavaCodebookTokenizer.from_directory(root, input_size=input_size or 112, device=device)
+        if grid is not None and input_size is None and tokenizer.grid != (grid, grid):
+            tokenizer = FlavaCodebookTokenizer(tokenizer.codebook, input_size=grid * tokenizer.downsample)
+        return tokenizer
     if not root.exists():
         raise FileNotFoundError(f"{root}: no visual tokenizer here (expected a FLAVA codebook directory or a "
                                 f"k-means codebook file)")

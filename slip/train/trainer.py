@@ -73,8 +73,9 @@ def load_tokenizer(cfg: Config):
         return None
     from ..ssl.visual_tokenizers import load_visual_tokenizer
 
-    try:
-        return load_visual_tokenizer(cfg.objective.tokenizer)
+    vision = get_architecture(cfg.model.name).vision
+    try:  # a codebook directory is sized to give one code per patch of the tower
+        return load_visual_tokenizer(cfg.objective.tokenizer, grid=vision.image_size // vision.patch_size)
     except (OSError, ValueError) as e:
         raise ConfigError(f"objective.tokenizer: {e}") from None
 

@@ -1,0 +1,376 @@
+"""Training-step cost of CLIP, each SSL method alone and SLIP with each SSL method, side by side.
+
+One run measures every combination under the same conditions and prints them in one table
+with ratios to CLIP; machines are noisy, so compare the ratios of one run, not figures across
+runs. The issue's question -- samples/s and peak memory of SLIP with each method at ViT-B/16,
+batch 64, bf16 (the SLIP paper notes SLIP costs about 3x CLIP's activations) -- is the default:
+
+    python benchmarks/bench_ssl_methods.py                       # b16, batch 64, bf16 on CUDA
+    python benchmarks/bench_ssl_methods.py --size l16 --batch 32 --json ssl_l16.json
+    python benchmarks/bench_ssl_methods.py --only clip,slip+simclr,slip+beit --tokenizer CODEBOOK
+    python benchmarks/bench_ssl_methods.py --device cpu --size tiny --batch 32 [--threads 1]
+    python benchmarks/bench_ssl_methods.py --device cpu --size s16 --batch 8 --steps 2 --warmup 1 \\
+        --only clip,slip+simclr,slip+beit [--threads 1]
+
+On a CPU shared with other work, ``--threads 1`` gives far steadier timings: with several
+OpenMP threads every op waits for the slowest, and a descheduled thread stalls it.
+
+Combinations: ``clip`` (the clip_* model), ``simclr``, ``mocov3``, ``byol``, ``beit`` (the
+image-only simclr_* model with its SSL method swapped, as ``objective.ssl`` does in training)
+and ``slip+simclr``, ``slip+mocov3``, ``slip+byol``, ``slip+beit`` (the slip_* model).
+
+What a step is: the trainer's plain step (slip.train.step.plain_step) on a fixed random batch --
+zero_grad, forward + slip_objective under autocast (bf16) or in fp32, backward, AdamW step
+(the trainer's parameter groups, torch's fused kernel on CUDA), then the SSL method's
+``on_step_end`` (the EMA update of MoCo v3 / BYOL). Data loading and augmentation are not
+included. Inputs: normalised-looking randn images at the tower's size (in the autocast dtype,
+as BatchAugment hands them over), random caption tokens with the EOT (49407) at a random
+position, and for BEiT the tokenizer's view as float32 in [0, 1] plus a block mask from the
+method's own mask generator. BEiT's targets come from a KMeansPatchTokenizer with random
+centroids (8192 codes of p x p pixel patches, p = tokenizer input / grid side, e.g. 112 / 14 = 8
+at ViT-B/16), about the vocabulary of the FLAVA codebook, or from ``--tokenizer PATH``
+(slip.ssl.visual_tokenizers.load_visual_tokenizer: a k-means codebook file or a FLAVA directory).
+
+Columns:
+  samples/s, ms/step  timed steps only (after the warm-up), with torch.cuda.synchronize on CUDA.
+  peak GiB            torch.cuda.max_memory_allocated over the whole combination (model,
+                      gradients, AdamW state, activations), after reset_peak_memory_stats.
+                      CUDA only: on CPU there is no resettable allocator peak (max RSS only
+                      ever grows over the process), so it reads n/a.
+  act MiB/sample      activations: the bytes of the distinct storages autograd saves for
+                      backward during one forward + objective (torch.autograd.graph
+                      .saved_tensors_hooks on the first warm-up step), excluding parameters and
+                      the autocast bf16 copies of parameters, divided by the batch size. It
+                      is the same on every device for a given precision (kernels may save
+                      slightly different extras, e.g. the attention backend's statistics).
+  x clip              ratio to the clip row of the same run (samples/s, activations).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slip.losses import slip_objective
+from slip.models import create_model, get_architecture
+from slip.ssl.base import TARGET
+from slip.ssl.visual_tokenizers import KMeansPatchTokenizer, load_visual_tokenizer
+from slip.train.config import OptimConfig
+from slip.train.optim import build_optimizer
+
+SIZES = {"tiny": "vit_tiny", "s16": "vit_s16", "b16": "vit_b16", "l16": "vit_l16"}
+SSL_METHODS = ("simclr", "mocov3", "byol", "beit")
+COMBINATIONS = ("clip", *SSL_METHODS, *(f"slip+{m}" for m in SSL_METHODS))
+EOT = 49407  # CLIP's end-of-text id, the highest of the vocabulary
+SOT = 49406
+MASK_RATIO = 0.4  # objective.mask_ratio's default
+VOCAB = 8192  # codes of the random benchmark tokenizer (DALL-E / FLAVA codebook size)
+
+
+@dataclass
+class Combination:
+    name: str
+    model: str  # registry name of the preset
+    clip: bool  # the image-text loss is on
+    ssl: str | None  # SSL method, None for CLIP alone
+
+
+def combination(name: str, size: str) -> Combination:
+    vit = SIZES[size]
+    if name == "clip":
+        return Combination(name, f"clip_{vit}", clip=True, ssl=None)
+    if name.startswith("slip+"):
+        return Combination(name, f"slip_{vit}", clip=True, ssl=name.removeprefix("slip+"))
+    return Combination(name, f"simclr_{vit}", clip=False, ssl=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the model and a batch
+# ----------------------------------------------------------------------------------------------
+def random_tokenizer(image_size: int, grid: int, seed: int = 0) -> KMeansPatchTokenizer:
+    """A k-means patch tokenizer with random centroids: BEiT targets at the cost of a real
+    8192-code codebook. Its input is half the tower's image size (112 px for 224 px towers)."""
+    input_size = image_size // 2
+    if input_size % grid:
+        raise ValueError(f"tokenizer input {input_size} px is not divisible by the {grid}x{grid} patch grid")
+    patch = input_size // grid
+    generator = torch.Generator().manual_seed(seed)
+    centroids = torch.rand(VOCAB, 3 * patch * patch, generator=generator)
+    return KMeansPatchTokenizer(centroids, patch_size=patch, input_size=input_size)
+
+
+def build_model(combo: Combination, tokenizer, device: torch.device):
+    """The trainer's resolve_architecture for this combination, built on ``device``."""
+    arch = get_architecture(combo.model)
+    if combo.ssl is not None:
+        head = dataclasses.replace(arch.ssl_head, method=combo.ssl)
+        if combo.ssl == "beit":
+            head = dataclasses.replace(head, vocab_size=tokenizer.vocab_size)
+        arch = dataclasses.replace(arch, ssl_head=head)
+    torch.manual_seed(0)
+    model = create_model(arch)
+    if combo.ssl == "beit":
+        model.ssl.attach_visual_tokenizer(tokenizer.to(device))
+    return model.to(device).train()
+
+
+def random_batch(model, combo: Combination, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """One batch as the trainer hands it to the model after augmentation."""
+    generator = torch.Generator().manual_seed(1)
+    size = model.arch.vision.image_size
+    out: dict = {}
+    if combo.clip:
+        out["image"] = torch.randn(batch, 3, size, size, generator=generator).to(device, dtype)
+        text_cfg = model.arch.text
+        length = text_cfg.context_length
+        text = torch.zeros(batch, length, dtype=torch.long)
+        eot = torch.randint(2, length, (batch,), generator=generator)
+        for row, pos in enumerate(eot.tolist()):
+            text[row, 0] = SOT
+            text[row, 1:pos] = torch.randint(1, SOT, (pos - 1,), generator=generator)
+            text[row, pos] = EOT
+        out["text"] = text.to(device)
+    if combo.ssl is not None:
+        declared = model.ssl.data_views(size, mask_ratio=MASK_RATIO)
+        views = []
+        for spec in declared.ssl:
+            h, w = spec.size
+            if spec.normalize:
+                views.append(torch.randn(batch, 3, h, w, generator=generator).to(device, dtype))
+            else:  # a visual tokenizer's view: float32 pixels in [0, 1]
+                views.append(torch.rand(batch, 3, h, w, generator=generator).to(device))
+        out["views"] = views
+        if declared.mask is not None:
+            out["patch_mask"] = declared.mask.sample_masks(batch, np.random.default_rng(2)).to(device)
+    return out
+
+
+def tower_images(model, combo: Combination) -> int:
+    """Images per sample that go through the online image tower with autograd."""
+    roles = model.ssl.view_roles if combo.ssl is not None else ()
+    return int(combo.clip) + sum(r != TARGET for r in roles)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring saved activations
+# ----------------------------------------------------------------------------------------------
+def _is_parameter_cast(t: torch.Tensor) -> bool:
+    """True for autocast's low-precision copy of a parameter (a ToCopy of an autograd leaf), or
+    a view of one (Linear saves ``weight.t()``). The model's inputs never require grad, so the
+    only leaves that do are parameters."""
+    fn = (t._base if t._base is not None else t).grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    return any(nxt is not None and type(nxt).__name__ == "AccumulateGrad" for nxt, _ in fn.next_functions)
+
+
+class SavedTensors:
+    """Inside ``with``, records every tensor autograd saves for backward, by distinct storage.
+
+    ``activation_bytes``: storages that are neither a parameter/buffer of ``model`` nor an
+    autocast copy of one; ``parameter_bytes``: those that are. A storage shared by several saved
+    tensors (views, in-place results) counts once, at its full size.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        tensors = list(model.parameters()) + list(model.buffers())
+        self._params = {(t.device, t.untyped_storage().data_ptr()) for t in tensors}
+        self._activations: dict[tuple, int] = {}
+        self._parameters: dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in self._activations and key not in self._parameters:
+            parameter = key in self._params or _is_parameter_cast(t)
+            (self._parameters if parameter else self._activations)[key] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedTensors":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(self._activations.values())
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(self._parameters.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# One combination
+# ----------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(combo: Combination, args, device: torch.device, tokenizer) -> dict:
+    amp = torch.bfloat16 if args.precision == "bf16" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_model(combo, tokenizer, device)
+    optimizer = build_optimizer(model, OptimConfig(), fused=device.type == "cuda")
+    batch = random_batch(model, combo, args.batch, device, amp or torch.float32)
+    ssl_loss = model.ssl.loss if combo.ssl is not None else None
+    total_steps = args.warmup + args.steps
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    def step(i: int, probe: SavedTensors | None = None) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(), (probe or contextlib.nullcontext()):
+            loss = slip_objective(model(**batch), clip=combo.clip, ssl_loss=ssl_loss)["loss"]
+        loss.backward()
+        optimizer.step()
+        if combo.ssl is not None:
+            model.ssl.on_step_end(i + 1, total_steps, model.visual)
+
+    probe = SavedTensors(model)
+    step(0, probe)  # the first warm-up step also measures the saved activations
+    for i in range(1, args.warmup):
+        step(i)
+    sync(device)
+    start = time.perf_counter()
+    for i in range(args.warmup, total_steps):
+        step(i)
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+
+    result = {
+        "combination": combo.name,
+        "model": combo.model,
+        "ssl": combo.ssl,
+        "tower_images": tower_images(model, combo),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trainable_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "samples_per_s": args.batch / seconds,
+        "ms_per_step": seconds * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "activation_mib_per_sample": probe.activation_bytes / args.batch / 2**20,
+        "saved_parameter_mib": probe.parameter_bytes / 2**20,
+    }
+    del model, optimizer, batch, probe
+    if combo.ssl == "beit":
+        tokenizer.to("cpu")  # off the device, so it weighs on no other combination's peak
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"x{value / reference:.2f}" if value is not None and reference else "-"
+
+
+def print_table(results: list[dict]) -> None:
+    clip = next((r for r in results if r["combination"] == "clip"), {})
+    header = ("combination", "model", "tower imgs", "params M", "samples/s", "x clip", "ms/step", "peak GiB",
+              "act MiB/sample", "x clip")
+    rows = [header]
+    for r in results:
+        rows.append((
+            r["combination"], r["model"], str(r["tower_images"]), f"{r['params_m']:.1f}",
+            f"{r['samples_per_s']:.1f}", _ratio(r["samples_per_s"], clip.get("samples_per_s")),
+            f"{r['ms_per_step']:.1f}", "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
+            f"{r['activation_mib_per_sample']:.2f}",
+            _ratio(r["activation_mib_per_sample"], clip.get("activation_mib_per_sample")),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    print("\n".join(lines))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="b16", help="ViT size (default b16)")
+    parser.add_argument("--batch", type=int, default=64, help="samples per step (default 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="autocast dtype (default bf16 on CUDA, fp32 elsewhere)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per combination (default 10)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first, >= 1; the first measures the activations (default 3)")
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of: {','.join(COMBINATIONS)}")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a real visual tokenizer for BEiT (k-means file or FLAVA directory); "
+                             "default: random 8192-code patch centroids")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+    if args.batch < 2 or args.steps < 1 or args.warmup < 1:
+        parser.error("need --batch >= 2 (BatchNorm in the SSL heads), --steps >= 1 and --warmup >= 1")
+    args.combinations = COMBINATIONS if args.only is None else tuple(c.strip() for c in args.only.split(",") if c.strip())
+    unknown = [c for c in args.combinations if c not in COMBINATIONS]
+    if unknown or not args.combinations:
+        parser.error(f"--only: unknown combination(s) {unknown}; choose from {','.join(COMBINATIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    vision = get_architecture(f"clip_{SIZES[args.size]}").vision
+    tokenizer = None
+    if any(c.endswith("beit") for c in args.combinations):
+        if args.tokenizer:
+            tokenizer = load_visual_tokenizer(args.tokenizer)
+        else:
+            tokenizer = random_tokenizer(vision.image_size, vision.image_size // vision.patch_size)
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    threads = f" threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    token_desc = ("none" if tokenizer is None else
+                  f"{type(tokenizer).__name__} {tokenizer.vocab_size} codes, {tokenizer.input_size} px")
+    print(f"device={device}{gpu}{threads} size={args.size} ({vision.image_size} px) batch={args.batch} "
+          f"precision={args.precision} warmup={args.warmup} steps={args.steps} tokenizer={token_desc}")
+
+    results = []
+    for i, name in enumerate(args.combinations, start=1):
+        combo = combination(name, args.size)
+        print(f"[{i}/{len(args.combinations)}] {name} ({combo.model}) ...", file=sys.stderr, flush=True)
+        r = measure(combo, args, device, tokenizer)
+        peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
+        print(f"[{i}/{len(args.combinations)}] {name}: {r['samples_per_s']:.1f} samples/s, "
+              f"{r['activation_mib_per_sample']:.2f} MiB activations/sample{peak}", file=sys.stderr, flush=True)
+        results.append(r)
+    print_table(results)
+
+    if args.json:
+        meta = {
+            "size": args.size, "batch": args.batch, "precision": args.precision, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "threads": torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
+            "tokenizer": token_desc, "torch": torch.__version__,
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"config": meta, "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
