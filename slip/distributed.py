@@ -79,6 +79,15 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllReduceSumWithGrad.apply(x)
 
 
+@torch.no_grad()
+def global_sum(value: float | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sum of a (count-like) value over ranks, as a float tensor without gradient."""
+    total = torch.as_tensor(value, dtype=torch.float64, device=device).detach().clone()
+    if is_distributed() and get_world_size() > 1:
+        dist.all_reduce(total)
+    return total
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT); a single process when those are absent.

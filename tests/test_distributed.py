@@ -55,6 +55,24 @@ def _simclr(out: dict) -> dict:
     return simclr_loss(*out["embeds"], temperature=0.1)
 
 
+MASKED_ROWS = (5, 2)  # masked patches held by each rank: BEiT's ranks hold different counts
+
+
+def _beit():
+    import dataclasses
+
+    from slip.models import get_architecture
+
+    arch = get_architecture("simclr_vit_tiny")
+    return create_model(dataclasses.replace(arch, ssl_head=dataclasses.replace(arch.ssl_head, method="beit",
+                                                                               vocab_size=5))).ssl
+
+
+def _beit_inputs():
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(sum(MASKED_ROWS), 5, generator=g), torch.randint(5, (sum(MASKED_ROWS),), generator=g)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -75,6 +93,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         bn_out = bn(bn_in)
         (bn_out * torch.arange(5.0)).square().sum().backward()
 
+        logits, labels = _beit_inputs()
+        start = sum(MASKED_ROWS[:rank])
+        rows_beit = slice(start, start + MASKED_ROWS[rank])
+        beit_in = logits[rows_beit].clone().requires_grad_(True)
+        beit = _beit().loss({"logits": beit_in, "labels": labels[rows_beit]})
+        beit["loss"].backward()
+
         torch.manual_seed(0)
         model = DistributedDataParallel(create_model("clip_vit_tiny"))
         images, text = _batch()
@@ -88,6 +113,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "moco": {"loss": moco["loss"].detach(), "acc": moco["ssl_acc"],
                      "grads": {k: moco_in[k].grad for k in ("img", "txt")}},
             "bn": {"out": bn_out.detach(), "grad": bn_in.grad, "state": bn.state_dict()},
+            "beit": {"loss": beit["loss"].detach(), "acc": beit["ssl_acc"].detach(), "grad": beit_in.grad},
             "model_loss": model_loss.detach(),
             "model_grads": {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
         }, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -174,3 +200,14 @@ def test_converting_batchnorms_keeps_their_parameters_and_a_frozen_one_frozen():
     assert isinstance(model["online"][1], GlobalBatchNorm1d) and isinstance(model["frozen"][1], GlobalBatchNorm1d)
     assert model["online"][1].weight is weight and weight.requires_grad
     assert not any(p.requires_grad for p in model["frozen"].parameters())
+
+
+def test_beit_loss_over_ranks_with_unequal_masked_counts_matches_one_process(ranks):
+    logits, labels = _beit_inputs()
+    full = logits.clone().requires_grad_(True)
+    single = _beit().loss({"logits": full, "labels": labels})
+    single["loss"].backward()
+    assert (sum(r["beit"]["loss"] for r in ranks) / WORLD).item() == pytest.approx(single["loss"].item(), rel=1e-6)
+    assert (sum(r["beit"]["acc"] for r in ranks) / WORLD).item() == pytest.approx(single["ssl_acc"].item(), rel=1e-6)
+    dist_grad = torch.cat([r["beit"]["grad"] for r in ranks]) / WORLD  # DDP averages over ranks
+    assert torch.allclose(dist_grad, full.grad, atol=1e-7)

@@ -18,6 +18,7 @@ import torch
 import slip
 from slip.data.synthetic import generate_synthetic
 from slip.losses import slip_objective
+from slip.ssl.visual_tokenizers import KMeansPatchTokenizer
 from slip.train.config import load_config
 from slip.train.step import accumulated_step, plain_step
 from slip.train.trainer import Trainer, TrainingStopped, train
@@ -231,13 +232,18 @@ TORCHRUN_CASES = {
     "mocov3": (["model.name=simclr_vit_tiny", "objective.clip=false", "objective.ssl=mocov3", "objective.momentum=0.9",
                 "model.freeze_patch_embed=true"], ("loss", "ssl_loss", "ssl_acc", "momentum"),
                ("visual.norm.bias", "ssl.momentum_encoder.norm.bias")),
+    # BEiT's loss is the mean over the masked patches of the global batch on any number of ranks.
+    "slip_beit": (["model.name=slip_vit_tiny", "objective.ssl=beit", "objective.tokenizer={tokenizer}"],
+                  ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"), ()),
 }
 
 
 @pytest.mark.parametrize("case", sorted(TORCHRUN_CASES))
 def test_torchrun_two_processes_match_one_process(corpus, tmp_path, case):
     objective, logged, zero_gradient = TORCHRUN_CASES[case]
-    overrides = [*objective, f"data.train={corpus / 'train'}", "data.workers=0",
+    tokenizer = tmp_path / "tokenizer.safetensors"
+    KMeansPatchTokenizer(torch.rand(64, 48, generator=torch.Generator().manual_seed(0)), 4, 16).save(tokenizer)
+    overrides = [*(o.format(tokenizer=tokenizer) for o in objective), f"data.train={corpus / 'train'}", "data.workers=0",
                  "data.shuffle_buffer=0", "train.batch_size=16", "train.epochs=1", "train.max_steps=4",
                  "train.precision=fp32", "train.log_every=1", "train.save_every=100"]
     cfg_file = tmp_path / "cfg.yaml"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as D
 from .base import MASKED, TARGET, SSLMethod, register_method
 
 # BEiT's smallest mask block is 16 patches on the 14 x 14 grid; smaller grids scale it down.
@@ -111,7 +112,16 @@ class BEiT(SSLMethod):
         return {"logits": self.lm_head(tokens[patch_mask]), "labels": codes[patch_mask]}
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
+        """Cross-entropy averaged over the masked patches of the *global* batch, and the
+        percentage of them whose code is predicted (``ssl_acc``).
+
+        Ranks hold different numbers of masked patches, so each rank divides its sum by the
+        global count and multiplies by the number of ranks: the mean over ranks (DDP's gradient
+        averaging, the logged loss) is then exactly the one-process mean. (BEiT's code averages
+        per rank.)
+        """
         logits, labels = out["logits"].float(), out["labels"]
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(dim=-1) == labels).float().mean() * 100
+        scale = D.get_world_size() / D.global_sum(labels.numel(), logits.device).clamp_min(1).to(logits.dtype)
+        loss = F.cross_entropy(logits, labels, reduction="sum") * scale
+        acc = (logits.argmax(dim=-1) == labels).float().sum() * scale * 100
         return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
