@@ -184,3 +184,14 @@ def test_beit_trains_with_a_codebook_directory_in_flava_format(corpus, tmp_path)
     assert records[0]["ssl_loss"] == pytest.approx(math.log(8192), rel=0.1)  # a fresh head over 8192 codes
     model, _ = slip.load_pretrained(result.checkpoint)
     assert model.arch.ssl_head.vocab_size == 8192 and model.ssl.lm_head.out_features == 8192
+
+
+def test_beit_resumes_exactly_with_the_same_masks_and_crops(corpus, tokenizer, tmp_path):
+    _, full = _run(corpus, tmp_path / "full", "beit", "train.max_steps=6")
+    _run(corpus, tmp_path / "part", "beit", "train.max_steps=3")
+    _, part = _run(corpus, tmp_path / "part", "beit", "train.max_steps=6")
+    by_step = {r["step"]: r for r in part}
+    assert sorted(by_step) == [1, 2, 3, 4, 5, 6]
+    for r in full[3:]:
+        for key in ("loss", "ssl_acc"):
+            assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,3 +323,19 @@ def test_logit_scale_is_clamped_to_the_configured_maximum(corpus, tmp_path):
         trainer.model.logit_scale.fill_(6.0)  # exp(6) = 403
     trainer.run()
     assert trainer.model.logit_scale.exp().item() == pytest.approx(50.0, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_compiled_model_trains_like_the_eager_one(corpus, tmp_path):
+    # model.compile=true wraps the forward in torch.compile (inductor); about a minute of
+    # compilation on 2 CPU cores. Varying caption lengths (the text tower is cut after the last
+    # EOT) must not break it.
+    eager = train(tiny(corpus, tmp_path / "eager", "train.max_steps=3"))
+    compiled = train(tiny(corpus, tmp_path / "compiled", "train.max_steps=3", "model.compile=true"))
+    a, b = losses_by_step(tmp_path / "eager"), losses_by_step(tmp_path / "compiled")
+    for step in (1, 2, 3):
+        for key in ("loss", "clip_loss", "ssl_loss"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4), (step, key)
+    assert eager.step == compiled.step == 3

@@ -28,7 +28,7 @@ class SLIPModel(nn.Module):
     ``image_embed`` (N, E) and ``text_embed`` (N, E) unnormalised, ``logit_scale`` (scalar,
     already exponentiated) when there is a text tower and ``image``/``text`` are given, and
     ``ssl``, the SSL method's outputs (for SimCLR ``{"embeds": [z1, z2]}``), when ``views``
-    are given.
+    are given (the method's views, in its order; BEiT also takes ``patch_mask``).
     """
 
     def __init__(self, arch: Architecture):
