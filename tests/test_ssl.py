@@ -195,3 +195,40 @@ def test_beit_resumes_exactly_with_the_same_masks_and_crops(corpus, tokenizer, t
     for r in full[3:]:
         for key in ("loss", "ssl_acc"):
             assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+
+
+@pytest.fixture
+def simsiam():
+    """A fifth method defined the way a user adds one: a class with @register_method (SimSiam,
+    Chen & He 2021: projector, predictor, negative cosine against the stop-gradient projection)."""
+    from slip.ssl import base
+    from slip.ssl.base import SSLMethod, mlp, register_method
+
+    @register_method("simsiam")
+    class SimSiam(SSLMethod):
+        def __init__(self, encoder, width, head):
+            super().__init__(encoder, width, head)
+            self.projector = mlp([width, head.mlp_dim, head.out_dim], last_bn=True)
+            self.predictor = mlp([head.out_dim, head.mlp_dim, head.out_dim])
+
+        def forward(self, feats, targets=None, patch_mask=None):
+            z = [self.projector(f) for f in feats]
+            return {"p": [self.predictor(x) for x in z], "z": [x.detach() for x in z]}
+
+        def loss(self, out, temperature=None):
+            (p1, p2), (z1, z2) = out["p"], out["z"]
+            cos = lambda p, z: torch.nn.functional.cosine_similarity(p, z, dim=-1).mean()  # noqa: E731
+            loss = -(cos(p1, z2) + cos(p2, z1)) / 2
+            return {"loss": loss, "ssl_loss": loss}
+
+    yield SimSiam
+    base._METHODS.pop("simsiam")
+
+
+def test_a_new_method_is_one_registered_class_and_a_config_value(simsiam, corpus, tmp_path):
+    assert "simsiam" in method_names()
+    _, records = _run(corpus, tmp_path / "run", "slip_simclr", "objective.ssl=simsiam", "train.max_steps=3")
+    assert len(records) == 3 and all(-1.0 <= r["ssl_loss"] <= 1.0 for r in records)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003.pt"
+    model, _ = slip.load_pretrained(checkpoint)
+    assert isinstance(model.ssl, simsiam) and model.arch.ssl_head.method == "simsiam"
