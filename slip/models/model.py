@@ -166,11 +166,11 @@ class SLIPModel(nn.Module):
         """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (per tower view of
         the SSL method: (N, width), or (N, L, width) patch tokens for a masked view), with
         ``patch_mask`` the mask it was given, and with ``targets`` the SSL method's targets
-        ``ssl_targets`` (momentum keys, tokenizer codes; no gradient).
+        ``ssl_targets`` (the momentum tower's features, tokenizer codes; no gradient).
 
         Everything here is per-sample (no batch statistics), so features of micro-batches can be
-        computed separately and concatenated; :meth:`forward_heads` then sees the whole batch.
-        (Momentum targets go through a projector with BatchNorm, once per micro-batch.)
+        computed separately and concatenated; :meth:`forward_heads` (projections, heads, the
+        momentum projector) then sees the whole batch.
         """
         views = list(views) if views is not None else []
         if views and not self.has_ssl_head:

@@ -134,8 +134,15 @@ class MomentumMethod(SSLMethod):
 
     @torch.no_grad()
     def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        feats = self.momentum_encoder(torch.cat(views)).split([v.shape[0] for v in views])
-        return [self.momentum_projector(f) for f in feats]  # per view: BatchNorm statistics per view
+        """The momentum tower's features of each view (per-sample, so micro-batches can be
+        computed apart); the momentum projector runs in :meth:`momentum_projections`."""
+        return list(self.momentum_encoder(torch.cat(views)).split([v.shape[0] for v in views]))
+
+    @torch.no_grad()
+    def momentum_projections(self, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The momentum projector on the whole batch's target features, once per view (its
+        BatchNorm sees each view's statistics, like the online projector's)."""
+        return [self.momentum_projector(t) for t in targets]
 
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
         m = momentum_at(step, total_steps, base_momentum or self.default_momentum)

@@ -26,7 +26,8 @@ class BYOL(MomentumMethod):
     def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None, patch_mask=None) -> dict:
         if targets is None:
             raise RuntimeError("BYOL needs the target projections (forward_features(..., targets=True))")
-        return {"predictions": [self.predictor(self.projector(f)) for f in feats], "targets": targets}
+        return {"predictions": [self.predictor(self.projector(f)) for f in feats],
+                "targets": self.momentum_projections(targets)}
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         (p1, p2), (z1, z2) = out["predictions"], out["targets"]

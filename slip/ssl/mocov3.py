@@ -30,7 +30,7 @@ class MoCoV3(MomentumMethod):
         if targets is None:
             raise RuntimeError("MoCo v3 needs the momentum keys (forward_features(..., targets=True))")
         queries = [self.predictor(self.projector(f)) for f in feats]
-        return {"queries": queries, "keys": targets}
+        return {"queries": queries, "keys": self.momentum_projections(targets)}
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         (q1, q2), (k1, k2) = out["queries"], out["keys"]

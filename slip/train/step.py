@@ -8,8 +8,9 @@ Accumulation keeps the contrastive losses over the whole batch (GradCache, Gao e
    backward stops at the features and leaves their gradients;
 3. the towers run again per micro-batch with autograd and backpropagate those gradients.
 The towers have no batch statistics and no randomness, so this equals one big batch exactly,
-at the cost of a second tower forward. (Momentum methods compute their targets once per
-micro-batch in step 1; their projector's BatchNorm then sees micro-batch statistics.)
+at the cost of a second tower forward. Targets without gradient are cached the same way: the
+momentum tower's features (its projector, which has BatchNorm, runs in step 2 on the whole
+batch), BEiT's tokenizer codes and patch masks.
 """
 from __future__ import annotations
 
