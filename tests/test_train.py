@@ -345,3 +345,42 @@ def test_compiled_model_trains_like_the_eager_one(corpus, tmp_path):
         for key in ("loss", "clip_loss", "ssl_loss"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4), (step, key)
     assert eager.step == compiled.step == 3
+
+
+def _corpus_with_bad_samples(root: Path) -> Path:
+    """``root/train``: 2 shards of 16 samples of 32 px; every 5th image is not an image."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    (root / "train").mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    for shard in range(2):
+        with tarfile.open(root / "train" / f"{shard:05d}.tar", "w") as tar:
+            for i in range(16):
+                key = f"s{shard}_{i:02d}"
+                if (shard * 16 + i) % 5 == 4:
+                    image = b"these bytes are no image"
+                else:
+                    buf = io.BytesIO()
+                    pixels = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+                    Image.fromarray(pixels).save(buf, "JPEG")
+                    image = buf.getvalue()
+                for ext, data in (("jpg", image), ("txt", f"a picture number {i}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_skipped_samples_are_logged_and_carried_over_a_resume(tmp_path):
+    shards = _corpus_with_bad_samples(tmp_path / "shards")
+    args = ["data.samples_per_epoch=16", "train.batch_size=8", "train.epochs=4", "train.log_every=1"]
+    train(tiny(shards, tmp_path / "full", *args, "train.max_steps=6"))
+    train(tiny(shards, tmp_path / "part", *args, "train.max_steps=3"))
+    resumed = train(tiny(shards, tmp_path / "part", *args, "train.max_steps=6"))
+    full, part = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "part")
+    assert [full[s]["skipped_samples"] for s in range(1, 7)] == [part[s]["skipped_samples"] for s in range(1, 7)]
+    assert full[6]["skipped_samples"] > full[3]["skipped_samples"] > 0  # counted, never dropped silently
+    assert resumed.skipped_samples == {"not_an_image": full[6]["skipped_samples"]}

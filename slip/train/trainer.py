@@ -131,6 +131,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def _add_counts(*counts: dict) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
 def _mean_over_ranks(values: dict) -> dict:
     """Each rank's loss covers its own rows; the logged figure is the global-batch mean."""
     if not D.is_distributed() or D.get_world_size() == 1:
@@ -236,6 +244,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_updates = 0
+        self.skipped_before: dict[str, int] = {}  # this rank's skipped samples before a resume
         self.validator = self._build_validator()
 
     # ----------------------------------------------------------------------------------
@@ -329,8 +338,15 @@ class Trainer:
         return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
 
     # ----------------------------------------------------------------------------------
+    def skipped_samples(self) -> dict[str, int]:
+        """This rank's skipped samples by reason over the whole run (across resumes). Samples
+        decoded ahead of a checkpoint (prefetched, not yet trained on) are decoded again after
+        a resume, so a bad one among them can be counted twice."""
+        return _add_counts(self.skipped_before, self.loader.skipped())
+
     def _state(self) -> dict:
-        ranks = D.all_gather_object({"rng": rng_state(), "data": self.loader.state_dict()})
+        ranks = D.all_gather_object({"rng": rng_state(), "data": self.loader.state_dict(),
+                                     "skipped_samples": self.skipped_samples()})
         return {
             "epoch": self.step // self.steps_per_epoch,
             "optimizer": self.optimizer.state_dict(),
@@ -372,12 +388,15 @@ class Trainer:
         ranks = meta["ranks"]
         if meta["world_size"] == self.world:
             mine = ranks[self.rank]
+            self.skipped_before = dict(mine.get("skipped_samples", {}))
             set_rng_state(mine["rng"])
             self.loader.load_state_dict(mine["data"])
             replay = "exact position restored"
         else:
             # Another world size splits the data differently: restart this epoch's data stream.
             self.loader.load_state_dict({"epoch": self.step // self.steps_per_epoch, "workers": None})
+            if self.rank == 0:  # the run's totals are kept, on one rank
+                self.skipped_before = _add_counts(*(r.get("skipped_samples", {}) for r in ranks))
             replay = f"world size changed {meta['world_size']} -> {self.world}: epoch restarted, RNG reseeded"
         self.log.message(f"resumed from {path} at step {self.step} ({replay})")
         return True
@@ -419,6 +438,7 @@ class Trainer:
                     batches = iter(self.loader)
                 if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
                     last_losses = _mean_over_ranks(last_losses)
+                    skipped_samples = sum(sum(c.values()) for c in D.all_gather_object(self.skipped_samples()))
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
                     done = self.step - start_step
@@ -431,6 +451,7 @@ class Trainer:
                         "data_wait": round(data_wait / max(elapsed, 1e-9), 3),
                         "peak_mem_gib": round(_peak_memory_gib(self.device), 3),
                         "skipped_updates": self.skipped_updates,
+                        "skipped_samples": skipped_samples,
                         "eta": format_duration(eta),
                     }, self.step)
                     window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
@@ -442,9 +463,10 @@ class Trainer:
             if self.validator:
                 validation = self.validate()
         finally:
-            skipped = self.loader.skipped()
+            skipped = self.skipped_samples()
             if skipped:
-                self.log.message(f"skipped samples: {skipped}")
+                who = "" if self.world == 1 else f" (rank {self.rank}; the logged skipped_samples is over all ranks)"
+                self.log.message(f"skipped samples{who}: {skipped}")
             self.log.close()
         return TrainResult(self.step, last_ckpt, last_losses, validation, self.skipped_updates, skipped)
 
