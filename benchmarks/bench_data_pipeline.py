@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side, single-process (per-core) throughput of SLIP training-data pipelines.
 
-    python benchmarks/bench_data_pipeline.py IMAGE_DIR [--size 224] [--rounds 3]
+    python benchmarks/bench_data_pipeline.py IMAGE_DIR [--size 224] [--rounds 3] [--methods slip-simclr,slip-beit]
 
 IMAGE_DIR holds ``*.jpg`` with a ``.txt`` caption beside each (for example the output of
 ``python shared/bench/make_bench_jpegs.py OUT --count 400 --captions``). The images are first
@@ -17,7 +17,8 @@ b. plain per-sample pipeline: PIL decode, SLIP's three torchvision views (CLIP v
    is faster, so the ratio is taken against the faster of b and b';
 c. slip's pipeline read from the shards (tar reading, shuffle, caption choice, one decode,
    uint8 crops, batched tokenisation), worker part alone and followed by the batched
-   photometric augmentation on CPU (on a GPU that part leaves the CPU entirely).
+   photometric augmentation on CPU (on a GPU that part leaves the CPU entirely); once per
+   ``--methods`` entry (the views of SLIP with SimCLR, BYOL / MoCo v3 or BEiT, ...).
 
 Runs are interleaved over ``--rounds`` and the best round is reported (other processes only
 ever slow a run down), both as wall-clock and as CPU-time throughput.
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--methods", default="slip-simclr",
+                    help="comma-separated views to measure the slip pipeline with (slip.data.views.METHODS), "
+                         "e.g. slip-simclr,slip-byol,slip-beit")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -150,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def slip(augment: bool) -> Callable[[], int]:
+    def slip(augment: bool, method: str) -> Callable[[], int]:
         config = PipelineConfig(
-            method="slip-simclr", size=args.size, batch_size=args.batch_size, workers=0,
+            method=method, size=args.size, batch_size=args.batch_size, workers=0,
             shuffle_buffer=100, rank=0, world_size=1,
         )
         loader = build_loader(str(shard_dir), config, tokenizer=tokenizer)
@@ -176,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         "a* decode only (torchvision decode_jpeg)": decode_tv,
         "b  plain per-sample (torchvision, tensor blur)": plain(False),
         "b' plain per-sample (torchvision, SLIP's PIL blur)": plain(True),
-        "c  slip worker part (uint8 views + tokens)": slip(False),
-        "c+ slip worker part + batched augment on CPU": slip(True),
     }
+    for method in args.methods.split(","):
+        runs[f"c  slip worker part (uint8 views + tokens) [{method}]"] = slip(False, method)
+        runs[f"c+ slip worker part + batched augment on CPU [{method}]"] = slip(True, method)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, fn in runs.items():
@@ -198,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in runs:
         wall, cpu = best[name]
         print(f"{name:<{width}}  {wall:9.1f}  {median[name]:7.1f}  {cpu:9.1f}  {cpu / plain_best:7.2f}")
-    c, cplus = best["c  slip worker part (uint8 views + tokens)"], best["c+ slip worker part + batched augment on CPU"]
     print()
-    print(f"(c)/(b) worker part: {c[1] / plain_best:.2f}x per CPU-second, {c[0] / plain_best_wall:.2f}x wall clock")
-    print(f"(c+)/(b) with CPU augmentation: {cplus[1] / plain_best:.2f}x per CPU-second, {cplus[0] / plain_best_wall:.2f}x wall clock")
+    for method in args.methods.split(","):
+        c = best[f"c  slip worker part (uint8 views + tokens) [{method}]"]
+        cplus = best[f"c+ slip worker part + batched augment on CPU [{method}]"]
+        print(f"[{method}] (c)/(b) worker part: {c[1] / plain_best:.2f}x per CPU-second, "
+              f"{c[0] / plain_best_wall:.2f}x wall clock; (c+)/(b) with CPU augmentation: "
+              f"{cplus[1] / plain_best:.2f}x per CPU-second, {cplus[0] / plain_best_wall:.2f}x wall clock")
     if tmp is not None:
         tmp.cleanup()
     return 0

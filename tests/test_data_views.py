@@ -57,7 +57,7 @@ def test_method_views_declare_slip_three_views():
     assert V.method_views("clip", 64).ssl == () and V.method_views("clip", 64).clip.size == (64, 64)
     assert V.method_views("simclr", 48).clip is None and not V.method_views("simclr", 48).needs_text
     with pytest.raises(ValueError):
-        V.method_views("byol")
+        V.method_views("dino")
     with pytest.raises(ValueError):
         V.ViewSpec(name="bad", size=(32, 32), scale=(0.0, 1.0))
 

@@ -448,3 +448,23 @@ def test_batch_augment_passes_the_patch_mask_through(corpus):
     out = V.BatchAugment(loader.views, out_dtype=torch.bfloat16, seed=0)(batch)
     assert out["patch_mask"] is batch["patch_mask"]
     assert out["views"][0].dtype == torch.bfloat16 and out["views"][1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("method,clip,ssl_sizes,mask", [
+    ("clip", True, [], None), ("simclr", False, [224, 224], None), ("slip-simclr", True, [224, 224], None),
+    ("byol", False, [224, 224], None), ("slip-byol", True, [224, 224], None),
+    ("beit", False, [224, 112], (14, 14)), ("slip-beit", True, [224, 112], (14, 14)),
+])
+def test_method_views_by_name_for_the_data_tools(method, clip, ssl_sizes, mask):
+    views = V.method_views(method, 224)
+    assert (views.clip is not None) == clip and [v.size[0] for v in views.ssl] == ssl_sizes
+    assert (views.mask.grid if views.mask is not None else None) == mask
+    if method.endswith("byol"):
+        assert views.ssl == V.byol_views(224)
+    if method.endswith("beit"):
+        assert views.ssl == V.beit_views(224, 112)
+
+
+def test_method_views_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown method 'dino'"):
+        V.method_views("dino")

@@ -654,7 +654,8 @@ class PipelineConfig:
     """Options of the training data pipeline (see the module docstring for the semantics).
 
     Attributes:
-        method: ``clip``, ``simclr`` or ``slip-simclr``; selects the views.
+        method: a name of :data:`slip.data.views.METHODS` (``clip``, ``slip-simclr``,
+            ``slip-beit`` ...); selects the views (see :func:`~slip.data.views.method_views`).
         size: output size of every view (int or (height, width)).
         views: explicit view declaration; overrides ``method``/``size``.
         batch_size: samples per batch (per rank).

@@ -221,21 +221,32 @@ def beit_views(size: int | tuple[int, int] = 224, tokenizer_size: int | tuple[in
             ViewSpec(name="beit_tokens", size=_pair(tokenizer_size), shares="beit", normalize=False, **common))
 
 
-METHODS = ("clip", "simclr", "slip-simclr")
+METHODS = ("clip", "simclr", "slip-simclr", "byol", "slip-byol", "beit", "slip-beit")
 
 
-def method_views(method: str, size: int | tuple[int, int] = 224) -> MethodViews:
-    """Views for ``clip`` (one CLIP view), ``simclr`` (two SimCLR views) or ``slip-simclr``
-    (the CLIP view plus two SimCLR views: SLIP's three views per image)."""
-    if method == "clip":
-        return MethodViews(clip=clip_view(size))
-    if method == "simclr":
-        return MethodViews(clip=None, ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2")))
-    if method in ("slip-simclr", "slip"):
-        return MethodViews(
-            clip=clip_view(size), ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2"))
-        )
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+def method_views(method: str, size: int | tuple[int, int] = 224, patch_size: int = 16) -> MethodViews:
+    """Views by name, for the data tools (``slip bench-data``): ``clip`` (one CLIP view),
+    ``simclr`` (two SimCLR views), ``slip-simclr`` (SLIP's three views per image), ``byol``
+    (BYOL's asymmetric pair, also MoCo v3's), ``beit`` (BEiT's 224/112 pair and a blockwise mask
+    over the ``patch_size`` grid, as the DALL-E codebook sees it) and ``slip-byol`` /
+    ``slip-beit`` (each with the CLIP view). Training takes the views from the SSL method itself
+    (:meth:`slip.ssl.SSLMethod.data_views`), which builds them with the same functions."""
+    name = "slip-simclr" if method == "slip" else method
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    ssl = name.removeprefix("slip-")
+    clip = clip_view(size) if ssl != name or ssl == "clip" else None
+    if ssl == "clip":
+        return MethodViews(clip=clip)
+    if ssl == "simclr":
+        return MethodViews(clip=clip, ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2")))
+    if ssl == "byol":
+        return MethodViews(clip=clip, ssl=byol_views(size))
+    from slip.ssl.masking import BlockMaskGenerator  # beit
+
+    height, width = _pair(size)
+    grid = (height // patch_size, width // patch_size)
+    return MethodViews(clip=clip, ssl=beit_views(size, (8 * grid[0], 8 * grid[1])), mask=BlockMaskGenerator(grid))
 
 
 # --------------------------------------------------------------------------------------------
