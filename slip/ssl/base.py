@@ -30,11 +30,7 @@ def method_names() -> list[str]:
 def build_method(head, encoder: nn.Module, width: int) -> "SSLMethod":
     """The method named by ``head.method`` (an :class:`~slip.models.SSLHeadConfig`), built for
     an image tower of feature size ``width``; ``encoder`` is copied by momentum methods."""
-    try:
-        cls = _METHODS[head.method]
-    except KeyError:
-        raise ValueError(f"unknown SSL method {head.method!r}; known methods: {', '.join(method_names())}") from None
-    return cls(encoder=encoder, width=width, head=head)
+    return method_class(head.method)(encoder=encoder, width=width, head=head)
 
 
 def method_class(name: str) -> type["SSLMethod"]:
@@ -64,7 +60,7 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
 
     name: ClassVar[str] = ""
     view_roles: ClassVar[tuple[str, ...]] = (POOLED, POOLED)
-    needs_visual_tokenizer: ClassVar[bool] = False  # see :meth:`attach_visual_tokenizer`
+    needs_visual_tokenizer: ClassVar[bool] = False  # True: the trainer calls attach_visual_tokenizer(...)
     default_temperature: ClassVar[float | None] = None
     default_momentum: ClassVar[float | None] = None
 
