@@ -165,7 +165,7 @@ def test_slip_beit_accumulating_two_micro_batches_matches_the_plain_run(corpus, 
 def test_a_missing_tokenizer_is_a_config_error_naming_the_key(corpus, tmp_path):
     from slip.train.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"objective\.tokenizer: .*nothing\.safetensors: no visual tokenizer here"):
+    with pytest.raises(ConfigError, match=r"objective\.tokenizer: .*nothing\.safetensors: no visual tokenizer here.*slip fit-tokenizer"):
         _run(corpus, tmp_path / "run", "beit", f"objective.tokenizer={tmp_path / 'nothing.safetensors'}")
 
 

@@ -76,6 +76,10 @@ def load_tokenizer(cfg: Config):
     vision = get_architecture(cfg.model.name).vision
     try:  # a codebook directory is sized to give one code per patch of the tower
         return load_visual_tokenizer(cfg.objective.tokenizer, grid=vision.image_size // vision.patch_size)
+    except FileNotFoundError as e:
+        raise ConfigError(f"objective.tokenizer: {e}; fit a k-means codebook on the training shards with "
+                          f"`slip fit-tokenizer SHARDS {cfg.objective.tokenizer} --patch P --input-size S` "
+                          "(S / P codes per side = the tower's patch grid), or point to a FLAVA codebook directory") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"objective.tokenizer: {e}") from None
 
