@@ -242,11 +242,11 @@ def method_views(method: str, size: int | tuple[int, int] = 224, patch_size: int
         return MethodViews(clip=clip, ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2")))
     if ssl == "byol":
         return MethodViews(clip=clip, ssl=byol_views(size))
-    from slip.ssl.masking import BlockMaskGenerator  # beit
+    from slip.ssl.masking import beit_mask_generator  # beit
 
     height, width = _pair(size)
     grid = (height // patch_size, width // patch_size)
-    return MethodViews(clip=clip, ssl=beit_views(size, (8 * grid[0], 8 * grid[1])), mask=BlockMaskGenerator(grid))
+    return MethodViews(clip=clip, ssl=beit_views(size, (8 * grid[0], 8 * grid[1])), mask=beit_mask_generator(grid))
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,9 +79,9 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
         """The method's part of the data declaration: a :class:`~slip.data.views.MethodViews`
         with its SSL views (and patch mask, if any) and no CLIP view. Default: SimCLR's two
         views. ``mask_ratio`` is for methods that mask patches."""
-        from ..data.views import MethodViews, simclr_view
+        from ..data.views import method_views
 
-        return MethodViews(clip=None, ssl=(simclr_view(image_size, "simclr1"), simclr_view(image_size, "simclr2")))
+        return method_views("simclr", image_size)
 
     def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Per view targets computed without gradient (all of ``views``, whatever their role);
@@ -116,9 +116,9 @@ class MomentumMethod(SSLMethod):
 
     def data_views(self, image_size: int, mask_ratio: float = 0.4):
         """BYOL's asymmetric views (blur 1.0 / 0.1, solarisation 0.0 / 0.2), which MoCo v3 uses too."""
-        from ..data.views import MethodViews, byol_views
+        from ..data.views import method_views
 
-        return MethodViews(clip=None, ssl=byol_views(image_size, prefix=f"{self.name}_"))
+        return method_views("byol", image_size)
 
     def _init_momentum_branch(self, encoder: nn.Module) -> None:
         self.momentum_encoder = frozen_copy(encoder)

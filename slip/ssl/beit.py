@@ -21,10 +21,6 @@ from torch import nn
 from .. import distributed as D
 from .base import MASKED, TARGET, SSLMethod, register_method
 
-# BEiT's smallest mask block is 16 patches on the 14 x 14 grid; smaller grids scale it down.
-_BEIT_MIN_BLOCK, _BEIT_GRID_PATCHES = 16, 196
-
-
 @register_method("beit")
 class BEiT(SSLMethod):
     """Masked image modelling: ``mask_token`` (1, 1, width) and ``lm_head`` (width -> vocabulary).
@@ -73,11 +69,9 @@ class BEiT(SSLMethod):
     # -- data ------------------------------------------------------------------------------------
     def data_views(self, image_size: int, mask_ratio: float = 0.4):
         from ..data.views import MethodViews, beit_views
-        from .masking import BlockMaskGenerator
+        from .masking import beit_mask_generator
 
-        num_patches = self.grid[0] * self.grid[1]
-        min_block = max(1, round(_BEIT_MIN_BLOCK * num_patches / _BEIT_GRID_PATCHES))
-        mask = BlockMaskGenerator(self.grid, mask_ratio=mask_ratio, min_block=min_block)
+        mask = beit_mask_generator(self.grid, mask_ratio)
         return MethodViews(clip=None, ssl=beit_views(image_size, self.visual_tokenizer.input_size), mask=mask)
 
     # -- model -----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch
 
 RngLike = Union[np.random.Generator, torch.Generator, random.Random, int, None]
 
-__all__ = ["BlockMaskGenerator", "MaskBlock", "RngLike", "sample_masks"]
+__all__ = ["BlockMaskGenerator", "MaskBlock", "RngLike", "beit_mask_generator", "sample_masks"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,18 @@ class BlockMaskGenerator:
         for i in range(n):
             out[i] = self.generate(draw_rng)[0].reshape(-1)
         return torch.from_numpy(out)
+
+
+# BEiT's smallest mask block is 16 patches on the 14 x 14 grid; smaller grids scale it down.
+_BEIT_MIN_BLOCK, _BEIT_GRID_PATCHES = 16, 196
+
+
+def beit_mask_generator(grid: tuple[int, int], mask_ratio: float = 0.4) -> BlockMaskGenerator:
+    """BEiT's blockwise masking on ``grid``: blocks of at least 16 patches on the 14 x 14 grid,
+    scaled in proportion on other grids (at least 1), aspect ratio 0.3 to 1/0.3."""
+    num_patches = grid[0] * grid[1]
+    min_block = max(1, round(_BEIT_MIN_BLOCK * num_patches / _BEIT_GRID_PATCHES))
+    return BlockMaskGenerator(grid, mask_ratio=mask_ratio, min_block=min_block)
 
 
 def sample_masks(

@@ -104,8 +104,7 @@ def data_views(cfg: Config, model, image_size: int):
     clip = clip_view(image_size) if cfg.objective.clip else None
     if cfg.objective.ssl == "none":
         return MethodViews(clip=clip)
-    own = model.ssl.data_views(image_size, mask_ratio=cfg.objective.mask_ratio)
-    return MethodViews(clip=clip, ssl=own.ssl, mask=own.mask)
+    return dataclasses.replace(model.ssl.data_views(image_size, mask_ratio=cfg.objective.mask_ratio), clip=clip)
 
 
 def _samples_per_epoch(cfg: Config, sources) -> int:
