@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import functools
 import gc
 import json
 import platform
@@ -66,6 +66,7 @@ from slip.ssl.base import TARGET
 from slip.ssl.visual_tokenizers import KMeansPatchTokenizer, load_visual_tokenizer
 from slip.train.config import OptimConfig
 from slip.train.optim import build_optimizer
+from slip.train.step import plain_step
 
 SIZES = {"tiny": "vit_tiny", "s16": "vit_s16", "b16": "vit_b16", "l16": "vit_l16"}
 SSL_METHODS = ("simclr", "mocov3", "byol", "beit")
@@ -112,10 +113,7 @@ def build_model(combo: Combination, tokenizer, device: torch.device):
     """The trainer's resolve_architecture for this combination, built on ``device``."""
     arch = get_architecture(combo.model)
     if combo.ssl is not None:
-        head = dataclasses.replace(arch.ssl_head, method=combo.ssl)
-        if combo.ssl == "beit":
-            head = dataclasses.replace(head, vocab_size=tokenizer.vocab_size)
-        arch = dataclasses.replace(arch, ssl_head=head)
+        arch = arch.with_ssl_method(combo.ssl, tokenizer.vocab_size if combo.ssl == "beit" else None)
     torch.manual_seed(0)
     model = create_model(arch)
     if combo.ssl == "beit":
@@ -233,11 +231,17 @@ def measure(combo: Combination, args, device: torch.device, tokenizer) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
+    objective = functools.partial(slip_objective, clip=combo.clip, ssl_loss=ssl_loss)
+
     def step(i: int, probe: SavedTensors | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(), (probe or contextlib.nullcontext()):
-            loss = slip_objective(model(**batch), clip=combo.clip, ssl_loss=ssl_loss)["loss"]
-        loss.backward()
+
+        @contextlib.contextmanager
+        def forward_context():  # plain_step's autocast, here also the activation probe
+            with autocast(), (probe or contextlib.nullcontext()):
+                yield
+
+        plain_step(model, batch, objective, forward_context, lambda loss: loss)
         optimizer.step()
         if combo.ssl is not None:
             model.ssl.on_step_end(i + 1, total_steps, model.visual)

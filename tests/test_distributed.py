@@ -59,13 +59,9 @@ MASKED_ROWS = (5, 2)  # masked patches held by each rank: BEiT's ranks hold diff
 
 
 def _beit():
-    import dataclasses
-
     from slip.models import get_architecture
 
-    arch = get_architecture("simclr_vit_tiny")
-    return create_model(dataclasses.replace(arch, ssl_head=dataclasses.replace(arch.ssl_head, method="beit",
-                                                                               vocab_size=5))).ssl
+    return create_model(get_architecture("simclr_vit_tiny").with_ssl_method("beit", vocab_size=5)).ssl
 
 
 def _beit_inputs():

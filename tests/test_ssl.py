@@ -76,10 +76,7 @@ def test_momentum_methods_start_from_a_frozen_copy_of_the_tower():
 
 
 def _arch(name, method):
-    import dataclasses
-
-    arch = slip.models.get_architecture(name)
-    return dataclasses.replace(arch, ssl_head=dataclasses.replace(arch.ssl_head, method=method))
+    return slip.models.get_architecture(name).with_ssl_method(method)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 out of the model's state, and the model with a CLIP view and a masked view in one tower call."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -20,7 +19,7 @@ VOCAB = 16
 
 def beit_model(name: str = "slip_vit_tiny", vocab: int = VOCAB, seed: int = 0) -> slip.SLIPModel:
     arch = get_architecture(name)
-    arch = dataclasses.replace(arch, ssl_head=dataclasses.replace(arch.ssl_head, method="beit", vocab_size=vocab))
+    arch = arch.with_ssl_method("beit", vocab)
     torch.manual_seed(seed)
     return slip.create_model(arch).eval()
 

@@ -52,6 +52,14 @@ class Architecture:
     embed_dim: int = 512  # joint image-text embedding size
     ssl_head: SSLHeadConfig | None = None  # None: no SSL branch (CLIP); its method is trainable state
 
+    def with_ssl_method(self, method: str, vocab_size: int | None = None) -> "Architecture":
+        """This architecture with its SSL head running ``method`` (head sizes kept), and for
+        BEiT a vocabulary of ``vocab_size`` visual-token codes."""
+        if self.ssl_head is None:
+            raise ValueError(f"this architecture has no SSL head to run {method!r} ({self.vision})")
+        extra = {} if vocab_size is None else {"vocab_size": vocab_size}
+        return dataclasses.replace(self, ssl_head=dataclasses.replace(self.ssl_head, method=method, **extra))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

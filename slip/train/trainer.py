@@ -88,12 +88,9 @@ def resolve_architecture(cfg: Config, tokenizer=None):
     """The model preset named by ``model.name``, with the SSL branch the objective asks for
     (and, for BEiT, a head over ``tokenizer``'s vocabulary)."""
     arch = get_architecture(cfg.model.name)
-    if cfg.objective.ssl != "none":
-        head = dataclasses.replace(arch.ssl_head, method=cfg.objective.ssl)
-        if tokenizer is not None:
-            head = dataclasses.replace(head, vocab_size=tokenizer.vocab_size)
-        arch = dataclasses.replace(arch, ssl_head=head)
-    return arch
+    if cfg.objective.ssl == "none":
+        return arch
+    return arch.with_ssl_method(cfg.objective.ssl, tokenizer.vocab_size if tokenizer is not None else None)
 
 
 def data_views(cfg: Config, model, image_size: int):
