@@ -1,8 +1,22 @@
-"""Distributed helpers; each is a no-op (or the obvious value) in a single process."""
+"""Every ``torch.distributed`` call of slip: process-group start and the collectives.
+
+No other module calls a collective (a test enforces it). Each helper is a no-op (or the
+obvious value) in a single process, and each puts its tensors where the process group's
+backend can take them (:func:`collective_device`): NCCL takes CUDA tensors only, so a
+bookkeeping tensor built on the CPU is moved to the GPU for the collective and its result
+copied back. On GPUs the group is started as ``cpu:gloo,cuda:nccl`` (gloo for CPU tensors,
+NCCL for CUDA ones), so CPU-side bookkeeping needs no GPU round trip at all.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
+
+# Set to choose the process-group backend instead of the default (e.g. ``gloo`` to run two
+# processes on one GPU, where NCCL refuses to share a device).
+BACKEND_ENV = "SLIP_DIST_BACKEND"
 
 
 def is_distributed() -> bool:
@@ -21,6 +35,131 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def _several() -> bool:
+    return is_distributed() and get_world_size() > 1
+
+
+# --- starting the process group -------------------------------------------------------------
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend a job on ``device`` starts its group with (``SLIP_DIST_BACKEND`` overrides)."""
+    if os.environ.get(BACKEND_ENV):
+        return os.environ[BACKEND_ENV]
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT); nothing to join when WORLD_SIZE is absent or 1.
+
+    ``device`` is this process's device: a CUDA device is made current before the group
+    exists (NCCL binds to it). Returns (rank, world_size).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(default_backend(device))
+    return get_rank(), get_world_size()
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command that joined it)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+# --- where collective tensors live --------------------------------------------------------
+
+
+def backend_device_types(config: str) -> set[str]:
+    """Device types a backend configuration takes tensors of: ``"cpu:gloo,cuda:nccl"`` ->
+    {cpu, cuda}; a bare name is NCCL's {cuda} or, for gloo and MPI, {cpu, cuda}."""
+    types: set[str] = set()
+    for part in config.split(","):
+        part = part.strip()
+        if ":" in part:
+            types.add(part.split(":", 1)[0])
+        elif part == "nccl":
+            types.add("cuda")
+        elif part:
+            types.update(("cpu", "cuda"))
+    return types
+
+
+def collective_device(device: torch.device, config: str, cuda_index: int = 0) -> torch.device:
+    """Where a tensor on ``device`` must be for a collective of a group with backend ``config``:
+    where it is if the backend takes that device type, else the current CUDA device (a CPU
+    tensor under NCCL), else the CPU."""
+    types = backend_device_types(config)
+    if device.type in types:
+        return device
+    if "cuda" in types:
+        return torch.device("cuda", cuda_index)
+    return torch.device("cpu")
+
+
+def _place(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the device the running group's backend takes (itself when it already is)."""
+    cuda_index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return t.to(collective_device(t.device, dist.get_backend_config(), cuda_index))
+
+
+_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``t`` over ranks in place (``op``: sum, min, max, mean) and return it."""
+    if not _several():
+        return t
+    placed = _place(t)
+    dist.all_reduce(placed, op=getattr(dist.ReduceOp, _OPS.get(op, "SUM")))
+    if op == "mean":
+        placed /= get_world_size()
+    if placed is not t:
+        t.copy_(placed)
+    return t
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """Whether a boolean (or 0/1) tensor is true on every rank; one collective, one sync."""
+    return bool(all_reduce_(flag.detach().float().reshape(1).clone(), op="min").item() >= 1)
+
+
+@torch.no_grad()
+def global_sum(value: float | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """The sum of a (count-like) value over ranks, as a float64 tensor without gradient on
+    ``device`` (default: the value's device, the CPU for a Python number)."""
+    return all_reduce_(torch.as_tensor(value, dtype=torch.float64, device=device).detach().clone())
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each named number (e.g. each rank's loss over its own rows ->
+    the global-batch loss), in one collective."""
+    if not _several() or not values:
+        return dict(values)
+    t = all_reduce_(torch.tensor([float(v) for v in values.values()], dtype=torch.float64), op="mean")
+    return dict(zip(values, t.tolist()))
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in place, in one flat collective (gradient sync by hand)."""
+    if not _several() or not tensors:
+        return
+    flat = all_reduce_(torch.cat([t.reshape(-1) for t in tensors]), op="mean")
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# --- differentiable collectives -----------------------------------------------------------
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns to each rank the gradient of its own slice.
 
@@ -31,18 +170,16 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
-        x = x.contiguous()
         ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
+        placed = _place(x.contiguous())
+        parts = [torch.empty_like(placed) for _ in range(get_world_size())]
+        dist.all_gather(parts, placed)
+        return torch.cat(parts).to(x.device)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = dist.get_rank() * ctx.rows
+        grad = all_reduce_(grad.contiguous().clone())
+        start = get_rank() * ctx.rows
         return grad[start:start + ctx.rows]
 
 
@@ -51,7 +188,7 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     All ranks must pass the same local batch size.
     """
-    if not is_distributed() or get_world_size() == 1:
+    if not _several():
         return x
     return _GatherWithGrad.apply(x)
 
@@ -61,84 +198,62 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        return all_reduce_(x.clone())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return all_reduce_(grad.clone())
 
 
 def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum of ``x`` over ranks; ``x`` itself in a single process."""
-    if not is_distributed() or get_world_size() == 1:
+    if not _several():
         return x
     return _AllReduceSumWithGrad.apply(x)
 
 
-@torch.no_grad()
-def global_sum(value: float | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The sum of a (count-like) value over ranks, as a float tensor without gradient."""
-    total = torch.as_tensor(value, dtype=torch.float64, device=device).detach().clone()
-    if is_distributed() and get_world_size() > 1:
-        dist.all_reduce(total)
-    return total
-
-
-def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
-    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT); a single process when those are absent.
-
-    Returns (rank, world_size, local_rank). The backend defaults to NCCL with CUDA, else gloo.
-    """
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or is_distributed():
-        return get_rank(), get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors over ranks in place, in one flat collective (gradient sync by hand)."""
-    if not is_distributed() or get_world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+# --- modules and objects --------------------------------------------------------------------
 
 
 def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank ``src``'s parameters and buffers (what DDP does at construction)."""
-    if not is_distributed() or get_world_size() == 1:
+    if not _several():
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src)
+            placed = _place(t.data)
+            dist.broadcast(placed, src)
+            if placed is not t.data:
+                t.data.copy_(placed)
 
 
 def barrier() -> None:
-    if is_distributed() and get_world_size() > 1:
+    if _several():
         dist.barrier()
 
 
 def all_gather_object(obj) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in a single process."""
-    if not is_distributed() or get_world_size() == 1:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in a single process. (torch puts the
+    pickled bytes on the backend's device itself.)"""
+    if not _several():
         return [obj]
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (world * B, ...) in rank order, WITHOUT gradient: the result is
+    a constant for autograd, this rank's own rows included (SLIP's ``utils.all_gather_batch``).
+
+    In a single process ``x`` itself is returned, gradient and all, as SLIP's helper does.
+    All ranks must pass the same local batch size.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return x
+    with torch.no_grad():
+        x = x.detach().contiguous()
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x)
+        return torch.cat(parts)

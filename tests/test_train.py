@@ -171,7 +171,7 @@ def test_non_finite_losses_skip_updates_then_stop_with_the_last_checkpoint_intac
 
         trainer._train_step = spy
         trainer.run()
-    assert trainer.skipped_updates == 4  # step 3, then 5, 6, 7
+    assert trainer.nonfinite.skipped == 4  # step 3, then 5, 6, 7
     last = trainer.checkpoints.paths()[-1]
     assert last.name == "step-00000006.pt"
     model, _ = slip.load_pretrained(last)

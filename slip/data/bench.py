@@ -29,6 +29,7 @@ import torch
 
 from slip.data.pipeline import PipelineConfig, build_loader
 from slip.data.views import DEFAULT_MAX_PIXELS, METHODS, BatchAugment
+from slip.runtime import pick_device
 
 
 def _cpu_seconds() -> float:
@@ -72,12 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the measurement described by parsed ``args``; returns the JSON-able result."""
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("slip bench-data: --device cuda but CUDA is not available")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"slip bench-data: --device: {e}") from None
     config = PipelineConfig(
         method=args.method,
         size=args.size,

@@ -560,6 +560,44 @@ def _image_bytes(sample: Mapping[str, Any]) -> bytes:
     raise SampleSkip(MISSING_IMAGE, f"members: {sorted(k for k in sample if not k.startswith('__'))}")
 
 
+RESUME_PROGRESS_INTERVAL_S = 10.0  # how often a resume's re-reading of consumed samples reports
+
+
+class _ReplayProgress:
+    """Progress lines while a resumed worker re-reads (without decoding) the samples it had
+    consumed before the checkpoint: late in a long epoch this takes minutes and would
+    otherwise look like a hang."""
+
+    def __init__(self, rank: int, worker: int, pass_no: int, resume_after: tuple[int, int]) -> None:
+        self.who = f"rank {rank} worker {worker}"
+        # The last pass before the checkpoint ends at a known index; earlier ones are read whole.
+        self.target = resume_after[1] if pass_no == resume_after[0] else None
+        self.pass_no = pass_no
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def _line(self) -> str:
+        done = self.done
+        elapsed = time.monotonic() - self.start
+        rate = done / max(elapsed, 1e-9)
+        if self.target is None:
+            return f"{self.who}: resuming, re-read {done} consumed samples of pass {self.pass_no} ({rate:.0f}/s)"
+        eta = (self.target - done) / max(rate, 1e-9)
+        return (f"{self.who}: resuming, re-read {done} of {self.target} consumed samples ({rate:.0f}/s, "
+                f"ETA {eta:.0f} s)")
+
+    def advance(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if now - self.last >= RESUME_PROGRESS_INTERVAL_S:
+            self.last = now
+            logger.info(self._line())
+
+    def finish(self) -> None:
+        """Report the end of the re-reading; returns None (the caller drops its progress)."""
+        logger.info(self._line().replace("resuming, re-read", "resumed after re-reading"))
+
+
 class DecodeSamples:
     """Pipeline stage: raw samples -> ``{"key", "caption", "views"}`` with uint8 crops; bad
     samples are counted in ``counter`` and dropped."""
@@ -592,10 +630,14 @@ class DecodeSamples:
         # still flow through the shard reading and shuffle stages (whose state depends on
         # them) but are not decoded.
         resume_after = tuple(self.resume_after) if self.resume_after is not None else (-1, 0)
+        progress = _ReplayProgress(self.rank, worker, pass_no, resume_after) if pass_no <= resume_after[0] else None
         specs = self.views.all
         for index, sample in enumerate(src, start=1):
             if (pass_no, index) <= resume_after:
+                progress.advance(index)
                 continue
+            if progress is not None:
+                progress = progress.finish()
             key = str(sample.get("__key__", "?"))
             # One RNG per sample, keyed by the sample itself (shard and key): a resumed run draws
             # the same crops and captions without replaying earlier samples, and the draws do not

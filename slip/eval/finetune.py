@@ -59,9 +59,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import distributed as D
+from .. import runtime
 from ..checkpoint import CheckpointError, LoadedCheckpoint, read_checkpoint
 from ..fileio import atomic_path, atomic_write_text
 from ..models import VisionConfig
+from ..runtime import NonFiniteGuard, RunStopped
 from ..train.checkpoints import CheckpointManager, rng_state, set_rng_state
 from ..train.logger import MetricLogger, format_duration
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -183,6 +185,7 @@ class FinetuneConfig:
     keep_last: int = 2
     log_every: int = 20  # steps
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans epochs
+    max_nonfinite: int = 5  # consecutive non-finite losses (updates skipped) before the run stops
 
     def resolve(self, width: int) -> "FinetuneConfig":
         """A copy with the recipe defaults of a ``width``-wide tower filled in, validated."""
@@ -224,6 +227,7 @@ class FinetuneConfig:
         need(self.eval_every >= 0 and self.save_every >= 1 and self.keep_last >= 1 and self.log_every >= 1,
              "eval_every >= 0, save_every >= 1, keep_last >= 1 and log_every >= 1 are required")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1")
+        need(self.max_nonfinite >= 1, "max_nonfinite must be at least 1")
         need(self.save_every_steps is None or self.save_every_steps >= 1, "save_every_steps must be at least 1")
 
     def to_dict(self) -> dict:
@@ -235,7 +239,8 @@ class FinetuneConfig:
 # Settings that may change when a run resumes: where files are and how often things are logged,
 # saved and evaluated, how data is read, and where to stop. Everything else defines the run.
 _RESUMABLE = frozenset({"checkpoint", "catalog", "output_dir", "device", "workers", "eval_batch_size",
-                        "eval_every", "save_every", "save_every_steps", "keep_last", "log_every", "max_steps"})
+                        "eval_every", "save_every", "save_every_steps", "keep_last", "log_every", "max_steps",
+                        "max_nonfinite"})
 
 
 def _run_defining_changes(saved: dict, current: dict) -> list[str]:
@@ -522,12 +527,8 @@ def build_criterion(cfg: FinetuneConfig) -> nn.Module:
 class _FinetuneCheckpoints(CheckpointManager):
     """The training checkpoints' file layout and pruning, holding fine-tuned classifiers."""
 
-    def save(self, module, step: int, **state) -> Path:  # type: ignore[override]
-        path = self.path_for(step)
-        _save_finetuned(module, path, step=step, **state)
-        for old in self.paths()[:-self.keep_last]:
-            old.unlink(missing_ok=True)
-        return path
+    def _write(self, module, path: Path, /, **state) -> None:
+        _save_finetuned(module, path, **state)
 
     def latest(self):  # type: ignore[override]
         for path in reversed(self.paths()):
@@ -563,21 +564,6 @@ class FinetuneResult:
     history: list = field(default_factory=list)
 
 
-def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether fp16 loss scaling is needed)."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise FinetuneError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name], name == "fp16"
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _load_datasets(cfg: FinetuneConfig, train_transform: Callable, eval_transform: Callable):
     from zero_shot import load_benchmarks, load_catalog
 
@@ -598,17 +584,8 @@ def _load_datasets(cfg: FinetuneConfig, train_transform: Callable, eval_transfor
     return bench, train, test
 
 
-class FinetuneStopped(RuntimeError):
+class FinetuneStopped(RunStopped):
     """The run stopped on purpose (a non-finite loss); the message says why and what is intact."""
-
-
-def _pick_device(name: str | None, local_rank: int) -> torch.device:
-    if name is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)  # one GPU per torchrun process
-    return device
 
 
 def _first_names(classnames) -> list[str]:
@@ -623,9 +600,11 @@ class Finetuner:
     """
 
     def __init__(self, cfg: FinetuneConfig, *, log_stream=None) -> None:
-        self.rank, self.world, local_rank = D.init_from_env(
-            "gloo" if (cfg.device or "").startswith("cpu") else None)
-        self.device = _pick_device(cfg.device, local_rank)
+        try:
+            self.rt = runtime.start(cfg.device, cfg.precision)
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
+        self.rank, self.world, self.device = self.rt.rank, self.rt.world, self.rt.device
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = _FinetuneCheckpoints(self.output_dir, cfg.keep_last)
         if D.is_main_process():
@@ -658,7 +637,6 @@ class Finetuner:
                                 f"it is {per_rank} (batch_size / ranks / accum_steps)")
         self.micro_batch = per_rank
         self.rank_batch = per_rank * cfg.accum_steps
-        self.amp_dtype, use_scaler = _precision(cfg.precision, self.device)
 
         self.benchmark, train_set, self.test_set = _load_datasets(
             cfg, build_train_transform(cfg, vision.image_size),
@@ -680,7 +658,7 @@ class Finetuner:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
 
-        _seed_everything(cfg.seed)  # the same head on every rank
+        runtime.seed_everything(cfg.seed)  # the same head on every rank
         if self._found is not None:
             model = build_classifier(vision, self.num_classes, cfg.drop_path)
         else:
@@ -689,22 +667,18 @@ class Finetuner:
         del tower_state
         self.model = model.to(self.device)
         # Per-rank streams for mixup and drop path (different draws on every rank, as in BEiT).
-        _seed_everything(cfg.seed + self.rank)
+        runtime.seed_everything(cfg.seed + self.rank)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.scaler = self.rt.grad_scaler()
         self.mixup = build_mixup(cfg, self.num_classes)
         self.criterion = build_criterion(cfg)
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward_model: nn.Module = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        else:
-            self.forward_model = self.model
+        self.forward_model = self.rt.ddp(self.model)
         self.log = MetricLogger(self.output_dir, enabled=D.is_main_process(), stream=log_stream,
                                 total_steps=self.last_step)
         self.step = 0
+        self.nonfinite = NonFiniteGuard(cfg.max_nonfinite, str(self.checkpoints.dir), FinetuneStopped,
+                                        "max_nonfinite")
         self.history: list[dict] = []
         self.skipped_images = 0
         self._saved_step: int | None = None
@@ -717,11 +691,6 @@ class Finetuner:
             "timm_kwargs": timm_kwargs(self.vision, self.num_classes, 0.0),
             "classnames": _first_names(self.benchmark.classnames),
         }
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _epoch_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
@@ -750,7 +719,7 @@ class Finetuner:
             sync = (self.forward_model.no_sync() if i < accum - 1 and self.forward_model is not self.model
                     else contextlib.nullcontext())
             with sync:
-                with self._autocast():
+                with self.rt.autocast():
                     logits = self.forward_model(x)
                 loss = self.criterion(logits.float(), y)
                 self.scaler.scale(loss / accum).backward()
@@ -758,17 +727,15 @@ class Finetuner:
         # One collective: the global mean loss, whether every rank's loss is finite, skips.
         stats = torch.stack([torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0),
                              torch.isfinite(total).float(), replaced.sum().to(total)])
-        if self.world > 1:
-            torch.distributed.all_reduce(stats)
-        if stats[1].item() < self.world:
-            raise FinetuneStopped(
-                f"non-finite loss at step {self.step}; stopped without updating. The last checkpoint in "
-                f"{self.checkpoints.dir} is intact; lower the learning rate or use bf16/fp32 precision")
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        D.all_reduce_(stats)
+        if not self.nonfinite.record(bool(stats[1].item() >= self.world), self.step):
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return {"loss": float(stats[0]) / self.world, "replaced": int(stats[2])}
 
     # ----------------------------------------------------------------------------------
@@ -782,7 +749,7 @@ class Finetuner:
         model = self.model
 
         def logits_of(x: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
+            with self.rt.autocast():
                 return model(x).float()
 
         # Making a loader draws a seed from the global RNG; evaluating must not move the
@@ -816,7 +783,7 @@ class Finetuner:
                 benchmark=self.cfg.benchmark, epoch=self.step // self.steps_per_epoch,
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 scaler=self.scaler.state_dict(), world_size=self.world, ranks=ranks,
-                history=self.history, skipped_images=self.skipped_images)
+                history=self.history, skipped_images=self.skipped_images, **self.nonfinite.state_dict())
         D.barrier()
         self._saved_step = self.step
         return path
@@ -833,12 +800,13 @@ class Finetuner:
         self.step = self._saved_step = int(saved["step"])
         self.history = list(saved.get("history", []))
         self.skipped_images = int(saved.get("skipped_images", 0))
+        self.nonfinite.load_state_dict(saved)
         if saved["world_size"] == self.world:
             set_rng_state(saved["ranks"][self.rank]["rng"])
             how = "exact RNG state restored"
         else:
             # Other ranks draw other mixup / drop-path numbers: reseed, keyed by the step.
-            _seed_everything(self.cfg.seed + self.rank + 7919 * self.step)
+            runtime.seed_everything(self.cfg.seed + self.rank + 7919 * self.step)
             how = f"world size changed {saved['world_size']} -> {self.world}: RNG reseeded"
         self.log.message(f"resumed from {path} at step {self.step} ({how})")
         return True
@@ -878,7 +846,8 @@ class Finetuner:
                         eta = (now - run_start) / max(self.step - start_step, 1) * (self.last_step - self.step)
                         self.log.log({"loss": last_loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                                       "epoch": round(self.step / spe, 4), "samples_per_s": round(rate, 2),
-                                      "skipped_images": self.skipped_images, "eta": format_duration(eta)}, self.step)
+                                      "skipped_images": self.skipped_images, "skipped_updates": self.nonfinite.skipped,
+                                      "eta": format_duration(eta)}, self.step)
                         window_start, window_steps = now, 0
                     if self.step == self.last_step:
                         break

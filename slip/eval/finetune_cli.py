@@ -18,7 +18,6 @@ OUTPUT/results.json, OUTPUT/metrics.jsonl and TensorBoard logs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .finetune import REFERENCE_BATCH, FinetuneConfig
@@ -99,7 +98,9 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..runtime import configure_logging
+
+    configure_logging()
     from zero_shot import CatalogError
 
     from ..checkpoint import CheckpointError

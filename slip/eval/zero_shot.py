@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from slip.distributed import get_rank, get_world_size, is_distributed
+from slip.distributed import all_gather_object, get_rank, get_world_size, is_distributed
 from slip.fileio import atomic_path
 from zero_shot import Benchmark
 
@@ -243,9 +242,8 @@ def _merge_ranks(local: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
     """Every rank's (indices, outputs, labels, skipped) -> (outputs, labels, skipped) in dataset order."""
     parts: list[Any] = [local]
     if _use_ranks(distributed):
-        parts = [None] * get_world_size()
         # Objects rather than tensors: ranks hold different numbers of rows (nothing is padded).
-        dist.all_gather_object(parts, tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in local))
+        parts = all_gather_object(tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in local))
     skipped = sum(int(p[3]) for p in parts)
     # A rank without readable images holds placeholder shapes that torch.cat cannot join.
     full = [p for p in parts if len(p[0])]

@@ -19,14 +19,14 @@ import csv
 import functools
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from slip import distributed as D
+from slip import runtime
 from slip.checkpoint import CheckpointError, load_pretrained
 from slip.distributed import get_rank, is_distributed
 from slip.fileio import atomic_write_text
@@ -106,24 +106,6 @@ def _select(requested: str, known: dict[str, Benchmark], catalog: dict[str, dict
     return [k for k in ordered if k in wanted], no_entry
 
 
-def _init_distributed(device: torch.device) -> bool:
-    """Join the process group torchrun describes in the environment; True if this call did."""
-    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _pick_device(arg: str | None) -> torch.device:
-    name = arg or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 def _rows(key: str, name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """Flat (benchmark, name, metric, value, n, skipped) rows of one result."""
     if "recalls" in result:
@@ -169,13 +151,16 @@ def _run(args: argparse.Namespace) -> int:
     local = _parse_benchmark_dirs(args.benchmark_dir)
     keys, missing = _select(args.benchmarks, known, catalog, local)
 
-    device = _pick_device(args.device)
-    started = _init_distributed(device)
+    started = not is_distributed()
     try:
-        return _evaluate_all(args, known, catalog, local, keys, missing, device)
+        rt = runtime.start(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    try:
+        return _evaluate_all(args, known, catalog, local, keys, missing, rt.device)
     finally:
         if started:
-            dist.destroy_process_group()
+            D.shutdown()
 
 
 def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog: dict[str, dict[str, str]],

@@ -68,13 +68,17 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.dir / f"step-{step:08d}.pt"
 
-    def save(self, model, step: int, **state) -> Path:
+    def save(self, model, step: int, /, **state) -> Path:
         """Write atomically (a kill mid-save leaves the previous checkpoints intact), then prune."""
         path = self.path_for(step)
-        save_checkpoint(model, path, step=step, **state)
+        self._write(model, path, step=step, **state)
+        logger.info("checkpoint written: %s", path)
         for old in self.paths()[:-self.keep_last]:
             old.unlink(missing_ok=True)
         return path
+
+    def _write(self, model, path: Path, /, **state) -> None:
+        save_checkpoint(model, path, **state)
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files of saves that were killed midway (never valid checkpoints)."""

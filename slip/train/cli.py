@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .config import ConfigError, load_config
@@ -15,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a YAML recipe, e.g. configs/yfcc15m/slip_vit_b16.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=1024")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..runtime import configure_logging
+
+    configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

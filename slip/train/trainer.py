@@ -6,23 +6,18 @@ precision, gradient synchronisation and the optimizer step; the model returns em
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import math
-import os
-import random
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as D
+from .. import runtime
 from ..losses import slip_objective
 from ..models import create_model, get_architecture
 from ..models.batchnorm import sync_batchnorm
@@ -35,8 +30,8 @@ from .step import accumulated_step, batch_size_of, plain_step
 logger = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (e.g. too many non-finite losses); the message says why."""
+class TrainingStopped(runtime.RunStopped):
+    """The run stopped on purpose (too many non-finite losses, no data); the message says why."""
 
 
 @dataclass
@@ -47,22 +42,6 @@ class TrainResult:
     validation: dict = field(default_factory=dict)
     skipped_updates: int = 0
     skipped_samples: dict = field(default_factory=dict)
-
-
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether fp16 loss scaling is needed)."""
-    p = cfg.train.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if p == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p], p == "fp16"
 
 
 def load_tokenizer(cfg: Config):
@@ -113,39 +92,12 @@ def _samples_per_epoch(cfg: Config, sources) -> int:
     return int(sum(counts))
 
 
-def _peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-            out[k] = [t.to(device, non_blocking=True) for t in v]
-        else:
-            out[k] = v
-    return out
-
-
 def _add_counts(*counts: dict) -> dict[str, int]:
     total: dict[str, int] = {}
     for c in counts:
         for k, v in c.items():
             total[k] = total.get(k, 0) + int(v)
     return total
-
-
-def _mean_over_ranks(values: dict) -> dict:
-    """Each rank's loss covers its own rows; the logged figure is the global-batch mean."""
-    if not D.is_distributed() or D.get_world_size() == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return {k: float(v) / D.get_world_size() for k, v in zip(values, t)}
 
 
 def _split(batch: dict, parts: int) -> list[dict]:
@@ -162,21 +114,27 @@ def _split(batch: dict, parts: int) -> list[dict]:
 
 
 # Settings that may change when a run resumes: where and how often things are logged, saved
-# and evaluated, how the data is read, and where to stop. Everything else defines the run.
+# and evaluated, how the data is read, where to stop, and how memory is spent (activation
+# checkpointing, compilation and accumulation change no number: accumulation equals the whole
+# batch by construction). A precision change is allowed with a warning. Everything else
+# defines the run.
 _RESUMABLE_CHANGES = {"train.output_dir", "train.log_every", "train.save_every", "train.keep_last",
                       "train.max_steps", "train.max_nonfinite", "data.workers", "data.train", "eval.benchmark",
-                      "eval.catalog", "eval.every", "eval.batch_size"}
+                      "eval.catalog", "eval.every", "eval.batch_size", "model.grad_checkpointing", "model.compile",
+                      "train.accum_steps"}
+_WARNED_CHANGES = {"train.precision"}
 
 
-def _run_defining_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, "key: old -> new") of every setting that differs, resumable ones included."""
     changes = []
     for key in sorted(set(saved) | set(current)):
         name = prefix + key
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _run_defining_changes(a, b, name + ".")
-        elif a != b and name not in _RESUMABLE_CHANGES:
-            changes.append(f"{name}: {a!r} -> {b!r}")
+            changes += _config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append((name, f"{name}: {a!r} -> {b!r}"))
     return changes
 
 
@@ -185,18 +143,20 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, log_stream=None):
         self.cfg = cfg
-        self.rank, self.world, local_rank = D.init_from_env()
-        self.device = _device(local_rank)
         t = cfg.train
+        try:
+            self.rt = runtime.start(precision=t.precision)
+        except ValueError as e:
+            raise ConfigError(f"train.precision: {e}") from None
+        self.rank, self.world, self.device = self.rt.rank, self.rt.world, self.rt.device
         per_rank, rem = divmod(t.batch_size, self.world * t.accum_steps)
         if rem or per_rank < 1:
             raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by {self.world} ranks "
                               f"x {t.accum_steps} accumulation steps")
         self.micro_batch = per_rank
         self.output_dir = Path(t.output_dir)
-        self.amp_dtype, use_scaler = _precision(cfg, self.device)
 
-        self._seed(t.seed + self.rank)
+        runtime.seed_everything(t.seed + self.rank)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         tokenizer = load_tokenizer(cfg)
         model = create_model(resolve_architecture(cfg, tokenizer))
@@ -210,7 +170,7 @@ class Trainer:
         if self.world > 1:
             model = sync_batchnorm(model, self.device)
         self.model = model
-        self._seed(t.seed + self.rank)
+        runtime.seed_everything(t.seed + self.rank)
         ssl_loss = None
         if cfg.objective.ssl != "none":
             ssl_loss = functools.partial(model.ssl.loss, temperature=cfg.objective.ssl_temperature)
@@ -220,18 +180,17 @@ class Trainer:
         self.loader = self._build_loader()
         from ..data.views import BatchAugment
 
-        self.augment = BatchAugment(self.loader.views, out_dtype=self.amp_dtype or torch.float32).to(self.device)
+        self.augment = BatchAugment(self.loader.views, out_dtype=self.rt.amp_dtype or torch.float32).to(self.device)
         self.steps_per_epoch, self.total_steps = schedule_steps(
             _samples_per_epoch(cfg, self.loader.sources), t.batch_size, t.epochs)
         self.last_step = min(self.total_steps, t.max_steps or self.total_steps)
         self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
         self.schedule = build_schedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.scaler = self.rt.grad_scaler()
 
         # DDP when each step is one forward; accumulation syncs gradients once by hand.
-        if self.world > 1 and t.accum_steps == 1:
-            self.forward_model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.accum_steps == 1:
+            self.forward_model = self.rt.ddp(model)
         else:
             D.broadcast_module_(model)
             self.forward_model = model
@@ -242,18 +201,12 @@ class Trainer:
         self.log = MetricLogger(self.output_dir, enabled=D.is_main_process(), stream=log_stream,
                                 total_steps=self.last_step)
         self.step = 0
-        self.nonfinite_in_a_row = 0
-        self.skipped_updates = 0
+        self.nonfinite = runtime.NonFiniteGuard(t.max_nonfinite, str(self.checkpoints.dir), TrainingStopped,
+                                                 "train.max_nonfinite")
         self.skipped_before: dict[str, int] = {}  # this rank's skipped samples before a resume
         self.validator = self._build_validator()
 
     # ----------------------------------------------------------------------------------
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-
     def _build_loader(self):
         from ..data.pipeline import PipelineConfig, SlipLoader, parse_shard_spec
 
@@ -286,13 +239,8 @@ class Trainer:
         return ZeroShotValidator(self.cfg.eval, image_size=self.model.arch.vision.image_size)
 
     # ----------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _train_step(self, batch: dict) -> dict:
-        batch = _to_device(batch, self.device)
+        batch = self.rt.to_device(batch)
         # Augmentation draws depend only on (seed, step, global row): the same for any number of
         # ranks, and reproduced exactly after a resume.
         n = batch_size_of(batch)
@@ -302,27 +250,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.cfg.train.accum_steps
         if accum == 1:
-            losses = plain_step(self.forward_model, batch, self.objective, self._autocast, self.scaler.scale)
+            losses = plain_step(self.forward_model, batch, self.objective, self.rt.autocast, self.scaler.scale)
         else:
-            losses = accumulated_step(self.model, _split(batch, accum), self.objective, self._autocast,
+            losses = accumulated_step(self.model, _split(batch, accum), self.objective, self.rt.autocast,
                                       self.scaler.scale)
             D.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
-        # Every rank decides together, or DDP ranks would diverge.
-        finite = torch.isfinite(losses["loss"].detach()).float()
-        if D.is_distributed():
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
+        if not self.nonfinite.update_allowed(losses["loss"], self.step):
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            self.skipped_updates += 1
-            logger.warning("step %d: non-finite loss, update skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
-                raise TrainingStopped(
-                    f"stopped at step {self.step}: {self.nonfinite_in_a_row} non-finite losses in a row "
-                    f"(train.max_nonfinite={self.cfg.train.max_nonfinite}); the last checkpoint in "
-                    f"{self.checkpoints.dir} is intact. Lower optim.lr or use bf16/fp32 precision.")
         else:
-            self.nonfinite_in_a_row = 0
             if self.cfg.optim.clip_grad_norm:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
@@ -354,8 +289,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.world,
             "ranks": ranks,
-            "skipped_updates": self.skipped_updates,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            **self.nonfinite.state_dict(),
         }
 
     def save(self) -> Path | None:
@@ -375,23 +309,31 @@ class Trainer:
             return False
         ckpt, path = found
         meta = ckpt.meta
-        changed = _run_defining_changes(meta.get("config", {}), self.cfg.to_dict())
+        changes = _config_changes(meta.get("config", {}), self.cfg.to_dict())
+        changed = [text for name, text in changes if name not in _RESUMABLE_CHANGES | _WARNED_CHANGES]
         if changed:
             raise ConfigError(f"{path}: {self.output_dir} holds a run with a different configuration "
                               f"({'; '.join(changed)}); resume with the same settings or use another train.output_dir")
+        for name, text in changes:
+            if name in _WARNED_CHANGES:
+                logger.warning("resuming with a changed setting (%s): the run's numbers will differ from an "
+                               "uninterrupted one from here on", text)
         self.model.load_state_dict(ckpt.state_dict)
         self.optimizer.load_state_dict(meta["optimizer"])
-        self.scaler.load_state_dict(meta["scaler"])
+        if self.scaler.is_enabled() and meta["scaler"]:  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(meta["scaler"])
         self.step = int(meta["step"])
-        self.skipped_updates = int(meta.get("skipped_updates", 0))
-        self.nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        self.nonfinite.load_state_dict(meta)
         ranks = meta["ranks"]
         if meta["world_size"] == self.world:
             mine = ranks[self.rank]
             self.skipped_before = dict(mine.get("skipped_samples", {}))
             set_rng_state(mine["rng"])
             self.loader.load_state_dict(mine["data"])
-            replay = "exact position restored"
+            consumed = int(mine["data"].get("handed_out", 0)) * self.micro_batch * self.cfg.train.accum_steps
+            replay = (f"exact position restored; the {consumed} samples per rank already consumed in epoch "
+                      f"{mine['data']['epoch']} are re-read from the shards without decoding, with progress lines"
+                      if consumed else "exact position restored")
         else:
             # Another world size splits the data differently: restart this epoch's data stream.
             self.loader.load_state_dict({"epoch": self.step // self.steps_per_epoch, "workers": None})
@@ -419,25 +361,28 @@ class Trainer:
         last_ckpt = None
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         run_start, start_step = time.perf_counter(), self.step
-        batches = iter(self.loader)
+        batches, produced = iter(self.loader), 0
         try:
             while self.step < self.last_step:
                 t0 = time.perf_counter()
                 try:
                     batch = next(batches)
                 except StopIteration:
+                    if produced == 0:
+                        raise TrainingStopped(self._no_data_message()) from None
                     self.loader.set_epoch(self.step // self.steps_per_epoch)
-                    batches = iter(self.loader)
+                    batches, produced = iter(self.loader), 0
                     continue
+                produced += 1
                 data_wait += time.perf_counter() - t0
                 last_losses = self._train_step(batch)
                 self.step += 1
                 window_steps += 1
                 if self.step % self.steps_per_epoch == 0 and self.step < self.last_step:
                     self.loader.set_epoch(self.step // self.steps_per_epoch)
-                    batches = iter(self.loader)
+                    batches, produced = iter(self.loader), 0
                 if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
-                    last_losses = _mean_over_ranks(last_losses)
+                    last_losses = D.mean_over_ranks(last_losses)
                     skipped_samples = sum(sum(c.values()) for c in D.all_gather_object(self.skipped_samples()))
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
@@ -449,8 +394,8 @@ class Trainer:
                         "logit_scale": float(self.model.logit_scale.detach().exp()) if self.model.has_text else None,
                         "samples_per_s": round(rate, 2),
                         "data_wait": round(data_wait / max(elapsed, 1e-9), 3),
-                        "peak_mem_gib": round(_peak_memory_gib(self.device), 3),
-                        "skipped_updates": self.skipped_updates,
+                        "peak_mem_gib": round(self.rt.peak_memory_gib(), 3),
+                        "skipped_updates": self.nonfinite.skipped,
                         "skipped_samples": skipped_samples,
                         "eta": format_duration(eta),
                     }, self.step)
@@ -468,7 +413,16 @@ class Trainer:
                 who = "" if self.world == 1 else f" (rank {self.rank}; the logged skipped_samples is over all ranks)"
                 self.log.message(f"skipped samples{who}: {skipped}")
             self.log.close()
-        return TrainResult(self.step, last_ckpt, last_losses, validation, self.skipped_updates, skipped)
+        return TrainResult(self.step, last_ckpt, last_losses, validation, self.nonfinite.skipped, skipped)
+
+    def _no_data_message(self) -> str:
+        skipped = self.loader.skipped()
+        why = (f"every sample read was skipped: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}"
+               if skipped else "its shards held no sample")
+        where = "" if self.world == 1 else f" on rank {self.rank}"
+        return (f"stopped at step {self.step}: a pass over data.train={self.cfg.data.train!r} yielded no batch{where}; "
+                f"{why}. Check the shards (e.g. `slip bench-data` on them shows the same counts); the first skip "
+                "of each reason is logged above with its sample key and detail")
 
     def validate(self) -> dict:
         self.model.eval()

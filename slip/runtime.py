@@ -1,0 +1,189 @@
+"""Where and how a job runs, decided once for pre-training, fine-tuning and evaluation.
+
+:func:`start` picks the device (``cuda:LOCAL_RANK`` under torchrun, wrapping around the visible
+GPUs, so two processes can share one GPU in tests), joins the process group torchrun
+describes (:mod:`slip.distributed`), resolves the precision and returns a :class:`Runtime`
+that makes autocast contexts, moves batches and wraps models in DDP. Device-specific branches
+(CUDA) live here and in :mod:`slip.distributed`; the training loops stay device-neutral.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import distributed as D
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def pick_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:1``; None or ``auto``: CUDA when available). A CUDA
+    device without an index is ``cuda:LOCAL_RANK`` modulo the visible GPUs."""
+    local_rank = D.env_local_rank() if local_rank is None else local_rank
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (use cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs that support it, else fp32; fp16 needs CUDA."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision {name!r} is not one of {'|'.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (its loss scaling is CUDA's); use bf16 or fp32 on CPU")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (torch's CUDA ones too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch dict with its tensors (and lists of tensors) on ``device``; the rest as is."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the job and how it computes."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    precision: str  # resolved: bf16 | fp16 | fp32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.precision]
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 needs its loss scaled (GradScaler); bf16 and fp32 do not."""
+        return self.precision == "fp16"
+
+    def autocast(self):
+        """The mixed-precision context of the forward pass (a no-op in fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
+
+    def to_device(self, batch: dict) -> dict:
+        return to_device(batch, self.device)
+
+    def ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in DistributedDataParallel when there are several ranks, else itself."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def peak_memory_gib(self) -> float:
+        """Peak CUDA memory allocated on a GPU; the process's peak resident size on the CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def start(device: str | None = None, precision: str = "auto") -> Runtime:
+    """Pick the device, join torchrun's process group (if any) and resolve the precision.
+
+    Raises ValueError naming the setting when the device or precision cannot be had.
+    """
+    local_rank = D.env_local_rank()
+    dev = pick_device(device, local_rank)
+    resolved = resolve_precision(precision, dev)  # before the group exists: a bad value fails fast
+    rank, world = D.init_from_env(dev)
+    return Runtime(rank=rank, world=world, local_rank=local_rank, device=dev, precision=resolved)
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (e.g. too many non-finite losses); the message says why."""
+
+
+class NonFiniteGuard:
+    """One behaviour for non-finite losses in every training loop: the step's update is
+    skipped (every rank decides together, or DDP ranks would diverge); ``limit`` of them in a
+    row stop the run with :class:`RunStopped` (or ``error``, a subclass) saying what is intact.
+    """
+
+    def __init__(self, limit: int, where: str, error: type[RunStopped] = RunStopped,
+                 setting: str = "the limit") -> None:
+        self.limit, self.where, self.error, self.setting = limit, where, error, setting
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def update_allowed(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether ``loss`` is finite on every rank (a collective: every rank must call it)."""
+        return self.record(D.all_ranks_true(torch.isfinite(loss.detach())), step)
+
+    def record(self, finite_everywhere: bool, step: int) -> bool:
+        """Count a step whose finiteness over all ranks is already known; whether to update."""
+        if finite_everywhere:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        logger.warning("step %d: non-finite loss, update skipped (%d in a row)", step, self.in_a_row)
+        if self.in_a_row >= self.limit:
+            raise self.error(
+                f"stopped at step {step}: {self.in_a_row} non-finite losses in a row ({self.setting}={self.limit}); the last "
+                f"checkpoint in {self.where} is intact. Lower the learning rate or use bf16/fp32 precision.")
+        return False
+
+    def state_dict(self) -> dict:
+        return {"skipped_updates": self.skipped, "nonfinite_in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped_updates", 0))
+        self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
+
+
+def configure_logging(rank: int | None = None) -> None:
+    """Console logging for a job's processes: rank 0 logs from INFO up; the other ranks log
+    warnings and errors only, each line naming its rank. ``rank`` defaults to torchrun's RANK."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    who = "" if rank == 0 else f"[rank {rank}] "
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")
