@@ -249,11 +249,10 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     In a single process ``x`` itself is returned, gradient and all, as SLIP's helper does.
     All ranks must pass the same local batch size.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1):
+    if not _several():
         return x
     with torch.no_grad():
-        x = x.detach().contiguous()
-        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(parts, x)
-        return torch.cat(parts)
+        placed = _place(x.detach().contiguous())
+        parts = [torch.empty_like(placed) for _ in range(get_world_size())]
+        dist.all_gather(parts, placed)
+        return torch.cat(parts).to(x.device)

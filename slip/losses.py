@@ -5,15 +5,23 @@ logs every objective the same way. Under torch.distributed, embeddings are gathe
 ranks with gradients flowing back to their owners, and each rank scores its own rows against
 the global batch. With DDP's gradient averaging, W ranks of local batch B then produce the
 gradients of one process with batch W*B; the mean of the per-rank losses is that loss.
+(``clip_loss(..., gather="slip")`` instead gathers as SLIP's code did; see there.)
+
+Similarities and logits are computed in float32 with autocast switched off, whatever the
+precision of the embeddings: in bfloat16 a logit of scale 100 is only good to about +-0.3.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_gather_with_grad, get_rank
+from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank
+
+# How clip_loss gathers the other ranks' embeddings (see clip_loss).
+GATHER_MODES = ("with_grad", "slip")
 
 
 def _local_labels(local_batch: int, device: torch.device) -> torch.Tensor:
@@ -25,21 +33,56 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == labels).float().mean() * 100
 
 
-def clip_loss(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor) -> dict:
+def _fp32(t: torch.Tensor):
+    """A region where autocast is off on ``t``'s device: inputs cast with :func:`_up` stay
+    float32 through matmuls (under autocast even a float32 matmul would run in bf16/fp16)."""
+    kind = t.device.type
+    if not torch.amp.is_autocast_available(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is of lower precision (float64 stays float64)."""
+    return t.float() if t.element_size() < 4 else t
+
+
+def _check_gather(gather: str) -> None:
+    if gather not in GATHER_MODES:
+        raise ValueError(f"gather must be one of {', '.join(GATHER_MODES)}, got {gather!r}")
+
+
+def clip_loss(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
+              gather: str = "with_grad") -> dict:
     """CLIP's symmetric InfoNCE (Radford et al. 2021), as trained in SLIP.
 
     Args:
         image_embed, text_embed: (B, E) local embeddings, not necessarily normalised.
         logit_scale: scalar, already exponentiated (the model's ``logit_scale.exp()``).
+        gather: how the other ranks' embeddings join the logits (only matters with several
+            ranks; the loss value is the same either way):
+
+            * ``with_grad`` (default): differentiable gather; every rank's loss sends gradient
+              to every embedding, and W ranks of batch B train exactly as one process of W*B.
+            * ``slip``: SLIP's own code (``CLIPLoss`` with ``utils.all_gather_batch``): the
+              gathered embeddings are a constant, so a rank's embeddings get gradient only as
+              the queries (rows) of its own logits, never as another rank's keys (columns),
+              nor as its own keys. After DDP's averaging the gradient differs from one big
+              process's. Use it to reproduce SLIP's numbers.
     Returns ``loss`` (mean of image->text and text->image cross-entropy over the global
     batch), ``clip_loss`` (the same value) and ``clip_acc`` (image->text top-1, percent).
+    Logits are float32 whatever the embeddings' dtype or autocast.
     """
-    image_embed = F.normalize(image_embed, dim=-1)
-    text_embed = F.normalize(text_embed, dim=-1)
-    labels = _local_labels(image_embed.shape[0], image_embed.device)
-    logits_per_image = logit_scale * image_embed @ all_gather_with_grad(text_embed).t()
-    logits_per_text = logit_scale * text_embed @ all_gather_with_grad(image_embed).t()
-    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    _check_gather(gather)
+    gather_fn = all_gather_with_grad if gather == "with_grad" else all_gather_no_grad
+    with _fp32(image_embed):
+        image_embed = F.normalize(_up(image_embed), dim=-1)
+        text_embed = F.normalize(_up(text_embed), dim=-1)
+        logit_scale = _up(torch.as_tensor(logit_scale, device=image_embed.device))
+        labels = _local_labels(image_embed.shape[0], image_embed.device)
+        logits_per_image = logit_scale * image_embed @ gather_fn(text_embed).t()
+        logits_per_text = logit_scale * text_embed @ gather_fn(image_embed).t()
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
     return {"loss": loss, "clip_loss": loss, "clip_acc": _accuracy(logits_per_image, labels)}
 
 
@@ -54,22 +97,25 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) ->
     global batch (N = global batch): all of view b plus view a without itself (self-similarity
     masked). The loss averages the a->b and b->a directions. Returns ``loss``, ``ssl_loss`` and
     ``ssl_acc`` (percent of view-a anchors whose best match is their partner).
+    The gather is differentiable, as in SLIP (its ``SIMCLRLoss`` uses ``all_gather_batch_with_grad``).
+    Similarities are float32 whatever the embeddings' dtype or autocast.
     """
-    z1 = F.normalize(z1, dim=-1)
-    z2 = F.normalize(z2, dim=-1)
-    labels = _local_labels(z1.shape[0], z1.device)
-    k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
-    self_mask = F.one_hot(labels, k1.shape[0]).bool()
+    with _fp32(z1):
+        z1 = F.normalize(_up(z1), dim=-1)
+        z2 = F.normalize(_up(z2), dim=-1)
+        labels = _local_labels(z1.shape[0], z1.device)
+        k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
+        self_mask = F.one_hot(labels, k1.shape[0]).bool()
 
-    def direction(q, k_same, k_other):
-        positives_and_cross = q @ k_other.t() / temperature
-        same_view = (q @ k_same.t() / temperature).masked_fill(self_mask, float("-inf"))
-        logits = torch.cat([positives_and_cross, same_view], dim=1)
-        return F.cross_entropy(logits, labels), logits
+        def direction(q, k_same, k_other):
+            positives_and_cross = q @ k_other.t() / temperature
+            same_view = (q @ k_same.t() / temperature).masked_fill(self_mask, float("-inf"))
+            logits = torch.cat([positives_and_cross, same_view], dim=1)
+            return F.cross_entropy(logits, labels), logits
 
-    loss_a, logits_a = direction(z1, k1, k2)
-    loss_b, _ = direction(z2, k2, k1)
-    loss = (loss_a + loss_b) / 2
+        loss_a, logits_a = direction(z1, k1, k2)
+        loss_b, _ = direction(z2, k2, k1)
+        loss = (loss_a + loss_b) / 2
     return {"loss": loss, "ssl_loss": loss, "ssl_acc": _accuracy(logits_a, labels)}
 
 
@@ -83,19 +129,21 @@ def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.
     ctr(q, k): cross-entropy of q against the keys of the whole global batch (gathered from
     all ranks, no gradient), the positive being the same image's key, scaled by 2 x temperature
     as in MoCo v3. Loss = ctr(q1, k2) + ctr(q2, k1). ``ssl_acc``: top-1 of view 1's queries.
+    Logits are float32 whatever the embeddings' dtype or autocast.
     """
     labels = _local_labels(q1.shape[0], q1.device)
 
     def ctr(q, k):
-        q = F.normalize(q, dim=-1)
+        q = F.normalize(_up(q), dim=-1)
         with torch.no_grad():
-            keys = all_gather_with_grad(F.normalize(k, dim=-1))
+            keys = all_gather_with_grad(F.normalize(_up(k), dim=-1))
         logits = q @ keys.t() / temperature
         return F.cross_entropy(logits, labels) * (2 * temperature), logits
 
-    loss_a, logits_a = ctr(q1, k2)
-    loss_b, _ = ctr(q2, k1)
-    loss = loss_a + loss_b
+    with _fp32(q1):
+        loss_a, logits_a = ctr(q1, k2)
+        loss_b, _ = ctr(q2, k1)
+        loss = loss_a + loss_b
     return {"loss": loss, "ssl_loss": loss, "ssl_acc": _accuracy(logits_a, labels)}
 
 
@@ -106,13 +154,14 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     Args:
         p1, p2: (B, D) online predictions; z1, z2: (B, D) target projections (no gradient).
     Returns ``loss`` = mean(2 - 2cos(p1, z2)) + mean(2 - 2cos(p2, z1)), ``ssl_loss`` and
-    ``ssl_cos`` (the mean cosine, 1 at perfect agreement).
+    ``ssl_cos`` (the mean cosine, 1 at perfect agreement). Cosines are float32.
     """
     def regress(p, z):
-        return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)
+        return 2 - 2 * F.cosine_similarity(_up(p), _up(z.detach()), dim=-1)
 
-    a, b = regress(p1, z2), regress(p2, z1)
-    loss = a.mean() + b.mean()
+    with _fp32(p1):
+        a, b = regress(p1, z2), regress(p2, z1)
+        loss = a.mean() + b.mean()
     return {"loss": loss, "ssl_loss": loss, "ssl_cos": 1 - (a.mean() + b.mean()).detach() / 4}
 
 
@@ -122,19 +171,22 @@ def slip_objective(
     clip: bool = True,
     ssl_loss: Callable[[dict], dict] | None = None,
     ssl_scale: float = 1.0,
+    gather: str = "with_grad",
 ) -> dict:
     """The SLIP objective: ``clip_loss + ssl_scale * ssl_loss``, the one place losses are summed.
 
     ``outputs`` is what :class:`slip.models.SLIPModel` returns; ``ssl_loss`` is the SSL method's
     loss on ``outputs["ssl"]`` (e.g. ``model.ssl.loss``). With ``clip=False`` it is the SSL
-    method alone; without ``ssl_loss``, CLIP. Returns ``loss`` and every part and metric.
+    method alone; without ``ssl_loss``, CLIP. ``gather`` is :func:`clip_loss`'s (config key
+    ``objective.gather``). Returns ``loss`` and every part and metric.
     """
     if not clip and ssl_loss is None:
         raise ValueError("slip_objective needs at least one of clip and ssl_loss")
+    _check_gather(gather)
     parts: dict = {}
     total = 0.0
     if clip:
-        c = clip_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"])
+        c = clip_loss(outputs["image_embed"], outputs["text_embed"], outputs["logit_scale"], gather=gather)
         parts.update(clip_loss=c["clip_loss"], clip_acc=c["clip_acc"])
         total = total + c["loss"]
     if ssl_loss is not None:

@@ -1,14 +1,20 @@
-"""An independent re-statement of the original SLIP text tower and CLIP head, for tests.
+"""An independent re-statement of the original SLIP text tower, CLIP head and CLIP loss, for tests.
 
 Written from the architecture description (LND layout, nn.MultiheadAttention with an explicit
 additive causal mask, QuickGELU, pre-LN, features at the argmax token), deliberately unlike
 slip's implementation (batch-first, fused causal SDPA, padding trimmed), so that agreement
 between the two means something.
+
+:func:`slip_clip_loss` states SLIP's ``CLIPLoss`` from its definition (losses.py and
+utils.all_gather_batch of facebookresearch/SLIP): the other ranks' normalised embeddings are
+gathered as constants (no autograd, this rank's own rows included) and each rank's local,
+differentiable embeddings are scored against them. The gather here is a sum of zero-padded
+buffers (all_reduce), not slip's all_gather, so the two share no mechanism.
 """
 from __future__ import annotations
 
-import timm
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -47,6 +53,8 @@ class OriginalCLIP(nn.Module):
     def __init__(self, timm_name: str, vision_heads: int, embed_dim=512, width=512, layers=12, heads=8,
                  context=77, vocab=49408, ssl=None):
         super().__init__()
+        import timm  # here, not at the top: spawned test workers import this module without needing it
+
         self.visual = timm.create_model(timm_name, num_classes=0, num_heads=vision_heads)
         mask = torch.full((context, context), float("-inf")).triu(1)
         self.transformer = _Transformer(width, layers, heads, mask)
@@ -79,3 +87,29 @@ class OriginalCLIP(nn.Module):
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+
+def _constant_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` stacked in rank order, as a constant; ``x`` itself in one process
+    (SLIP's helper returns its input unchanged there, gradient included)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    rows, rank, world = x.shape[0], dist.get_rank(), dist.get_world_size()
+    buffer = x.new_zeros((world * rows,) + tuple(x.shape[1:]))
+    buffer[rank * rows:(rank + 1) * rows] = x.detach()
+    dist.all_reduce(buffer)
+    return buffer
+
+
+def slip_clip_loss(image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale) -> torch.Tensor:
+    """SLIP's CLIP loss on this rank: image rows against all texts, text rows against all
+    images, targets at this rank's offset in the global batch; mean of the two cross-entropies."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    image = image_embed / image_embed.norm(dim=1, keepdim=True)
+    text = text_embed / text_embed.norm(dim=1, keepdim=True)
+    all_images, all_texts = _constant_gather(image), _constant_gather(text)
+    rows = torch.arange(image.shape[0])
+    targets = rank * image.shape[0] + rows
+    image_to_text = -(logit_scale * image @ all_texts.T).log_softmax(dim=1)[rows, targets].mean()
+    text_to_image = -(logit_scale * text @ all_images.T).log_softmax(dim=1)[rows, targets].mean()
+    return (image_to_text + text_to_image) / 2

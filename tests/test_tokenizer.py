@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import open_clip
+import pytest
 
 import slip
 from slip.tokenizer import EOT_TOKEN, SOT_TOKEN
@@ -31,3 +32,30 @@ def test_long_text_is_truncated_with_the_end_token_kept_last():
     tokens = slip.get_tokenizer()(["word " * 200])
     assert tokens.shape == (1, 77)
     assert tokens[0, -1] == EOT_TOKEN and tokens[0].argmax() == 76
+
+
+def test_slip_truncation_keeps_the_first_77_tokens_and_drops_eot():
+    text = "a dog on a beach at sunset " * 20
+    bpe = open_clip.tokenizer.SimpleTokenizer().encode(text)
+    assert len(bpe) > 76
+    tokens = slip.get_tokenizer(truncation="slip")([text])
+    assert tokens[0].tolist() == ([SOT_TOKEN] + bpe)[:77]  # exactly the first 77 of [SOT] + BPE + [EOT]
+    assert EOT_TOKEN not in tokens[0].tolist()
+    assert slip.get_tokenizer(truncation="keep_eot")([text]).equal(open_clip.get_tokenizer("ViT-B-16")([text]))
+
+
+@pytest.mark.parametrize("words,same", [(75, True), (76, False)])
+def test_truncations_differ_only_past_75_bpe_tokens(words, same):
+    # "word" is one BPE token: SOT + 75 + EOT fills the 77 positions exactly.
+    texts = ["word " * words, "a short caption"]
+    slip_tokens = slip.get_tokenizer(truncation="slip")(texts)
+    kept = slip.get_tokenizer(truncation="keep_eot")(texts)
+    assert slip_tokens.shape == kept.shape == (2, 77)
+    assert slip_tokens[1].equal(kept[1])
+    assert slip_tokens[0].equal(kept[0]) == same
+    assert kept[0, 76] == EOT_TOKEN and (slip_tokens[0, 76] == EOT_TOKEN) == same
+
+
+def test_unknown_truncation_is_refused():
+    with pytest.raises(ValueError, match="truncation must be one of keep_eot, slip"):
+        slip.get_tokenizer(truncation="drop")

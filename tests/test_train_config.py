@@ -90,6 +90,8 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.mask_ratio=1.2"], r"objective\.mask_ratio: must be in \(0, 1\)"),
     (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),
     (["train.precision=fp8"], r"train\.precision: 'fp8'"),
+    (["objective.gather=no_grad"], r"objective\.gather: 'no_grad' is not one of with_grad, slip"),
+    (["model.text_truncation=drop"], r"model\.text_truncation: 'drop' is not one of keep_eot, slip"),
     (["data.train="], r"data\.train: no training shards"),
     (["eval.every=10"], r"eval\.every is set but eval\.benchmark is not"),
     (["optim"], r"not of the form key=value"),
@@ -98,6 +100,14 @@ def test_bad_configs_fail_naming_the_key(tmp_path, overrides, message):
     path = write(tmp_path, "data: {train: shards/}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path, overrides)
+
+
+def test_slip_exact_options_default_off_and_accept_slip(tmp_path):
+    path = write(tmp_path, "data: {train: shards/}\n")
+    cfg = load_config(path)
+    assert (cfg.objective.gather, cfg.model.text_truncation) == ("with_grad", "keep_eot")
+    cfg = load_config(path, ["objective.gather=slip", "model.text_truncation=slip"])
+    assert (cfg.objective.gather, cfg.model.text_truncation) == ("slip", "slip")
 
 
 def test_errors_in_a_file_name_the_file(tmp_path):

@@ -21,7 +21,8 @@ Batch layout (every entry has the batch size B as its first dimension):
 * ``image``: ``(B, 3, H, W)`` uint8, the CLIP view (absent for method ``simclr``);
 * ``views``: a list of ``(B, 3, H, W)`` uint8 tensors, one per SSL view (two for SimCLR; absent
   for method ``clip``). A list rather than one stacked tensor so views may differ in size;
-* ``text``: ``(B, 77)`` int64 token ids (absent when the method has no image-text loss);
+* ``text``: ``(B, 77)`` int64 token ids (absent when the method has no image-text loss); long
+  captions truncated as ``PipelineConfig.text_truncation`` says (:func:`slip.tokenizer.get_tokenizer`);
 * ``patch_mask``: ``(B, H * W)`` bool, the views' blockwise patch mask (only when the views
   declare one, e.g. BEiT's); drawn per sample from the sample's own RNG;
 * ``key``: list of B sample keys (strings).
@@ -719,6 +720,8 @@ class PipelineConfig:
         prefetch_factor: batches prefetched per worker.
         persistent_workers: keep workers alive between epochs.
         log_interval_s: how often the loader logs skip totals while iterating.
+        text_truncation: how captions longer than the context are cut (``keep_eot`` or ``slip``,
+            see :func:`slip.tokenizer.get_tokenizer`); used when no ``tokenizer`` is passed.
     """
 
     method: str = "slip-simclr"
@@ -742,23 +745,24 @@ class PipelineConfig:
     prefetch_factor: int = 2
     persistent_workers: bool = False
     log_interval_s: float = 60.0
+    text_truncation: str = "keep_eot"
 
     def resolved_views(self) -> MethodViews:
         """The views this config asks for."""
         return self.views if self.views is not None else method_views(self.method, self.size)
 
 
-_DEFAULT_TOKENIZER: Tokenizer | None = None
+_DEFAULT_TOKENIZERS: dict[str, Tokenizer] = {}
 
 
-def default_tokenizer() -> Tokenizer:
-    """open_clip's CLIP BPE tokenizer (context 77), created once per process."""
-    global _DEFAULT_TOKENIZER
-    if _DEFAULT_TOKENIZER is None:
-        from open_clip.tokenizer import SimpleTokenizer
+def default_tokenizer(truncation: str = "keep_eot") -> Tokenizer:
+    """open_clip's CLIP BPE tokenizer (context 77) with the given truncation of long captions
+    (:func:`slip.tokenizer.get_tokenizer`), created once per process."""
+    if truncation not in _DEFAULT_TOKENIZERS:
+        from slip.tokenizer import get_tokenizer
 
-        _DEFAULT_TOKENIZER = SimpleTokenizer()
-    return _DEFAULT_TOKENIZER
+        _DEFAULT_TOKENIZERS[truncation] = get_tokenizer(truncation=truncation)
+    return _DEFAULT_TOKENIZERS[truncation]
 
 
 def batches_per_worker(config: PipelineConfig, world_size: int) -> int | None:
@@ -808,9 +812,13 @@ def build_dataset(
         raise ValueError(f"mode must be 'epoch' or 'resampled', got {config.mode!r}")
     if config.batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    from slip.tokenizer import TRUNCATIONS
+
+    if config.text_truncation not in TRUNCATIONS:
+        raise ValueError(f"text_truncation must be one of {', '.join(TRUNCATIONS)}, got {config.text_truncation!r}")
     views = config.resolved_views()
     if views.needs_text and tokenizer is None:
-        tokenizer = default_tokenizer()
+        tokenizer = default_tokenizer(config.text_truncation)
     rank, world_size = resolve_rank_world(config.rank, config.world_size)
     counter = counter or SkipCounter()
     epoch = epoch or SharedEpoch()

@@ -26,6 +26,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the model
     freeze_patch_embed: bool = False  # keep the ViT's patch projection fixed (MoCo v3's stability trick)
+    text_truncation: str = "keep_eot"  # captions over 77 tokens: keep_eot (EOT kept last) | slip (SLIP's: EOT dropped)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ObjectiveConfig:
     momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
     tokenizer: str | None = None  # BEiT's visual tokenizer: a FLAVA codebook directory or a k-means file
     mask_ratio: float = 0.4  # BEiT: fraction of patches masked (in blocks); 75/196 reproduces BEiT's code
+    gather: str = "with_grad"  # CLIP loss over ranks: with_grad (= one big batch) | slip (SLIP's no-grad gather)
 
 
 @dataclass
@@ -256,9 +258,16 @@ def validate(cfg: Config) -> None:
         arch = get_architecture(cfg.model.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
+    from ..losses import GATHER_MODES
     from ..ssl import method_names
+    from ..tokenizer import TRUNCATIONS
 
+    if cfg.model.text_truncation not in TRUNCATIONS:
+        raise ConfigError(f"model.text_truncation: {cfg.model.text_truncation!r} is not one of "
+                          f"{', '.join(TRUNCATIONS)}")
     o = cfg.objective
+    if o.gather not in GATHER_MODES:
+        raise ConfigError(f"objective.gather: {o.gather!r} is not one of {', '.join(GATHER_MODES)}")
     if o.ssl != "none" and o.ssl not in method_names():
         raise ConfigError(f"objective.ssl: {o.ssl!r} is not one of {', '.join(method_names() + ['none'])}")
     if not o.clip and o.ssl == "none":

@@ -175,7 +175,7 @@ class Trainer:
         if cfg.objective.ssl != "none":
             ssl_loss = functools.partial(model.ssl.loss, temperature=cfg.objective.ssl_temperature)
         self.objective = functools.partial(slip_objective, clip=cfg.objective.clip, ssl_loss=ssl_loss,
-                                           ssl_scale=cfg.objective.ssl_scale)
+                                           ssl_scale=cfg.objective.ssl_scale, gather=cfg.objective.gather)
 
         self.loader = self._build_loader()
         from ..data.views import BatchAugment
@@ -228,6 +228,7 @@ class Trainer:
             mode="resampled" if cfg.data.resampled else "epoch", shuffle_buffer=cfg.data.shuffle_buffer,
             shuffle_initial=min(100, cfg.data.shuffle_buffer), seed=cfg.train.seed, workers=cfg.data.workers,
             rank=self.rank, world_size=self.world, partial_batches=False, epoch_samples=samples,
+            text_truncation=cfg.model.text_truncation,
         )
         return SlipLoader(cfg.data.train, pipeline)
 
