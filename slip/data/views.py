@@ -42,7 +42,7 @@ import random
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -665,21 +665,23 @@ def color_jitter(
     factors: torch.Tensor,
     order: torch.Tensor | None = None,
     active: Sequence[bool] = (True, True, True, True),
+    blend: bool | None = None,
 ) -> torch.Tensor:
     """Apply brightness, contrast, saturation, hue with per-sample ``factors`` (N, 4).
 
     ``order`` (N, 4) gives each sample's op order (a permutation of 0..3, 0 = brightness ...
-    3 = hue); None means the listed order. On an accelerator random order is done slot by slot:
-    in slot ``s`` each op runs once on the samples that put it there, so the total work equals
-    the fixed order's and there are only 16 (not 24 x 4) kernel groups. ``active`` skips ops
-    whose strength is zero (torchvision skips them too).
+    3 = hue); None means the listed order. With ``blend`` (the default on accelerators) random
+    order is done slot by slot: in slot ``s`` each op runs on the whole batch and is kept
+    (``torch.where``) for the samples that put it there -- 16 kernel groups and no host
+    synchronisation; otherwise (the default on CPU) each sample runs its own order. Both give
+    the same result. ``active`` skips ops whose strength is zero (torchvision skips them too).
     """
     if order is None:
         for op, fn in enumerate(_JITTER_OPS):
             if active[op]:
                 x = fn(x, factors[:, op])
         return x
-    if x.device.type == "cpu":
+    if not (x.device.type != "cpu" if blend is None else blend):
         return _jitter_per_sample(x, factors, order, active)
     return _jitter_by_slots(x, factors, order, active)
 
@@ -701,16 +703,17 @@ def _jitter_per_sample(
 def _jitter_by_slots(
     x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: Sequence[bool]
 ) -> torch.Tensor:
-    # On accelerators: few large kernels rather than a Python loop over samples.
-    x = x.clone()
+    # On accelerators: few large kernels, and masks rather than index lists (no host sync).
     for slot in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            if not active[op]:
-                continue
-            idx = (order[:, slot] == op).nonzero().squeeze(1)
-            if idx.numel():
-                x[idx] = fn(x[idx], factors[idx, op])
+            if active[op]:
+                x = _where_rows(order[:, slot] == op, fn(x, factors[:, op]), x)
     return x
+
+
+def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Row i of ``new`` where ``mask[i]``, else of ``old`` (batch-first tensors)."""
+    return torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)
 
 
 class BatchAugment(torch.nn.Module):
@@ -735,6 +738,10 @@ class BatchAugment(torch.nn.Module):
         out_dtype: dtype of the returned views (e.g. ``torch.bfloat16`` on GPU).
         seed: seed for a private generator; None uses torch's global RNG.
         cpu_chunk: samples processed together on CPU (cache blocking; no effect on results).
+        blend: how an op reaches the samples it applies to: computed for the whole batch and
+            kept with ``torch.where`` (True; no host synchronisation, the accelerator default),
+            or computed on the selected samples only (False; less work, the CPU default). None
+            chooses by device. No effect on results.
     """
 
     def __init__(
@@ -747,6 +754,7 @@ class BatchAugment(torch.nn.Module):
         out_dtype: torch.dtype = torch.float32,
         seed: int | None = None,
         cpu_chunk: int = 4,
+        blend: bool | None = None,
     ) -> None:
         super().__init__()
         if jitter_order not in ("random", "fixed"):
@@ -756,6 +764,7 @@ class BatchAugment(torch.nn.Module):
         self.out_dtype = out_dtype
         self.seed = seed
         self.cpu_chunk = cpu_chunk
+        self.blend = blend
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._generators: dict[str, torch.Generator] = {}
@@ -810,39 +819,43 @@ class BatchAugment(torch.nn.Module):
         step = n if x.device.type != "cpu" else max(1, self.cpu_chunk)
         active = tuple(s > 0 for s in spec.jitter) if spec.jitter is not None else (False,) * 4
         mean, std = self.mean.to(x.device), self.std.to(x.device)
+        blend = x.device.type != "cpu" if self.blend is None else self.blend
         for start in range(0, n, step):
             part = slice(start, min(n, start + step))
             y = x[part].to(torch.float32).div_(255.0)
-            if "flip" in params:
-                idx = params["flip"][part].nonzero().squeeze(1)
-                if idx.numel():
-                    y[idx] = y[idx].flip(-1)
-            if "jitter" in params:
-                idx = params["jitter"][part].nonzero().squeeze(1)
-                if idx.numel():
-                    order = params.get("jitter_order")
-                    y[idx] = color_jitter(
-                        y[idx],
-                        params["jitter_factors"][part][idx],
-                        None if order is None else order[part][idx],
-                        active,
-                    )
-            if "grayscale" in params:
-                idx = params["grayscale"][part].nonzero().squeeze(1)
-                if idx.numel():
-                    y[idx] = rgb_to_grayscale(y[idx]).expand(-1, 3, -1, -1)
-            if "blur" in params:
-                idx = params["blur"][part].nonzero().squeeze(1)
-                if idx.numel():
-                    y[idx] = gaussian_blur(
-                        y[idx], params["blur_sigma"][part][idx], blur_kernel_size(spec.blur_sigma[1])
-                    )
-            if "solarize" in params:
-                idx = params["solarize"][part].nonzero().squeeze(1)
-                if idx.numel():
-                    y[idx] = solarize(y[idx])
+            y = self._apply_ops(y, spec, {k: v[part] for k, v in params.items()}, active, blend)
             out[part] = y.sub_(mean).div_(std) if spec.normalize else y
         return out
+
+    @staticmethod
+    def _apply_ops(y: torch.Tensor, spec: ViewSpec, params: Mapping[str, torch.Tensor], active: tuple[bool, ...],
+                   blend: bool) -> torch.Tensor:
+        """Flip, jitter, grayscale, blur and solarise the float batch ``y`` where ``params`` say."""
+
+        def on_rows(key: str, op: Callable[[Any], torch.Tensor]) -> None:
+            # op(rows) computes the op on y[rows]; rows is every row (blend) or the selected ones.
+            nonlocal y
+            mask = params[key]
+            if blend:
+                y = _where_rows(mask, op(slice(None)), y)
+                return
+            idx = mask.nonzero().squeeze(1)
+            if idx.numel():
+                y[idx] = op(idx)
+
+        if "flip" in params:
+            on_rows("flip", lambda r: y[r].flip(-1))
+        if "jitter" in params:
+            order = params.get("jitter_order")
+            on_rows("jitter", lambda r: color_jitter(y[r], params["jitter_factors"][r],
+                                                     None if order is None else order[r], active, blend))
+        if "grayscale" in params:
+            on_rows("grayscale", lambda r: rgb_to_grayscale(y[r]).expand(-1, 3, -1, -1))
+        if "blur" in params:
+            on_rows("blur", lambda r: gaussian_blur(y[r], params["blur_sigma"][r], blur_kernel_size(spec.blur_sigma[1])))
+        if "solarize" in params:
+            on_rows("solarize", lambda r: solarize(y[r]))
+        return y
 
     def augment(
         self, x: torch.Tensor, spec: ViewSpec, *, return_params: bool = False,
