@@ -195,7 +195,12 @@ class Trainer:
             D.broadcast_module_(model)
             self.forward_model = model
         if cfg.model.compile:
-            self.forward_model = torch.compile(self.forward_model)
+            if t.accum_steps == 1:
+                self.forward_model = torch.compile(self.forward_model)
+            else:  # accumulation calls the towers itself (twice per micro-batch): compile them in place
+                model.visual.compile()
+                if model.has_text:
+                    model.transformer.compile()
 
         self.checkpoints = CheckpointManager(self.output_dir, t.keep_last)
         self.log = MetricLogger(self.output_dir, enabled=D.is_main_process(), stream=log_stream,
