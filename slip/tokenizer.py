@@ -45,6 +45,21 @@ class SlipTruncationTokenizer:
         return out
 
 
+def trim_padding(tokens: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """A (N, L) token batch cut after its last end-of-text token (the highest id of each row),
+    rounded up to a multiple of ``multiple`` (at most L).
+
+    Attention in the text tower is causal, so the pooled features do not depend on the padding
+    after EOT: cutting it changes no result and saves most of the 77 positions for short
+    captions. Call it where the tokens are made (on the CPU, before moving them to the device):
+    finding the cut on a GPU would wait for the GPU. Few distinct lengths keep compiled graphs few.
+    """
+    if tokens.shape[1] == 0:
+        return tokens
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    return tokens[:, :min(tokens.shape[1], -(-length // multiple) * multiple)]
+
+
 def get_tokenizer(context_length: int = 77, truncation: str = "keep_eot"):
     """A callable ``tokenizer(list_of_str) -> LongTensor (N, context_length)``: open_clip's
     ``SimpleTokenizer`` (imported here because open_clip takes seconds to import), truncating

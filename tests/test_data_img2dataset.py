@@ -30,5 +30,5 @@ def test_img2dataset_output_directory_is_read_as_is(tmp_path):
     batches = list(loader)
     keys = sorted(k for b in batches for k in b["key"])
     assert keys == sorted(f"{s:05d}{i:04d}" for s in range(2) for i in range(5))
-    assert all(b["image"].dtype == torch.uint8 and b["text"].shape == (5, 77) for b in batches)
+    assert all(b["image"].dtype == torch.uint8 and b["text"].shape[0] == 5 for b in batches)
     assert loader.skipped() == {}

@@ -191,7 +191,10 @@ def test_batch_layout_for_slip(tmp_path):
     assert b["image"].shape == (n, 3, 24, 24) and b["image"].dtype == torch.uint8
     assert isinstance(b["views"], list) and len(b["views"]) == 2
     assert all(v.shape == (n, 3, 24, 24) and v.dtype == torch.uint8 for v in b["views"])
-    assert b["text"].shape == (n, 77) and b["text"].dtype == torch.int64
+    # Cut after the batch's last end-of-text token (the highest id), to a multiple of 8.
+    length = b["text"].shape[1]
+    assert b["text"].shape[0] == n and length % 8 == 0 and b["text"].dtype == torch.int64
+    assert length - 8 < int(b["text"].argmax(dim=1).max()) + 1 <= length
     assert all(isinstance(k, str) for k in b["key"])
     out = V.BatchAugment(loader.views, seed=0)(b)
     assert out["image"].dtype == torch.float32 and len(out["views"]) == 2

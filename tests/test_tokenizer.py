@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import open_clip
+import torch
 import pytest
 
 import slip
-from slip.tokenizer import EOT_TOKEN, SOT_TOKEN
+from slip.tokenizer import EOT_TOKEN, SOT_TOKEN, get_tokenizer, trim_padding
 
 
 def test_shape_start_end_and_padding():
@@ -59,3 +60,28 @@ def test_truncations_differ_only_past_75_bpe_tokens(words, same):
 def test_unknown_truncation_is_refused():
     with pytest.raises(ValueError, match="truncation must be one of keep_eot, slip"):
         slip.get_tokenizer(truncation="drop")
+
+
+def test_trimmed_padding_changes_no_text_feature():
+    import slip
+
+    torch.manual_seed(0)
+    model = slip.create_model("clip_vit_tiny").eval()
+    tokens = get_tokenizer()(["a cat", "a photo of a small dog on a red sofa", "x"])
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape == (3, 16) and torch.equal(trimmed, tokens[:, :16])  # last EOT at position 11
+    assert torch.equal(trim_padding(tokens, multiple=1), tokens[:, :12])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(tokens), atol=2e-6, rtol=0)
+    long = get_tokenizer()(["word " * 200])
+    assert trim_padding(long).shape == (1, 77)  # never longer than the context
+
+
+def test_text_tower_never_reads_token_values_on_the_host():
+    # On the meta device a tensor has a shape but no values: code that reads one (int(),
+    # .item(), a data-dependent shape) fails here, as it would stall a GPU step on the host.
+    import slip
+
+    model = slip.create_model("clip_vit_tiny").to("meta")
+    out = model.encode_text(torch.zeros(4, 24, dtype=torch.long, device="meta"))
+    assert out.shape == (4, model.arch.embed_dim) and out.device.type == "meta"

@@ -21,7 +21,8 @@ Batch layout (every entry has the batch size B as its first dimension):
 * ``image``: ``(B, 3, H, W)`` uint8, the CLIP view (absent for method ``simclr``);
 * ``views``: a list of ``(B, 3, H, W)`` uint8 tensors, one per SSL view (two for SimCLR; absent
   for method ``clip``). A list rather than one stacked tensor so views may differ in size;
-* ``text``: ``(B, 77)`` int64 token ids (absent when the method has no image-text loss); long
+* ``text``: ``(B, L)`` int64 token ids, cut after the batch's last end-of-text token to L <= 77, a
+  multiple of 8 (:func:`slip.tokenizer.trim_padding`; absent when the method has no image-text loss); long
   captions truncated as ``PipelineConfig.text_truncation`` says (:func:`slip.tokenizer.get_tokenizer`);
 * ``patch_mask``: ``(B, H * W)`` bool, the views' blockwise patch mask (only when the views
   declare one, e.g. BEiT's); drawn per sample from the sample's own RNG;
@@ -108,6 +109,7 @@ from slip.data.views import (
     decode_views,
     method_views,
 )
+from slip.tokenizer import trim_padding
 
 logger = logging.getLogger(__name__)
 
@@ -685,7 +687,7 @@ class Collate:
         if self.views.mask is not None:
             batch["patch_mask"] = torch.stack([s["mask"] for s in samples])
         if self.views.needs_text and self.tokenizer is not None:
-            batch["text"] = self.tokenizer([s["caption"] for s in samples]).long()
+            batch["text"] = trim_padding(self.tokenizer([s["caption"] for s in samples]).long())
         return batch
 
 

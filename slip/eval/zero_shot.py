@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from slip.distributed import all_gather_object, get_rank, get_world_size, is_distributed
 from slip.fileio import atomic_path
+from slip.tokenizer import trim_padding
 from zero_shot import Benchmark
 
 from .datasets import make_eval_loader
@@ -189,7 +190,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device
             starts = range(0, len(texts), batch_size)
             show = _show_progress(progress) and len(starts) > 1
             for start in tqdm(starts, desc=desc, disable=not show, leave=False):
-                tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+                tokens = trim_padding(tokenizer(list(texts[start:start + batch_size]))).to(device)
                 chunks.append(model.encode_text(tokens, normalize=True).float())
     finally:
         model.train(was_training)

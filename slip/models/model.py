@@ -102,13 +102,15 @@ class SLIPModel(nn.Module):
     def text_features(self, text: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids, EOT being the highest id of each row -> (N, width) features at EOT.
 
-        Attention is causal, so the EOT feature never depends on the padding after it: the
-        batch is cut after its last EOT, which skips most of the 77 positions for short captions.
+        L may be anything up to the context length: attention is causal, so the EOT feature
+        never depends on the padding after it, and callers cut it where the tokens are made
+        (:func:`slip.tokenizer.trim_padding`; the training loader and zero-shot do). Nothing
+        here reads the tokens on the host, so a GPU step never waits for it.
         """
         self._require_text("encode_text")
         eot = text.argmax(dim=-1)
-        length = int(eot.max()) + 1
-        x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]
+        length = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:length]
         x = self.ln_final(self.transformer(x))
         return x[torch.arange(x.shape[0], device=x.device), eot]
 
