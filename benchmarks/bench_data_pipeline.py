@@ -22,6 +22,9 @@ c. slip's pipeline read from the shards (tar reading, shuffle, caption choice, o
 
 Runs are interleaved over ``--rounds`` and the best round is reported (other processes only
 ever slow a run down), both as wall-clock and as CPU-time throughput.
+
+:func:`augment_milliseconds` times the batched augmentation alone on any device (CUDA events on
+a GPU); ``benchmarks/gpu_suite.py`` uses it for the GPU milliseconds per batch of each method.
 """
 from __future__ import annotations
 
@@ -97,6 +100,57 @@ def plain_transforms(size: int, pil_blur: bool) -> tuple[Callable, Callable]:
         normalize,
     ])
     return clip, simclr
+
+
+def augment_milliseconds(shards: str, method: str, *, size: int, batch_size: int, device: torch.device,
+                         iterations: int, warmup: int = 2, workers: int = 0, seed: int = 0,
+                         out_dtype: torch.dtype = torch.float32) -> dict:
+    """Milliseconds per batch of the batched photometric augmentation alone, as the trainer runs it.
+
+    One real batch of ``method``'s views comes from slip's loader on ``shards`` (uint8 crops,
+    made on the CPU), is moved to ``device`` and augmented ``warmup + iterations`` times by
+    :class:`~slip.data.views.BatchAugment` with the trainer's call (a fresh generator of the
+    device per step, ``out_dtype`` out). On CUDA each call is timed by CUDA events recorded
+    around it (device time, including any wait for the host between its kernels); on the CPU
+    by the wall clock. The crops do not change the work, so one batch serves every iteration.
+    """
+    from slip.data.views import method_views
+
+    views = method_views(method, size)
+    config = PipelineConfig(views=views, batch_size=batch_size, workers=workers, mode="resampled",
+                            shuffle_buffer=0, seed=seed, rank=0, world_size=1, pin_memory=False)
+    loader = build_loader(shards, config)
+    batches = iter(loader)
+    batch = next(batches)
+    del batches
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else
+                 [t.to(device) for t in v] if k == "views" else v) for k, v in batch.items()}
+    augment = BatchAugment(views, out_dtype=out_dtype).to(device)
+    times: list[float] = []
+    events = []
+    for i in range(warmup + iterations):
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            augment(batch, generator=generator)
+            end.record()
+            if i >= warmup:
+                events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            augment(batch, generator=generator)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    return {
+        "method": method, "views": len(views.all), "batch_size": len(batch["key"]), "size": size,
+        "device": device.type, "timer": "cuda events" if device.type == "cuda" else "wall clock",
+        "out_dtype": str(out_dtype).removeprefix("torch."), "iterations": iterations,
+        "ms_mean": statistics.fmean(times), "ms_median": statistics.median(times), "ms_min": min(times),
+    }
 
 
 def timed(fn: Callable[[], int]) -> tuple[int, float, float]:

@@ -15,21 +15,23 @@ batch 64, bf16 (the SLIP paper notes SLIP costs about 3x CLIP's activations) -- 
 On a CPU shared with other work, ``--threads 1`` gives far steadier timings: with several
 OpenMP threads every op waits for the slowest, and a descheduled thread stalls it.
 
-Combinations: ``clip`` (the clip_* model), ``simclr``, ``mocov3``, ``byol``, ``beit`` (the
-image-only simclr_* model with its SSL method swapped, as ``objective.ssl`` does in training)
-and ``slip+simclr``, ``slip+mocov3``, ``slip+byol``, ``slip+beit`` (the slip_* model).
+Combinations: ``clip`` (the clip_* model), one per method of the SSL registry
+(``slip.ssl.method_names()``: ``simclr``, ``mocov3``, ``byol``, ``beit`` ...; the image-only
+simclr_* model with its SSL method swapped, as ``objective.ssl`` does in training) and
+``slip+<method>`` for each (the slip_* model). A newly registered method is picked up.
 
 What a step is: the trainer's plain step (slip.train.step.plain_step) on a fixed random batch --
 zero_grad, forward + slip_objective under autocast (bf16) or in fp32, backward, AdamW step
 (the trainer's parameter groups, torch's fused kernel on CUDA), then the SSL method's
 ``on_step_end`` (the EMA update of MoCo v3 / BYOL). Data loading and augmentation are not
-included. Inputs: normalised-looking randn images at the tower's size (in the autocast dtype,
-as BatchAugment hands them over), random caption tokens with the EOT (49407) at a random
-position, and for BEiT the tokenizer's view as float32 in [0, 1] plus a block mask from the
-method's own mask generator. BEiT's targets come from a KMeansPatchTokenizer with random
-centroids (8192 codes of p x p pixel patches, p = tokenizer input / grid side, e.g. 112 / 14 = 8
-at ViT-B/16), about the vocabulary of the FLAVA codebook, or from ``--tokenizer PATH``
-(slip.ssl.visual_tokenizers.load_visual_tokenizer: a k-means codebook file or a FLAVA directory).
+included. Inputs (made on the device): normalised-looking randn images at the tower's size
+(in the autocast dtype, as BatchAugment hands them over), random caption tokens with the EOT
+(49407) at a random position, and for a method with a visual tokenizer (BEiT) the tokenizer's
+view as float32 in [0, 1] plus a block mask from the method's own mask generator. BEiT's
+targets come from a KMeansPatchTokenizer with random centroids (8192 codes of p x p pixel
+patches, p = tokenizer input / grid side, e.g. 112 / 14 = 8 at ViT-B/16), about the vocabulary
+of the FLAVA codebook, or from ``--tokenizer PATH`` (slip.ssl.visual_tokenizers
+.load_visual_tokenizer: a k-means codebook file or a FLAVA directory).
 
 Columns:
   samples/s, ms/step  timed steps only (after the warm-up), with torch.cuda.synchronize on CUDA.
@@ -43,7 +45,19 @@ Columns:
                       the autocast bf16 copies of parameters, divided by the batch size. It
                       is the same on every device for a given precision (kernels may save
                       slightly different extras, e.g. the attention backend's statistics).
-  x clip              ratio to the clip row of the same run (samples/s, activations).
+  TFLOP/s             FLOPs of one step (forward, objective and backward, counted with
+                      torch.utils.flop_counter.FlopCounterMode on the first warm-up step;
+                      with --grad-checkpointing the recomputed forward counts too) over the
+                      timed step time.
+  MFU                 TFLOP/s over the device's peak dense bf16 FLOP/s (PEAK_BF16_FLOPS, by
+                      device name); '-' for fp32, an unknown device, or with activation
+                      checkpointing (whose count includes the recomputation: that is HFU).
+  x clip              ratio to the clip row of the same run, batch size and checkpointing
+                      setting (samples/s, activations).
+
+``--grad-checkpointing`` recomputes block activations in backward in both towers (the
+trainer's ``model.grad_checkpointing``). On CUDA a batch that does not fit reads ``OOM`` in
+the table instead of stopping the run.
 """
 from __future__ import annotations
 
@@ -59,9 +73,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from slip.losses import slip_objective
 from slip.models import create_model, get_architecture
+from slip.ssl import method_class, method_names
 from slip.ssl.base import TARGET
 from slip.ssl.visual_tokenizers import KMeansPatchTokenizer, load_visual_tokenizer
 from slip.train.config import OptimConfig
@@ -69,12 +85,22 @@ from slip.train.optim import build_optimizer
 from slip.train.step import plain_step
 
 SIZES = {"tiny": "vit_tiny", "s16": "vit_s16", "b16": "vit_b16", "l16": "vit_l16"}
-SSL_METHODS = ("simclr", "mocov3", "byol", "beit")
+_ORDER = ("simclr", "mocov3", "byol", "beit")  # display order of the methods known when this was written
+SSL_METHODS = tuple([m for m in _ORDER if m in method_names()] + [m for m in method_names() if m not in _ORDER])
 COMBINATIONS = ("clip", *SSL_METHODS, *(f"slip+{m}" for m in SSL_METHODS))
 EOT = 49407  # CLIP's end-of-text id, the highest of the vocabulary
 SOT = 49406
 MASK_RATIO = 0.4  # objective.mask_ratio's default
 VOCAB = 8192  # codes of the random benchmark tokenizer (DALL-E / FLAVA codebook size)
+# Peak dense bf16 tensor-core FLOP/s (no sparsity) by a substring of torch.cuda.get_device_name,
+# first match wins; the H100 entry is the SXM part (whose name reads "H100 80GB HBM3"), not
+# the PCIe / NVL boards, which are slower and not listed.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 80GB HBM3", 989e12),
+    ("H100 SXM", 989e12),
+    ("A100", 312e12),
+)
 
 
 @dataclass
@@ -83,6 +109,19 @@ class Combination:
     model: str  # registry name of the preset
     clip: bool  # the image-text loss is on
     ssl: str | None  # SSL method, None for CLIP alone
+
+
+def needs_tokenizer(ssl: str | None) -> bool:
+    """Whether the SSL method trains against a visual tokenizer's codes (BEiT)."""
+    return ssl is not None and method_class(ssl).needs_visual_tokenizer
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The peak dense bf16 FLOP/s of a device from PEAK_BF16_FLOPS; None when not listed."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
 
 
 def combination(name: str, size: str) -> Combination:
@@ -109,43 +148,51 @@ def random_tokenizer(image_size: int, grid: int, seed: int = 0) -> KMeansPatchTo
     return KMeansPatchTokenizer(centroids, patch_size=patch, input_size=input_size)
 
 
-def build_model(combo: Combination, tokenizer, device: torch.device):
-    """The trainer's resolve_architecture for this combination, built on ``device``."""
+def build_model(combo: Combination, tokenizer, device: torch.device, grad_checkpointing: bool = False):
+    """The trainer's resolve_architecture for this combination, built on ``device`` (with
+    activation checkpointing in both towers if asked, as ``model.grad_checkpointing``)."""
     arch = get_architecture(combo.model)
     if combo.ssl is not None:
-        arch = arch.with_ssl_method(combo.ssl, tokenizer.vocab_size if combo.ssl == "beit" else None)
+        arch = arch.with_ssl_method(combo.ssl, tokenizer.vocab_size if needs_tokenizer(combo.ssl) else None)
     torch.manual_seed(0)
     model = create_model(arch)
-    if combo.ssl == "beit":
+    if needs_tokenizer(combo.ssl):
         model.ssl.attach_visual_tokenizer(tokenizer.to(device))
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model.to(device).train()
 
 
 def random_batch(model, combo: Combination, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """One batch as the trainer hands it to the model after augmentation."""
-    generator = torch.Generator().manual_seed(1)
+    """One batch as the trainer hands it to the model after augmentation, made on ``device``
+    (drawn from a generator of that device, so a CPU and a CUDA batch differ)."""
+    generator = torch.Generator(device).manual_seed(1)
     size = model.arch.vision.image_size
     out: dict = {}
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
     if combo.clip:
-        out["image"] = torch.randn(batch, 3, size, size, generator=generator).to(device, dtype)
+        out["image"] = randn(batch, 3, size, size)
         text_cfg = model.arch.text
         length = text_cfg.context_length
-        text = torch.zeros(batch, length, dtype=torch.long)
-        eot = torch.randint(2, length, (batch,), generator=generator)
-        for row, pos in enumerate(eot.tolist()):
-            text[row, 0] = SOT
-            text[row, 1:pos] = torch.randint(1, SOT, (pos - 1,), generator=generator)
-            text[row, pos] = EOT
-        out["text"] = text.to(device)
+        # Random ids below SOT, then SOT at 0, EOT at a random position and padding after it.
+        text = torch.randint(1, SOT, (batch, length), generator=generator, device=device)
+        eot = torch.randint(2, length, (batch, 1), generator=generator, device=device)
+        positions = torch.arange(length, device=device)
+        text = torch.where(positions > eot, 0, torch.where(positions == eot, EOT, text))
+        text[:, 0] = SOT
+        out["text"] = text
     if combo.ssl is not None:
         declared = model.ssl.data_views(size, mask_ratio=MASK_RATIO)
         views = []
         for spec in declared.ssl:
             h, w = spec.size
             if spec.normalize:
-                views.append(torch.randn(batch, 3, h, w, generator=generator).to(device, dtype))
+                views.append(randn(batch, 3, h, w))
             else:  # a visual tokenizer's view: float32 pixels in [0, 1]
-                views.append(torch.rand(batch, 3, h, w, generator=generator).to(device))
+                views.append(torch.rand(batch, 3, h, w, generator=generator, device=device))
         out["views"] = views
         if declared.mask is not None:
             out["patch_mask"] = declared.mask.sample_masks(batch, np.random.default_rng(2)).to(device)
@@ -218,22 +265,73 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(combo: Combination, args, device: torch.device, tokenizer) -> dict:
-    amp = torch.bfloat16 if args.precision == "bf16" else None
+def free_memory(device: torch.device) -> None:
+    """Return what the last measurement left to the allocator (and the CUDA cache)."""
+    gc.collect()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(combo, tokenizer, device)
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting FLOPs
+# ----------------------------------------------------------------------------------------------
+def _already_wrapped(formula):
+    def raw(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    raw._get_raw = True  # FlopCounterMode must not wrap a registered formula a second time
+    return raw
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter (matmuls, convolutions, attention; forward and backward), also
+    counting CPU flash attention, which torch's table leaves out (it lists the CUDA kernels
+    only), with the formulas of the CUDA kernel. CUDA counts are torch's own."""
+    aten = torch.ops.aten
+    registry = torch.utils.flop_counter.flop_registry
+    extra = {}
+    for cpu_name, cuda_op in (("_scaled_dot_product_flash_attention_for_cpu", aten._scaled_dot_product_flash_attention),
+                              ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                               aten._scaled_dot_product_flash_attention_backward)):
+        cpu_op = getattr(aten, cpu_name, None)
+        if cpu_op is not None and cpu_op not in registry and cuda_op in registry:
+            extra[cpu_op] = _already_wrapped(registry[cuda_op])
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# One combination
+# ----------------------------------------------------------------------------------------------
+def measure(combo: Combination, args, device: torch.device, tokenizer) -> dict:
+    """One combination at ``args.batch``: see :func:`measure_batches`."""
+    return measure_batches(combo, [args.batch], args, device, tokenizer)[0]
+
+
+def measure_batches(combo: Combination, batches: list[int], args, device: torch.device, tokenizer, *,
+                    stop_at_oom: bool = False) -> list[dict]:
+    """Build the combination once (with activation checkpointing if ``args.grad_checkpointing``)
+    and measure it at each batch size of ``batches`` in turn: ``args.warmup`` untimed steps (the
+    first also counts FLOPs and saved activations), then ``args.steps`` timed ones.
+
+    The CUDA peak is reset before each batch size, so ``peak_gib`` covers the model, its
+    gradients, the AdamW state and that batch's activations. A batch size that runs out of CUDA
+    memory gives a row with ``oom: True`` (and no figures); the other sizes still run, unless
+    ``stop_at_oom`` (for batch sizes in increasing order: the search for the largest that fits).
+    """
+    amp = torch.bfloat16 if args.precision == "bf16" else None
+    checkpointing = bool(getattr(args, "grad_checkpointing", False))
+    model = build_model(combo, tokenizer, device, checkpointing)
     optimizer = build_optimizer(model, OptimConfig(), fused=device.type == "cuda")
-    batch = random_batch(model, combo, args.batch, device, amp or torch.float32)
     ssl_loss = model.ssl.loss if combo.ssl is not None else None
     total_steps = args.warmup + args.steps
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     objective = functools.partial(slip_objective, clip=combo.clip, ssl_loss=ssl_loss)
 
-    def step(i: int, probe: SavedTensors | None = None) -> None:
+    def step(batch: dict, i: int, probe: SavedTensors | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         @contextlib.contextmanager
@@ -246,37 +344,70 @@ def measure(combo: Combination, args, device: torch.device, tokenizer) -> dict:
         if combo.ssl is not None:
             model.ssl.on_step_end(i + 1, total_steps, model.visual)
 
-    probe = SavedTensors(model)
-    step(0, probe)  # the first warm-up step also measures the saved activations
-    for i in range(1, args.warmup):
-        step(i)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(args.warmup, total_steps):
-        step(i)
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
-
-    result = {
+    common = {
         "combination": combo.name,
         "model": combo.model,
         "ssl": combo.ssl,
+        "grad_checkpointing": checkpointing,
         "tower_images": tower_images(model, combo),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "trainable_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-        "samples_per_s": args.batch / seconds,
-        "ms_per_step": seconds * 1e3,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "activation_mib_per_sample": probe.activation_bytes / args.batch / 2**20,
-        "saved_parameter_mib": probe.parameter_bytes / 2**20,
     }
-    del model, optimizer, batch, probe
-    if combo.ssl == "beit":
+    results = []
+    for size in batches:
+        free_memory(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out_of_memory = False
+        batch = probe = counter = None
+        try:
+            batch = random_batch(model, combo, size, device, amp or torch.float32)
+            probe = SavedTensors(model)
+            with flop_counter() as counter:
+                step(batch, 0, probe)  # the first warm-up step also counts FLOPs and activations
+            for i in range(1, args.warmup):
+                step(batch, i)
+            sync(device)
+            start = time.perf_counter()
+            for i in range(args.warmup, total_steps):
+                step(batch, i)
+            sync(device)
+            seconds = (time.perf_counter() - start) / args.steps
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True  # handled below, once the exception has let go of the step's tensors
+        batch = None
+        if out_of_memory:
+            optimizer.zero_grad(set_to_none=True)
+            free_memory(device)
+            results.append({**common, "batch": size, "oom": True, "samples_per_s": None, "ms_per_step": None,
+                            "peak_gib": None, "activation_mib_per_sample": None, "saved_parameter_mib": None,
+                            "flops_per_step": None, "tflops_per_s": None, "mfu": None, "hfu": None})
+            if stop_at_oom:
+                break
+            continue
+        flops = counter.get_total_flops()
+        achieved = flops / seconds
+        results.append({
+            **common,
+            "batch": size,
+            "oom": False,
+            "samples_per_s": size / seconds,
+            "ms_per_step": seconds * 1e3,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "activation_mib_per_sample": probe.activation_bytes / size / 2**20,
+            "saved_parameter_mib": probe.parameter_bytes / 2**20,
+            "flops_per_step": flops,
+            "tflops_per_s": achieved / 1e12,
+            # Model FLOPs utilisation needs the model's FLOPs: with checkpointing the count also
+            # holds the recomputed forward, and the ratio is the hardware FLOPs utilisation (hfu).
+            "mfu": achieved / peak if peak and amp is torch.bfloat16 and not checkpointing else None,
+            "hfu": achieved / peak if peak and amp is torch.bfloat16 else None,
+        })
+    model = optimizer = None  # the step closure holds them too: drop them before freeing memory
+    if needs_tokenizer(combo.ssl):
         tokenizer.to("cpu")  # off the device, so it weighs on no other combination's peak
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    free_memory(device)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,23 +417,38 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"x{value / reference:.2f}" if value is not None and reference else "-"
 
 
-def print_table(results: list[dict]) -> None:
-    clip = next((r for r in results if r["combination"] == "clip"), {})
-    header = ("combination", "model", "tower imgs", "params M", "samples/s", "x clip", "ms/step", "peak GiB",
-              "act MiB/sample", "x clip")
+def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(results: list[dict]) -> str:
+    """The results as a Markdown table; "x clip" compares with the clip row of the same batch
+    size and checkpointing setting."""
+    clips = {(r["batch"], r["grad_checkpointing"]): r for r in results if r["combination"] == "clip" and not r["oom"]}
+    header = ("combination", "model", "batch", "ckpt", "tower imgs", "params M", "samples/s", "x clip", "ms/step",
+              "peak GiB", "act MiB/sample", "x clip", "TFLOP/s", "MFU")
     rows = [header]
     for r in results:
+        clip = clips.get((r["batch"], r["grad_checkpointing"]), {})
+        lead = (r["combination"], r["model"], str(r["batch"]), "yes" if r["grad_checkpointing"] else "no",
+                str(r["tower_images"]), f"{r['params_m']:.1f}")
+        if r["oom"]:
+            rows.append((*lead, "OOM", *("-",) * (len(header) - len(lead) - 1)))
+            continue
         rows.append((
-            r["combination"], r["model"], str(r["tower_images"]), f"{r['params_m']:.1f}",
-            f"{r['samples_per_s']:.1f}", _ratio(r["samples_per_s"], clip.get("samples_per_s")),
-            f"{r['ms_per_step']:.1f}", "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
-            f"{r['activation_mib_per_sample']:.2f}",
+            *lead, f"{r['samples_per_s']:.1f}", _ratio(r["samples_per_s"], clip.get("samples_per_s")),
+            f"{r['ms_per_step']:.1f}", _fmt(r["peak_gib"], ".2f"), f"{r['activation_mib_per_sample']:.2f}",
             _ratio(r["activation_mib_per_sample"], clip.get("activation_mib_per_sample")),
+            f"{r['tflops_per_s']:.3g}", _fmt(r["mfu"], ".1%", "-"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def print_table(results: list[dict]) -> None:
+    print(format_table(results))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -319,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None,
                         help="a real visual tokenizer for BEiT (k-means file or FLAVA directory); "
                              "default: random 8192-code patch centroids")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute block activations in backward (the trainer's model.grad_checkpointing)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results to this file")
@@ -341,7 +489,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     vision = get_architecture(f"clip_{SIZES[args.size]}").vision
     tokenizer = None
-    if any(c.endswith("beit") for c in args.combinations):
+    if any(needs_tokenizer(combination(c, args.size).ssl) for c in args.combinations):
         if args.tokenizer:
             tokenizer = load_visual_tokenizer(args.tokenizer)
         else:
@@ -351,22 +499,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     token_desc = ("none" if tokenizer is None else
                   f"{type(tokenizer).__name__} {tokenizer.vocab_size} codes, {tokenizer.input_size} px")
     print(f"device={device}{gpu}{threads} size={args.size} ({vision.image_size} px) batch={args.batch} "
-          f"precision={args.precision} warmup={args.warmup} steps={args.steps} tokenizer={token_desc}")
+          f"precision={args.precision} grad_checkpointing={args.grad_checkpointing} warmup={args.warmup} "
+          f"steps={args.steps} tokenizer={token_desc}")
 
     results = []
     for i, name in enumerate(args.combinations, start=1):
         combo = combination(name, args.size)
         print(f"[{i}/{len(args.combinations)}] {name} ({combo.model}) ...", file=sys.stderr, flush=True)
         r = measure(combo, args, device, tokenizer)
-        peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
-        print(f"[{i}/{len(args.combinations)}] {name}: {r['samples_per_s']:.1f} samples/s, "
-              f"{r['activation_mib_per_sample']:.2f} MiB activations/sample{peak}", file=sys.stderr, flush=True)
+        if r["oom"]:
+            print(f"[{i}/{len(args.combinations)}] {name}: out of memory at batch {args.batch}",
+                  file=sys.stderr, flush=True)
+        else:
+            peak = "" if r["peak_gib"] is None else f", peak {r['peak_gib']:.2f} GiB"
+            print(f"[{i}/{len(args.combinations)}] {name}: {r['samples_per_s']:.1f} samples/s, "
+                  f"{r['activation_mib_per_sample']:.2f} MiB activations/sample{peak}", file=sys.stderr, flush=True)
         results.append(r)
     print_table(results)
 
     if args.json:
         meta = {
             "size": args.size, "batch": args.batch, "precision": args.precision, "device": str(device),
+            "grad_checkpointing": args.grad_checkpointing,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "threads": torch.get_num_threads(), "warmup": args.warmup, "steps": args.steps,
             "tokenizer": token_desc, "torch": torch.__version__,
