@@ -312,3 +312,31 @@ def test_mid_epoch_resume_reports_its_re_reading_and_each_checkpoint_path(corpus
     assert "resumed after re-reading 48 of 48 consumed samples" in lines[-1]
     written = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint written: ")]
     assert written == [f"checkpoint written: {tmp_path / 'run' / 'checkpoints' / 'step-00000004.pt'}"]
+
+
+def test_an_fp16_overflow_skips_the_step_and_the_momentum_update_and_is_counted(corpus, tmp_path):
+    # fp16 needs a GPU; its loss scaler's logic is device-independent, so a CPU GradScaler with a
+    # gradient made infinite at step 2 stands in for an fp16 overflow.
+    trainer = Trainer(tiny(corpus, tmp_path / "run", "objective.ssl=mocov3", "train.max_steps=3"),
+                      log_stream=io.StringIO())
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    weight = trainer.model.visual.patch_embed.proj.weight
+    weight.register_hook(lambda g: g * float("inf") if trainer.step == 1 else g)
+    states = []
+    real_step = trainer._train_step
+
+    def step(batch):
+        out = real_step(batch)
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return out
+
+    trainer._train_step = step
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.run()
+    assert result.step == 3 and result.skipped_updates == 1
+    momentum = [k for k in before if k.startswith("ssl.momentum_encoder.")]
+    assert momentum and not torch.equal(states[0][momentum[0]], before[momentum[0]])  # step 1 moved it
+    assert all(torch.equal(states[1][k], states[0][k]) for k in before if "num_batches" not in k
+               and "running" not in k), "an overflowed step must change no weight, momentum ones included"
+    assert trainer.scaler.get_scale() == 2.0**9  # halved once, not yet grown back
+    assert [r["skipped_updates"] for r in losses_by_step(tmp_path / "run").values()] == [0, 1, 1]

@@ -267,9 +267,11 @@ class Trainer:
             if self.cfg.optim.clip_grad_norm:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.model.has_ssl_head:  # momentum updates of the SSL method, if it has any
+            if not self._scaled_step():
+                # fp16 overflow: GradScaler skipped the update and lowered its scale. Counted
+                # with the skipped updates; the momentum encoders stay where the weights are.
+                self.nonfinite.skipped += 1
+            elif self.model.has_ssl_head:  # momentum updates of the SSL method, if it has any
                 extra = self.model.ssl.on_step_end(self.step + 1, self.total_steps, self.model.visual,
                                                    base_momentum=self.cfg.objective.momentum)
                 losses = {**losses, **extra}
@@ -277,6 +279,17 @@ class Trainer:
                 with torch.no_grad():  # CLIP's clamp: logits scaled by at most logit_scale_max
                     self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
         return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
+
+    def _scaled_step(self) -> bool:
+        """The optimizer step through the loss scaler; False when fp16 gradients overflowed and
+        the scaler skipped it (its scale then drops, the one outward sign of a skip)."""
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= before
 
     # ----------------------------------------------------------------------------------
     def skipped_samples(self) -> dict[str, int]:
