@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from slip import create_model
-from slip.distributed import all_gather_with_grad
+from slip.distributed import all_gather_with_grad, all_reduce_mean_
 from slip.losses import mocov3_loss, simclr_loss, slip_objective
 from slip.models.batchnorm import GlobalBatchNorm1d
 
@@ -69,6 +69,13 @@ def _beit_inputs():
     return torch.randn(sum(MASKED_ROWS), 5, generator=g), torch.randint(5, (sum(MASKED_ROWS),), generator=g)
 
 
+def _mean_inputs(rank: int) -> list[torch.Tensor]:
+    """Rank-dependent tensors of several shapes (a scalar, an empty one, a transposed view)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn((), generator=g), torch.randn(5, generator=g), torch.randn(0, generator=g),
+            torch.randn(2, 3, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(4, 6, generator=g).t()]
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -79,6 +86,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["loss"].backward()
 
         gathered = all_gather_with_grad(torch.full((2, 1), float(rank)))
+
+        mean_in = _mean_inputs(rank)
+        storage = [(t.data_ptr(), t.stride()) for t in mean_in]
+        all_reduce_mean_(mean_in)
+        mean_in_place = [(t.data_ptr(), t.stride()) for t in mean_in] == storage
 
         moco_in = {k: v[rows].clone().requires_grad_(True) for k, v in _embeddings().items()}
         moco = mocov3_loss(moco_in["img"], moco_in["txt"], moco_in["z1"], moco_in["z2"], temperature=0.2)
@@ -106,6 +118,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "losses": {k: v.detach() for k, v in out.items()},
             "grads": {k: v.grad for k, v in local.items()},
             "gathered": gathered,
+            "mean": {"values": mean_in, "in_place": mean_in_place},
             "moco": {"loss": moco["loss"].detach(), "acc": moco["ssl_acc"],
                      "grads": {k: moco_in[k].grad for k in ("img", "txt")}},
             "bn": {"out": bn_out.detach(), "grad": bn_in.grad, "state": bn.state_dict()},
@@ -127,6 +140,19 @@ def ranks(tmp_path_factory):
 def test_gather_concatenates_in_rank_order(ranks):
     for r in ranks:
         assert r["gathered"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_all_reduce_mean_averages_tensors_of_any_shape_in_place(ranks):
+    want = [(a + b) / 2 for a, b in zip(_mean_inputs(0), _mean_inputs(1))]
+    for r in ranks:
+        assert r["mean"]["in_place"], "the caller's tensors (the gradients) hold the result"
+        got = r["mean"]["values"]
+        assert [t.shape for t in got] == [t.shape for t in want]
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    alone = _mean_inputs(0)
+    all_reduce_mean_(alone)  # no process group: nothing to average with
+    assert all(torch.equal(a, b) for a, b in zip(alone, _mean_inputs(0)))
 
 
 def test_mean_of_rank_losses_equals_the_single_process_loss(ranks):
