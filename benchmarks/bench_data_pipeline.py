@@ -4,7 +4,7 @@
     python benchmarks/bench_data_pipeline.py IMAGE_DIR [--size 224] [--rounds 3] [--methods slip-simclr,slip-beit]
 
 IMAGE_DIR holds ``*.jpg`` with a ``.txt`` caption beside each (for example the output of
-``python shared/bench/make_bench_jpegs.py OUT --count 400 --captions``). The images are first
+``python benchmarks/make_bench_jpegs.py OUT --count 400 --captions``). The images are first
 written as webdataset shards (``slip.data.shards.write_shards`` when available, else a plain
 ``webdataset.TarWriter``), then each pipeline processes every image, in one process with one
 torch thread:

@@ -18,12 +18,14 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .errors import UserError
 from .fileio import atomic_path
 from .models import Architecture, SLIPModel, SSLHeadConfig, TextConfig, VisionConfig, get_architecture
 from .transforms import eval_transform
@@ -40,7 +42,7 @@ _VISION_HEADS_BY_WIDTH = {384: 12, 768: 12, 1024: 16}
 _TEXT_HEAD_WIDTH = 64  # CLIP's text towers use 64-wide heads (512 -> 8)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be (safely) loaded; the message names the file."""
 
 
@@ -58,19 +60,33 @@ def _strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
     return dict(state_dict)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
+_PICKLE_PROTO = b"\x80"  # a pickle of protocol 2 or later starts with its PROTO opcode
+
+
 def _torch_load(path: Path) -> object:
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    """torch.load with weights_only (tensors, plain containers, argparse.Namespace). A file
+    refused or unreadable gets a CheckpointError saying what it is not; torch's own message is
+    not passed on, since its advice (``weights_only=False``) is what must not be done with a
+    file slip refused."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle, "
+                              "nor safetensors)")
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Unsupported global" not in str(e):  # not a pickle of objects at all: junk or damage
-                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{path}: refused to load: the file holds Python objects other than tensors, plain "
-                f"containers and argparse.Namespace, and loading them could run code ({e})"
-            ) from None
-        except (RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+                f"{path}: refused: a pickle that builds Python objects{what} other than tensors, plain containers "
+                "and argparse.Namespace; unpickling it could run code, so slip does not") from None
+        except Exception as e:  # noqa: BLE001 -- whatever the reader trips on, the file is at fault
+            first = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: a damaged or truncated PyTorch checkpoint ({first})") from None
 
 
 def _is_safetensors(path: Path) -> bool:

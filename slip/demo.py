@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
+
+from .errors import command
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("demo")
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="slip demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="working directory (default runs/demo)")
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.shards import INDEX_NAME
     from .data.synthetic import generate_synthetic
-    from .train.config import ConfigError, load_config
-    from .train.trainer import TrainingStopped, train
+    from .train.config import load_config
+    from .train.trainer import train
 
     start = time.perf_counter()
     corpus = args.out / "corpus"
@@ -42,20 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[1/3] writing the synthetic corpus to {corpus} ({args.train_samples} captioned images)")
         generate_synthetic(corpus, seed=args.seed, train_samples=args.train_samples, overwrite=True)
-    try:
-        cfg = load_config(args.config, [
-            f"data.train={corpus / 'train'}", f"eval.benchmark={corpus / 'benchmark'}",
-            f"train.output_dir={args.out / 'run'}", f"train.seed={args.seed}", *args.overrides])
-    except ConfigError as e:
-        print(f"slip demo: configuration error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, [
+        f"data.train={corpus / 'train'}", f"eval.benchmark={corpus / 'benchmark'}",
+        f"train.output_dir={args.out / 'run'}", f"train.seed={args.seed}", *args.overrides])
     print(f"[2/3] training {cfg.model.name} "
           f"for {cfg.train.epochs:g} epochs, batch {cfg.train.batch_size}, on the CPU")
-    try:
-        result = train(cfg)
-    except TrainingStopped as e:
-        print(f"slip demo: {e}", file=sys.stderr)
-        return 1
+    result = train(cfg)
 
     from .eval.datasets import load_benchmark_dir
 

@@ -63,7 +63,16 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(default_backend(device))
+        try:
+            dist.init_process_group(default_backend(device))
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+                raise
+            from .errors import UserError
+
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise UserError(f"MASTER_ADDR:MASTER_PORT {where}: the port is already in use (another job?); "
+                            "choose a free one, e.g. torchrun --master-port PORT or --rdzv-endpoint HOST:PORT") from None
     return get_rank(), get_world_size()
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import create_model, get_tokenizer, list_models, load_pretrained, save_checkpoint
+from .errors import command
 from .transforms import eval_transform
 
 
@@ -24,7 +25,8 @@ def sample_image(size: int = 256) -> Image.Image:
     return image
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("smoke")
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="slip smoke", description=__doc__)
     parser.add_argument("--model", default="slip_vit_b16", choices=list_models())
     parser.add_argument("--caption", default="a red circle on a blue background")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def list_models_main(argv: list[str] | None = None) -> int:
+@command("list-models")
+def list_models_main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="slip list-models", description="Print the registered model names.").parse_args(argv)
     print("\n".join(list_models()))
     return 0

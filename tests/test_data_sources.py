@@ -477,7 +477,7 @@ def test_make_shards_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert sizes == [(27, 20), (16, 16), (27, 20)]  # 32x24 JPEGs downscaled, the 16 px PNG kept
 
     # Existing output is protected unless --overwrite.
-    assert make_shards.main([str(tmp_path / "src"), str(out), "--no-progress"]) == 1
+    assert make_shards.main([str(tmp_path / "src"), str(out), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert make_shards.main([str(tmp_path / "src"), str(out), "--overwrite", "--workers", "2", "--no-progress"]) == 0
 
@@ -495,7 +495,7 @@ def test_make_shards_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_make_shards_main_reports_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "t.tsv").write_text("filepath\ttitle\nx.jpg\thello\n")
     code = make_shards.main([str(tmp_path / "t.tsv"), str(tmp_path / "out"), "--caption-column", "cap", "--no-progress"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "'cap'" in err and "t.tsv" in err
     with pytest.raises(SystemExit):

@@ -166,7 +166,7 @@ def test_make_synthetic_main(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "wrote 40 training samples" in printed and "held-out classes" in printed
     test = read_split(tmp_path / "out" / "benchmark")
     assert Image.open(io.BytesIO(test[0]["jpg"])).size == (32, 32)
-    assert synthetic.main(args) == 1  # refuses to overwrite
+    assert synthetic.main(args) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert synthetic.main([*args, "--overwrite"]) == 0
 

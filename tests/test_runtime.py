@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import socket
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from slip import runtime
 from slip.train.trainer import Trainer, TrainingStopped, train
 from test_eval_finetune import _config as finetune_config
 from test_eval_finetune import bench  # noqa: F401  (fixture)
+from test_data_pipeline import _jpeg, _write_tar
 from test_train import corpus, losses_by_step, tiny  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,18 +258,10 @@ def test_other_ranks_log_warnings_only_and_name_their_rank(capsys):
 
 
 def _shards_with_captions_under_an_unknown_key(root: Path) -> Path:
-    from PIL import Image
-
     root.mkdir(parents=True)
     for shard in range(2):
-        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
-            for i in range(8):
-                buf = io.BytesIO()
-                Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(buf, "JPEG")
-                for ext, data in (("jpg", buf.getvalue()), ("caption_text", b"a red square")):
-                    info = tarfile.TarInfo(f"s{shard}_{i}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        _write_tar(root / f"{shard:05d}.tar", [(f"s{shard}_{i}.{ext}", data) for i in range(8)
+                                               for ext, data in (("jpg", _jpeg(i)), ("caption_text", b"a square"))])
     return root
 
 

@@ -267,5 +267,5 @@ def test_fit_tokenizer_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert fit_tokenizer.main([str(shards), str(out), "--k", "4", "--input-size", "16", "--samples", "3", "--min-scale", "0.5",
                                "--patches-per-image", "0", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 3
-    assert fit_tokenizer.main([str(tmp_path / "missing-{0..3}.tar"), str(out), "--no-progress"]) == 1
+    assert fit_tokenizer.main([str(tmp_path / "missing-{0..3}.tar"), str(out), "--no-progress"]) == 2
     assert fit_tokenizer.main([str(shards), str(out), "--input-size", "15", "--patch", "8"]) == 2

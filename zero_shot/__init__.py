@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from slip.errors import UserError
+
 __all__ = [
     "Benchmark",
     "CATALOG_TYPES",
@@ -138,7 +140,7 @@ def load_benchmarks() -> dict[str, Benchmark]:
     return {key: _benchmark_from_json(key, entry) for key, entry in data["benchmarks"].items()}
 
 
-class CatalogError(ValueError):
+class CatalogError(UserError, ValueError):
     """A dataset catalog file is malformed; the message names the file and the entry."""
 
 

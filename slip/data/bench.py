@@ -29,6 +29,7 @@ import torch
 
 from slip.data.pipeline import PipelineConfig, build_loader
 from slip.data.views import DEFAULT_MAX_PIXELS, METHODS, BatchAugment
+from slip.errors import UserError, command
 from slip.runtime import pick_device
 
 
@@ -76,7 +77,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     try:
         device = pick_device(args.device)
     except ValueError as e:
-        raise SystemExit(f"slip bench-data: --device: {e}") from None
+        raise UserError(f"--device: {e}") from None
     config = PipelineConfig(
         method=args.method,
         size=args.size,
@@ -152,12 +153,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("bench-data")
+def main(argv: list[str]) -> int:
     """Entry point of ``slip bench-data``; the last line printed is the JSON result."""
     args = _parser().parse_args(argv)
     if args.workers < 0 or args.batch_size < 1 or args.seconds <= 0:
-        print("slip bench-data: --workers >= 0, --batch-size >= 1 and --seconds > 0 are required", file=sys.stderr)
-        return 2
+        raise UserError("--workers >= 0, --batch-size >= 1 and --seconds > 0 are required")
     result = run_benchmark(args)
     print(
         f"{result['samples']} samples in {result['seconds']} s: {result['samples_per_s']} samples/s, "

@@ -19,6 +19,7 @@ from pathlib import Path
 from slip.data import sources
 from slip.data.shards import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS, write_shards
 from slip.data.sources import SampleSource, SourceFormatError
+from slip.errors import UserError, command
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def open_source(args: argparse.Namespace) -> SampleSource:
     raise ValueError(f"unknown source format {fmt!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("make-shards")
+def main(argv: list[str]) -> int:
     """Run ``slip make-shards``; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -137,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             jpeg_quality=args.jpeg_quality,
             overwrite=args.overwrite,
         )
-    except (SourceFormatError, FileExistsError, FileNotFoundError, ImportError) as exc:
-        print(f"slip make-shards: error: {exc}", file=sys.stderr)
-        return 1
+    except SourceFormatError as exc:
+        raise UserError(str(exc)) from None
+    except ImportError as exc:  # pyarrow for parquet tables
+        raise UserError(f"{args.source}: {exc}") from None
     skipped = index["skipped"]
     print(f"wrote {index['total_samples']} samples in {len(index['shards'])} shards to {args.out}")
     if skipped:

@@ -70,9 +70,11 @@ Nothing in the data stops training. Each bad sample is skipped and counted by re
 :class:`SkipCounter` shared by all DataLoader workers (shared memory): bad images (empty,
 not an image, corrupt, truncated, over ``max_pixels`` -- checked from the header before any
 decode), missing/empty/non-UTF-8 captions, unparsable JSON, unreadable shards and corrupt or
-truncated tars (webdataset's exception handler logs, counts and moves to the next shard;
-``tar_error`` counts read errors, not samples -- a truncated tar usually raises two, and the
-samples in its unreadable remainder cannot be counted).
+truncated tars (the exception handler logs, counts and moves to the next shard; ``tar_error``
+counts shards whose reading failed, one each, not samples -- the samples in the unreadable
+remainder of a shard cannot be counted. Python's tarfile ends a stream quietly at a header
+block that is cut short or invalid after the first member, so a tar cut there reads as a
+shorter archive and is not counted).
 Images in other modes (CMYK, palette, alpha, 16-bit) are converted, not skipped. The first
 skip of each reason in each process is logged with its detail; totals are logged every
 ``log_interval_s`` by the loader and are available from :meth:`SlipLoader.skipped`.
@@ -96,6 +98,7 @@ import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
+from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
 
 from slip.data.views import (
     CORRUPT_IMAGE,
@@ -109,9 +112,14 @@ from slip.data.views import (
     decode_views,
     method_views,
 )
+from slip.errors import UserError
 from slip.tokenizer import trim_padding
 
 logger = logging.getLogger(__name__)
+
+
+class ShardSpecError(UserError, ValueError):
+    """A shard spec that names no readable shards (or a malformed one); the message names it."""
 
 INDEX_FORMAT = "slip-shards/1"
 INDEX_NAME = "index.json"
@@ -224,6 +232,44 @@ class TarErrorHandler:
         return True
 
 
+class ReadShards:
+    """Pipeline stage: shard URLs -> raw samples, as ``wds.tarfile_to_samples(handler=...)``
+    except that a shard that cannot be read to its end is reported to ``handler`` once.
+
+    webdataset's tar expander reports a tar truncated inside a member twice (the member's read,
+    then the next header's), so its error count was not a count of broken shards.
+    """
+
+    def __init__(self, handler: TarErrorHandler) -> None:
+        self.handler = handler
+
+    def _members(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for source in url_opener(src, handler=self.handler):  # a shard that cannot be opened
+            errors: list[Exception] = []
+
+            def stop(exn: Exception) -> bool:  # the first read error ends the shard
+                errors.append(exn)
+                return False
+
+            try:
+                for member in tar_file_iterator(source["stream"], handler=stop):
+                    member["__url__"] = source["url"]
+                    if source.get("local_path") is not None:
+                        member["__local_path__"] = source["local_path"]
+                    yield member
+            except Exception as exn:  # noqa: BLE001 -- raised between members: bad header, not a tar
+                errors.append(exn)
+            if errors:
+                exn = errors[0]
+                if exn.args and isinstance(exn.args[0], str) and source["url"] not in exn.args[0]:
+                    exn.args = (f"{exn.args[0]} @ {source['url']}", *exn.args[1:])  # as webdataset names it
+                self.handler(exn)
+            yield {}  # end of shard: samples are never joined across shards
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return group_by_keys(self._members(src), handler=self.handler)
+
+
 # --------------------------------------------------------------------------------------------
 # Shard specs
 # --------------------------------------------------------------------------------------------
@@ -284,9 +330,12 @@ def load_index(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, INDEX_NAME)
     with open(path, encoding="utf-8") as f:
-        index = json.load(f)
+        try:
+            index = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ShardSpecError(f"{path}: not a {INDEX_FORMAT} index (invalid JSON: {e})") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{path}: not a {INDEX_FORMAT} index")
+        raise ShardSpecError(f"{path}: not a {INDEX_FORMAT} index")
     return index
 
 
@@ -298,21 +347,21 @@ def _source_from_index(path: str, weight: float, name: str) -> ShardSource:
         shard = entry["name"] if isinstance(entry, dict) else str(entry)
         urls.append(shard if os.path.isabs(shard) or _is_remote(shard) else os.path.join(base, shard))
     if not urls:
-        raise ValueError(f"{path}: the index lists no shards")
+        raise ShardSpecError(f"{path}: the index lists no shards")
     total = index.get("total_samples")
     return ShardSource(tuple(urls), weight, index.get("corpus"), int(total) if total is not None else None, name)
 
 
 def _resolve_source(text: str, weight: float) -> ShardSource:
     if not weight > 0 or not math.isfinite(weight):
-        raise ValueError(f"shard spec {text!r}: weight must be a positive number, got {weight}")
+        raise ShardSpecError(f"shard spec {text!r}: weight must be a positive number, got {weight}")
     path = os.path.expanduser(text)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, INDEX_NAME)):
             return _source_from_index(path, weight, text)
         urls = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
         if not urls:
-            raise ValueError(f"shard spec {text!r}: directory holds no index.json and no .tar files")
+            raise ShardSpecError(f"shard spec {text!r}: directory holds no index.json and no .tar files")
         return ShardSource(tuple(urls), weight, None, None, text)
     if path.endswith(".json") and os.path.isfile(path):
         return _source_from_index(path, weight, text)
@@ -342,7 +391,7 @@ def parse_shard_spec(spec: SpecLike) -> list[ShardSource]:
             else:
                 items.append(_split_weight(os.fspath(entry)))
     if not items:
-        raise ValueError(f"empty shard spec {spec!r}")
+        raise ShardSpecError(f"empty shard spec {spec!r}")
     return [_resolve_source(text, weight) for text, weight in items]
 
 
@@ -789,7 +838,7 @@ def _source_samples(
             wds.split_by_worker,
             _PassShuffle(config.seed, rank, epoch),
         ]
-    stages.append(wds.tarfile_to_samples(handler=handler))
+    stages.append(ReadShards(handler))
     stages.append(wds.map(_TagCorpus(source.corpus)))
     return stages
 

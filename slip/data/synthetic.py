@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from slip.data.shards import Sample, write_json_atomic, write_shards
+from slip.errors import command
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("make-synthetic")
+def main(argv: list[str]) -> int:
     """Run ``slip make-synthetic``; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -440,20 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_samples < 0 or args.test_per_class < 0 or args.samples_per_shard < 1:
         parser.error("sample counts must be non-negative and --samples-per-shard at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = generate_synthetic(
-            args.out,
-            seed=args.seed,
-            train_samples=args.train_samples,
-            test_per_class=args.test_per_class,
-            image_size=args.image_size,
-            samples_per_shard=args.samples_per_shard,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except FileExistsError as exc:
-        print(f"slip make-synthetic: error: {exc}", file=sys.stderr)
-        return 1
+    result = generate_synthetic(
+        args.out,
+        seed=args.seed,
+        train_samples=args.train_samples,
+        test_per_class=args.test_per_class,
+        image_size=args.image_size,
+        samples_per_shard=args.samples_per_shard,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     bench = result["benchmark"]
     print(
         f"wrote {result['train']['total_samples']} training samples to {args.out / 'train'} and "

@@ -62,6 +62,7 @@ from .. import distributed as D
 from .. import runtime
 from ..checkpoint import CheckpointError, LoadedCheckpoint, read_checkpoint
 from ..fileio import atomic_path, atomic_write_text
+from ..errors import UserError
 from ..models import VisionConfig
 from ..runtime import NonFiniteGuard, RunStopped
 from ..train.checkpoints import CheckpointManager, rng_state, set_rng_state
@@ -102,7 +103,7 @@ HEAD_INIT_STD = 2e-5
 _MULTILABEL_METRICS = frozenset({"voc_11pt_map"})
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError, ValueError):
     """A setting or input that makes fine-tuning impossible; the message says which."""
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import command
 from .finetune import REFERENCE_BATCH, FinetuneConfig
 
 _DEFAULTS = FinetuneConfig(checkpoint="", catalog="", benchmark="", output_dir="")
@@ -96,25 +97,16 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("finetune")
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from ..runtime import configure_logging
 
     configure_logging()
-    from zero_shot import CatalogError
-
-    from ..checkpoint import CheckpointError
     from ..distributed import is_main_process
-    from .finetune import FinetuneError, FinetuneStopped, finetune
+    from .finetune import finetune
 
-    try:
-        result = finetune(config_from_args(args))
-    except FinetuneStopped as e:
-        print(f"slip finetune: {e}", file=sys.stderr)
-        return 1
-    except (FinetuneError, CheckpointError, CatalogError, OSError) as e:
-        print(f"slip finetune: {e}", file=sys.stderr)
-        return 2
+    result = finetune(config_from_args(args))
     if is_main_process():
         best = f"{result.best['value']:.2f} ({result.best['epoch']:g})"
         print(_table([(result.benchmark, result.metric, f"{result.value:.2f}", best, str(result.n))]))

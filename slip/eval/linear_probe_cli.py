@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError, command
 from ..fileio import atomic_write_text
 from .linear_probe import (
     PROTOCOLS,
@@ -103,11 +104,12 @@ def _format_table(rows: list[tuple[str, str, ProbeResult]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines])
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("linear-probe")
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from zero_shot import load_benchmarks, load_catalog
 
-    from ..checkpoint import CheckpointError, load_pretrained
+    from ..checkpoint import load_pretrained
 
     keys = [k.strip() for k in args.benchmarks.split(",") if k.strip()]
     try:
@@ -115,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         catalog = load_catalog(args.catalog)
         for key in keys:
             if key not in benchmarks:
-                raise ValueError(f"unknown benchmark {key!r}; known: {', '.join(benchmarks)}")
+                raise UserError(f"unknown benchmark {key!r}; known: {', '.join(benchmarks)}")
             if key not in catalog:
-                raise ValueError(f"benchmark {key!r} has no entry in {args.catalog}")
+                raise UserError(f"benchmark {key!r} has no entry in {args.catalog}")
             if benchmarks[key].metric in _MULTILABEL_METRICS:
-                raise ValueError(f"{key} is multi-label ({benchmarks[key].metric}); the linear probe is single-label")
+                raise UserError(f"{key} is multi-label ({benchmarks[key].metric}); the linear probe is single-label")
         if not keys:
-            raise ValueError("--benchmarks names no benchmark")
+            raise UserError("--benchmarks names no benchmark")
         model, preprocess = load_pretrained(args.checkpoint, device=args.device)
         # Imported here: the dataset loaders are only needed once there is work to do.
         from .datasets import build_dataset
@@ -130,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         # so a missing dataset fails the run at once rather than after hours of other work.
         datasets = {(key, split): build_dataset(key, catalog[key], split, preprocess)
                     for key in keys for split in ("train", "test")}
-    except (OSError, ValueError, CheckpointError) as e:
-        print(f"slip linear-probe: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a dataset's files or the device named on the command line
+        raise UserError(str(e)) from None
 
     identity = checkpoint_identity(args.checkpoint)
     image_size = model.arch.vision.image_size

@@ -27,11 +27,12 @@ import torch
 
 from slip import distributed as D
 from slip import runtime
-from slip.checkpoint import CheckpointError, load_pretrained
+from slip.checkpoint import load_pretrained
 from slip.distributed import get_rank, is_distributed
+from slip.errors import UserError, command
 from slip.fileio import atomic_write_text
 from slip.tokenizer import get_tokenizer
-from zero_shot import RETRIEVAL_TYPE, Benchmark, CatalogError, load_benchmarks, load_catalog
+from zero_shot import RETRIEVAL_TYPE, Benchmark, load_benchmarks, load_catalog
 
 from .datasets import DatasetNotFoundError, LocalBenchmark, build_dataset, load_benchmark_dir
 from .retrieval import build_retrieval_dataset, evaluate_retrieval
@@ -41,7 +42,7 @@ PROG = "slip zero-shot"
 CSV_FIELDS = ("benchmark", "name", "metric", "value", "n", "skipped")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake in the command line or its inputs (exit status 2)."""
 
 
@@ -144,10 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.catalog is None and not args.benchmark_dir:
         raise UsageError("give --catalog and/or --benchmark-dir")
     known = load_benchmarks()
-    try:
-        catalog = load_catalog(args.catalog) if args.catalog else {}
-    except (CatalogError, OSError) as e:
-        raise UsageError(str(e)) from None
+    catalog = load_catalog(args.catalog) if args.catalog else {}
     local = _parse_benchmark_dirs(args.benchmark_dir)
     keys, missing = _select(args.benchmarks, known, catalog, local)
 
@@ -167,10 +165,7 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
                   local: dict[str, LocalBenchmark], keys: list[str], missing: dict[str, str],
                   device: torch.device) -> int:
     main_process = get_rank() == 0
-    try:
-        model, preprocess = load_pretrained(args.checkpoint, device)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
+    model, preprocess = load_pretrained(args.checkpoint, device)
     if not model.has_text:
         raise UsageError(f"{args.checkpoint}: this model has no text tower (an image-only SimCLR model), "
                          "so it cannot classify zero-shot; evaluate it with the linear probe instead")
@@ -237,14 +232,10 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("zero-shot")
+def main(argv: list[str]) -> int:
     """Entry point of ``slip zero-shot`` and ``python -m zero_shot``."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return _run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from slip.data.errors import SampleSkip
+from slip.errors import UserError, command
 from slip.data.pipeline import IMAGE_EXTENSIONS, parse_shard_spec
 from slip.data.views import ViewSpec, decode_views
 from slip.ssl.visual_tokenizers import PATCH_NORMS, KMeansPatchTokenizer
@@ -194,26 +195,21 @@ def fit_from_shards(args: argparse.Namespace) -> tuple[KMeansPatchTokenizer, dic
     return tokenizer, summary
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("fit-tokenizer")
+def main(argv: list[str]) -> int:
     """Entry point of ``slip fit-tokenizer``; the last line printed is the JSON summary."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.k < 1 or args.samples < 1 or args.iters < 0 or args.patches_per_image < 0:
-        print("slip fit-tokenizer: --k >= 1, --samples >= 1, --iters >= 0, --patches-per-image >= 0 required",
-              file=sys.stderr)
-        return 2
+        raise UserError("--k >= 1, --samples >= 1, --iters >= 0, --patches-per-image >= 0 required")
     if args.patch < 1 or args.input_size % args.patch:
-        print(f"slip fit-tokenizer: --input-size {args.input_size} must be a multiple of --patch {args.patch}",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"--input-size {args.input_size} must be a multiple of --patch {args.patch}")
     if not 0.0 < args.min_scale <= 1.0:
-        print("slip fit-tokenizer: --min-scale must lie in (0, 1]", file=sys.stderr)
-        return 2
+        raise UserError("--min-scale must lie in (0, 1]")
     try:
         tokenizer, summary = fit_from_shards(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"slip fit-tokenizer: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:  # too few patches for k codes, a bad shard spec
+        raise UserError(str(exc)) from None
     tokenizer.save(args.out)
     print(
         f"k={summary['k']}: {summary['codes_used']} codes used (perplexity {summary['code_perplexity']:.1f}), "

@@ -188,7 +188,12 @@ class FlavaCodebookTokenizer(VisualTokenizer):
             ValueError: the directory does not hold a loadable FLAVA image codebook (wrong model
                 type, unreadable config, weights that do not match the architecture).
         """
-        from transformers import FlavaImageCodebook  # heavy import, only when used
+        try:
+            from transformers import FlavaImageCodebook  # heavy import, only when used
+        except ImportError:
+            from ..errors import MissingExtra
+
+            raise MissingExtra(f"the FLAVA codebook {path}", "transformers", "beit") from None
 
         root = Path(path).expanduser()
         what = "a FLAVA image codebook directory (config.json + model.safetensors or pytorch_model.bin)"

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .config import ConfigError, load_config
+from ..errors import command
+from .config import load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("train")
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="slip train", description="Pretrain CLIP, SimCLR or SLIP. Rerunning with the same "
         "train.output_dir resumes from its last checkpoint. Works unchanged under torchrun.")
@@ -17,21 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime import configure_logging
 
     configure_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"slip train: configuration error: {e}", file=sys.stderr)
-        return 2
-    from .trainer import TrainingStopped, train
+    cfg = load_config(args.config, args.overrides)
+    from .trainer import train
 
-    try:
-        result = train(cfg)
-    except TrainingStopped as e:
-        print(f"slip train: {e}", file=sys.stderr)
-        return 1
-    except ConfigError as e:
-        print(f"slip train: configuration error: {e}", file=sys.stderr)
-        return 2
+    result = train(cfg)
     from ..distributed import is_main_process
 
     if result.checkpoint is not None and is_main_process():

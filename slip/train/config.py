@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration mistake; the message names the key."""
 
 

@@ -46,7 +46,8 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional; the JSON lines carry the same data
-                logger.info("tensorboard is not installed; logging JSON lines only")
+                logger.warning("tensorboard is not installed, so no TensorBoard logs are written (metrics.jsonl "
+                               "holds the same figures): pip install 'slip[tensorboard]'")
             else:
                 self._tb = SummaryWriter(str(output_dir / "tensorboard"))
 
