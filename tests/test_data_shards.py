@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from slip.data import shards
@@ -202,6 +204,67 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     assert index["total_samples"] == 3
     written = read_all(tmp_path / "out")
     assert [(s["__key__"], s["txt"]) for s in written] == [("ok1", b"fine"), ("dup", b"first"), ("ok2", b"fine")]
+
+
+def la_tiff(grey: int = 90, alpha: int = 200) -> bytes:
+    """A grey TIFF with *associated* (premultiplied) alpha, ExtraSamples = 1: PIL opens it in
+    mode "La", which it cannot convert to RGB. PIL only writes unassociated alpha (LA), so the
+    tag of an LA TIFF is patched."""
+    data = bytearray(encode(Image.new("LA", (20, 12), (grey, alpha)), "TIFF"))
+    assert data[:2] == b"II"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 338:  # ExtraSamples
+            struct.pack_into("<H", data, entry + 8, 1)
+    assert Image.open(io.BytesIO(bytes(data))).mode == "La"
+    return bytes(data)
+
+
+def test_make_shards_counts_every_skip_reason_exactly(tmp_path: Path, capsys: pytest.CaptureFixture, one_torch_thread) -> None:
+    # A folder corpus through `slip make-shards` with 2 worker processes, then the training
+    # loader over its output: each bad file is counted once under its own reason.
+    from slip.data import make_shards
+    from slip.data.pipeline import PipelineConfig, build_loader
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    jpeg = encode(noise_image(5, (64, 64)), "JPEG")
+
+    def put(name: str, data: bytes, caption: str | None = "a caption") -> None:
+        (src / name).write_bytes(data)
+        if caption is not None:
+            (src / name).with_suffix(".txt").write_text(caption)
+
+    good = [f"good{i}" for i in range(6)]
+    for i, key in enumerate(good[:4]):
+        put(f"{key}.jpg", encode(noise_image(i), "JPEG"))
+    put("good4.png", encode(noise_image(4).convert("L"), "PNG"))  # converted, not skipped
+    put("good5.tif", encode(noise_image(6).convert("CMYK"), "TIFF"))
+    put("corrupt1.png", corrupted_png())
+    put("corrupt2.jpg", jpeg[:300] + bytes(range(256)) * 4)
+    put("corrupt3.jpg", jpeg[: len(jpeg) // 2])  # truncated
+    put("lamode1.tif", la_tiff(90, 200))
+    put("lamode2.tif", la_tiff(30, 100))
+    put("text.jpg", b"<html>not found</html>")
+    put("empty.jpg", b"")
+    put("nocaption.jpg", encode(noise_image(7), "JPEG"), caption=None)
+    put("blank.jpg", encode(noise_image(8), "JPEG"), caption=" \n ")
+    assert make_shards.main([str(src), str(out), "--workers", "2", "--samples-per-shard", "4", "--no-progress"]) == 0
+    expected = {"corrupt_image": 3, "unsupported_mode": 2, "not_an_image": 1, "empty_file": 1,
+                "missing_caption": 1, "empty_caption": 1}
+    index = load_index(out)
+    assert index["skipped"] == expected
+    assert index["total_samples"] == 6 and [s["samples"] for s in index["shards"]] == [4, 2]
+    assert sorted(s["__key__"] for s in read_all(out)) == good
+    printed = capsys.readouterr().out
+    assert "wrote 6 samples in 2 shards" in printed and "skipped 9 samples: " in printed
+    assert "corrupt_image=3" in printed and "unsupported_mode=2" in printed
+    # What was written loads without a single skip.
+    loader = build_loader(out, PipelineConfig(method="clip", size=16, batch_size=4, workers=0, shuffle_buffer=0),
+                          tokenizer=lambda texts: torch.zeros(len(texts), 8, dtype=torch.long))
+    assert sorted(k for batch in loader for k in batch["key"]) == good
+    assert loader.skipped() == {}
 
 
 def test_decompression_bomb_rejected_by_pixel_cap(tmp_path: Path) -> None:

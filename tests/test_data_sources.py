@@ -286,6 +286,36 @@ def test_restricted_pickle_loads_plain_data(tmp_path: Path, protocol: int) -> No
     assert sources.load_restricted_pickle(path) == data
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_numeric_array_globals_rebuild_numbers_and_refuse_object_arrays(tmp_path: Path, protocol: int) -> None:
+    path = tmp_path / "arrays.pkl"
+    data = {"data": np.arange(12, dtype=np.uint8).reshape(3, 4), "f": np.linspace(0, 1, 5), "n": np.int64(7), "labels": [1, 2]}
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    loaded = sources.load_restricted_pickle(path, allowed=sources.numeric_array_globals())
+    assert set(loaded) == set(data) and loaded["labels"] == [1, 2] and loaded["n"] == 7
+    for key in ("data", "f"):
+        assert loaded[key].dtype == data[key].dtype and np.array_equal(loaded[key], data[key])
+    # Object arrays: refused by the numeric globals, still read by the CC metadata globals.
+    path.write_bytes(pickle.dumps({"data": np.array([{"a": 1}, "x"], dtype=object)}, protocol=protocol))
+    with pytest.raises(SourceFormatError, match=r"arrays\.pkl: refusing an array of Python objects"):
+        sources.load_restricted_pickle(path, allowed=sources.numeric_array_globals())
+    assert list(sources.load_restricted_pickle(path, allowed=sources.numpy_array_globals())["data"]) == [{"a": 1}, "x"]
+    # Object arrays asked for without a dtype object: numpy.ndarray((2,), "O") called directly,
+    # and _reconstruct(ndarray, (2,), "O") with no state (both plain pickle.loads accept).
+    for crafted in (b"\x80\x02cnumpy\nndarray\nK\x02\x85X\x01\x00\x00\x00O\x86R.",
+                    b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x02\x85X\x01\x00\x00\x00O\x87R."):
+        assert pickle.loads(crafted).dtype == object
+        path.write_bytes(crafted)
+        with pytest.raises(SourceFormatError, match=r"arrays\.pkl: "):
+            sources.load_restricted_pickle(path, allowed=sources.numeric_array_globals())
+    # ... and neither lets a reduce to a function through.
+    path.write_bytes(pickle.dumps({"data": Evil(tmp_path / "pwned")}, protocol=protocol))
+    for allowed in (sources.numeric_array_globals(), sources.numpy_array_globals()):
+        with pytest.raises(SourceFormatError, match=r"arrays\.pkl: refusing to unpickle (posix|os)\.system"):
+            sources.load_restricted_pickle(path, allowed=allowed)
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_yfcc_malformed_metadata(tmp_path: Path) -> None:
     root = tmp_path / "yfcc"
     (root / "images").mkdir(parents=True)

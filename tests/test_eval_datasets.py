@@ -5,6 +5,8 @@ import io
 import json
 import logging
 import pickle
+import re
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -24,6 +26,7 @@ from slip.eval.datasets import (
     load_benchmark_dir,
     make_eval_loader,
 )
+from slip.data.sources import SourceFormatError
 from zero_shot import Benchmark, load_benchmarks
 
 TOY = Benchmark(key="toy", name="Toy", classnames=("red", "green", "blue"), templates=("a {}.",), metric="top1")
@@ -174,27 +177,67 @@ def _cifar_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
 
 
-def _write_cifar(root: Path, hundred: bool) -> dict[str, tuple[np.ndarray, list[int]]]:
+def _py2_pickle(obj) -> bytes:
+    """``obj`` as Python 2's cPickle (protocol 2) with numpy 1.x wrote CIFAR's files: strings are
+    8-bit ``str`` (SHORT_BINSTRING/BINSTRING), arrays are rebuilt by
+    ``numpy.core.multiarray._reconstruct`` with a ``numpy.dtype`` and their raw bytes as a ``str``.
+    Handles what CIFAR holds: dicts, lists, str, non-negative ints and uint8 arrays."""
+    def string(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def integer(i: int) -> bytes:
+        return b"K" + bytes([i]) if i < 256 else b"M" + struct.pack("<H", i) if i < 65536 else b"J" + struct.pack("<i", i)
+
+    def dump(o) -> bytes:
+        if isinstance(o, str):
+            return string(o.encode("latin1"))
+        if isinstance(o, int):
+            return integer(o)
+        if isinstance(o, list):
+            return b"](" + b"".join(map(dump, o)) + b"e"
+        if isinstance(o, dict):
+            return b"}(" + b"".join(dump(k) + dump(v) for k, v in o.items()) + b"u"
+        assert isinstance(o, np.ndarray) and o.dtype == np.uint8
+        dtype = (b"cnumpy\ndtype\n" + string(b"u1") + integer(0) + integer(1) + b"\x87R("
+                 + integer(3) + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + integer(0) + b"tb")
+        state = b"(" + integer(1) + b"(" + b"".join(map(integer, o.shape)) + b"t" + dtype + b"\x89" + string(o.tobytes()) + b"tb"
+        return b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85" + string(b"b") + b"\x87R" + state
+
+    return b"\x80\x02" + dump(obj) + b"."
+
+
+def _write_cifar(root: Path, hundred: bool, fmt: str | int = "py2") -> dict[str, tuple[np.ndarray, list[int]]]:
+    """CIFAR-10/100's python layout with the keys the real files hold, pickled as Python 2 did
+    (``fmt="py2"``) or by this Python at protocol ``fmt``."""
     folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
     folder.mkdir(parents=True)
-    label_key = "fine_labels" if hundred else "labels"
     files = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+    def write(name: str, obj: dict) -> None:
+        (folder / name).write_bytes(_py2_pickle(obj) if fmt == "py2" else pickle.dumps(obj, protocol=fmt))
+
     written = {}
     for seed, name in enumerate(files):
         data = _cifar_images(2, seed)
         labels = [seed % 10, (seed + 7) % 10]
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, label_key: labels}, f)
+        entry = {"batch_label": f"{name} of 6", "data": data, "filenames": [f"img_{seed}_{i}.png" for i in range(2)]}
+        if hundred:
+            entry.update(fine_labels=labels, coarse_labels=[label // 5 for label in labels])
+        else:
+            entry["labels"] = labels
+        write(name, entry)
         written[name] = (data, labels)
-    meta_name, meta_key = ("meta", "fine_label_names") if hundred else ("batches.meta", "label_names")
-    with open(folder / meta_name, "wb") as f:
-        pickle.dump({meta_key: [f"c{i}" for i in range(100 if hundred else 10)]}, f)
+    if hundred:
+        write("meta", {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]})
+    else:
+        write("batches.meta", {"num_cases_per_batch": 10000, "label_names": [f"c{i}" for i in range(10)], "num_vis": 3072})
     return written
 
 
+@pytest.mark.parametrize("fmt", ["py2", 2, 5])
 @pytest.mark.parametrize("hundred", [False, True])
-def test_cifar_reads_local_pickles_without_md5_or_download(tmp_path, hundred):
-    written = _write_cifar(tmp_path, hundred)
+def test_cifar_reads_local_pickles_without_md5_or_download(tmp_path, hundred, fmt):
+    written = _write_cifar(tmp_path, hundred, fmt)
     key = "cifar100" if hundred else "cifar10"
     entry = {"path": str(tmp_path), "type": "special"}
     test = build_dataset(key, entry, "test", None)
@@ -206,6 +249,64 @@ def test_cifar_reads_local_pickles_without_md5_or_download(tmp_path, hundred):
     assert np.array_equal(np.asarray(image), data[1].reshape(3, 32, 32).transpose(1, 2, 0))
     train = build_dataset(key, entry, "train", None)
     assert len(train) == (2 if hundred else 10)
+    assert [train[i][1] for i in range(len(train))] == [y for name, (_, ys) in written.items() if "test" not in name for y in ys]
+    assert train.classes[:2] == ["c0", "c1"] and len(train.classes) == (100 if hundred else 10)
+
+
+class _WritesFile:
+    """Unpickling this calls ``open(path, "w")``: a pickle that runs code when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+class _RunsShell:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.path}",)
+
+
+def test_cifar_refuses_pickles_that_would_run_code_naming_the_file(tmp_path):
+    entry = {"path": str(tmp_path), "type": "special"}
+    marker = tmp_path / "pwned"
+    # The payload is live: plain pickle.load, as torchvision uses, creates the file.
+    pickle.loads(pickle.dumps(_WritesFile(marker))).close()
+    assert marker.exists()
+    marker.unlink()
+    folder = tmp_path / "cifar-10-batches-py"
+    for payload, refused in ((_WritesFile(marker), r"builtins\.open|io\.open"), (_RunsShell(marker), r"posix\.system|os\.system")):
+        for name in ("test_batch", "batches.meta"):  # a data batch and the metadata file
+            shutil.rmtree(folder, ignore_errors=True)
+            _write_cifar(tmp_path, hundred=False, fmt=2)
+            clean = pickle.loads((folder / name).read_bytes())  # written just now by the test
+            clean["labels" if name == "test_batch" else "label_names"] = payload
+            (folder / name).write_bytes(pickle.dumps(clean, protocol=2))
+            with pytest.raises(SourceFormatError, match=rf"{re.escape(str(folder / name))}: refusing to unpickle ({refused})"):
+                build_dataset("cifar10", entry, "test", None)
+            assert not marker.exists()
+
+
+def test_cifar_refuses_object_arrays(tmp_path):
+    # An object array's elements are unpickled as arbitrary objects; CIFAR only has uint8 arrays.
+    entry = {"path": str(tmp_path), "type": "special"}
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(tmp_path, hundred=False, fmt=2)
+    clean = pickle.loads((folder / "test_batch").read_bytes())
+    for objects in (np.array([b"x" * 3072, b"y" * 3072], dtype=object),
+                    np.array([{"a": 1}, _WritesFile(tmp_path / "pwned")], dtype=object)):
+        for protocol in (2, 5):
+            clean["data"] = objects
+            (folder / "test_batch").write_bytes(pickle.dumps(clean, protocol=protocol))
+            with pytest.raises(SourceFormatError, match=rf"{re.escape(str(folder / 'test_batch'))}: refusing an array of Python objects"):
+                build_dataset("cifar10", entry, "test", None)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_special_dataset_missing_names_key_and_layout(tmp_path):

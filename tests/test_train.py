@@ -293,18 +293,6 @@ def test_training_validation_matches_the_zero_shot_command(corpus, tmp_path, cap
     assert synthetic["groups"]["seen"]["value"] == result.validation["synthetic_seen"]
 
 
-def test_demo_command_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
-    from slip.demo import main as demo_main
-
-    assert demo_main(["--out", str(tmp_path / "demo"), "--train-samples", "256", "train.batch_size=32",
-                      "train.epochs=0.25", "data.workers=0"]) == 0
-    out = capsys.readouterr().out
-    assert "held-out colour x shape" in out and "chance" in out and "3.3%" in out
-    assert "slip.load_pretrained(" in out
-    ckpt = next((tmp_path / "demo" / "run" / "checkpoints").glob("step-*.pt"))
-    slip.load_pretrained(ckpt)
-
-
 def test_too_few_shards_for_the_data_readers_is_a_config_error(corpus, tmp_path):
     from slip.train.config import ConfigError
 

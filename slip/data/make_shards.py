@@ -18,7 +18,7 @@ from pathlib import Path
 
 from slip.data import sources
 from slip.data.shards import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS, write_shards
-from slip.data.sources import SampleSource, SourceFormatError
+from slip.data.sources import SampleSource
 from slip.errors import UserError, command
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,6 @@ def main(argv: list[str]) -> int:
             jpeg_quality=args.jpeg_quality,
             overwrite=args.overwrite,
         )
-    except SourceFormatError as exc:
-        raise UserError(str(exc)) from None
     except ImportError as exc:  # pyarrow for parquet tables
         raise UserError(f"{args.source}: {exc}") from None
     skipped = index["skipped"]

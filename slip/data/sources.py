@@ -16,7 +16,8 @@ Supported layouts:
 
 Pickled metadata (YFCC ``.pkl``, CC ``.npy`` object arrays) is loaded with
 :class:`RestrictedUnpickler`, which only rebuilds plain data and refuses every other global, so a
-tampered metadata file cannot run code.
+tampered metadata file cannot run code. The evaluation datasets read CIFAR's pickled batches with
+it too (:func:`numeric_array_globals`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from urllib.parse import unquote_plus
 import numpy as np
 
 from slip.data.shards import Sample
+from slip.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Column names tried, in this order, when a table's columns are not given explicitly.
@@ -45,7 +47,7 @@ YFCC_METADATA_NAME = "yfcc15m.pkl"
 TABLE_SUFFIXES = {".tsv": "\t", ".tab": "\t", ".csv": ",", ".parquet": None, ".pq": None}
 
 
-class SourceFormatError(ValueError):
+class SourceFormatError(UserError, ValueError):
     """The input corpus is malformed; the message names the offending file, column or entry."""
 
 
@@ -112,6 +114,55 @@ def numpy_array_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+class _Refused(ValueError):
+    """Raised while unpickling for data that is refused; reported with the file's name."""
+
+
+def _numeric_dtype(*args: Any) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise _Refused(f"refusing an array of Python objects (dtype {dtype}); only numeric arrays are loaded")
+    return dtype
+
+
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` in a pickle, where it may only be the type argument of
+    ``_reconstruct``: calling ``numpy.ndarray(shape, "O")`` directly would build an object array."""
+
+
+def _numeric_reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    if subtype is not _NdarrayToken:
+        raise _Refused(f"refusing to rebuild an array of type {subtype!r}")
+    return multiarray._reconstruct(np.ndarray, shape, _numeric_dtype(typecode))
+
+
+def numeric_array_globals() -> dict[tuple[str, str], Any]:
+    """Plain-data globals plus what rebuilds a *numeric* ndarray, as in CIFAR's python batches.
+
+    CIFAR's files are Python 2 pickles of dicts of lists, strings and uint8 arrays, which
+    reference ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``;
+    pickles written by Python 3 at protocol 5 rebuild arrays with ``numpy._core.numeric._frombuffer``.
+    ``dtype`` and ``_reconstruct`` are wrapped, and ``ndarray`` resolves to a token that builds
+    nothing, so that an array of Python objects (dtype ``O``) is refused however a pickle asks.
+    """
+    try:
+        from numpy._core import numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import numeric  # type: ignore[no-redef]
+    allowed = numpy_array_globals()
+    allowed[("numpy", "dtype")] = _numeric_dtype
+    allowed[("numpy", "ndarray")] = _NdarrayToken
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = _numeric_reconstruct
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only whitelisted globals.
 
@@ -120,8 +171,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``allowed`` leaves only the construction of plain data.
     """
 
-    def __init__(self, file: IO[bytes], *, allowed: Mapping[tuple[str, str], Any], source: str) -> None:
-        super().__init__(file)
+    def __init__(
+        self, file: IO[bytes], *, allowed: Mapping[tuple[str, str], Any], source: str, encoding: str = "ASCII"
+    ) -> None:
+        # encoding: how Python 2 ``str`` objects are decoded ("latin1" for numpy arrays).
+        super().__init__(file, encoding=encoding)
         self._allowed = dict(allowed)
         self._source = source
 
@@ -130,8 +184,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except KeyError:
             raise SourceFormatError(
-                f"{self._source}: refusing to unpickle {module}.{name}; metadata pickles may only "
-                "contain plain data (lists, tuples, dicts, str, int, float)"
+                f"{self._source}: refusing to unpickle {module}.{name}; only plain data (lists, tuples, "
+                "dicts, str, bytes, numbers and, where expected, numpy arrays) is loaded from this file"
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -139,22 +193,28 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_restricted_pickle(
-    path: str | os.PathLike, *, allowed: Mapping[tuple[str, str], Any] | None = None
+    path: str | os.PathLike, *, allowed: Mapping[tuple[str, str], Any] | None = None, encoding: str = "ASCII"
 ) -> Any:
     """Unpickle ``path`` allowing only plain builtin data (or the given ``allowed`` globals).
+
+    ``encoding`` decodes Python 2 ``str`` objects (``"latin1"`` for Python 2 numpy arrays).
 
     Raises:
         SourceFormatError: naming the file, for a refused global or an unreadable pickle.
     """
     with open(path, "rb") as f:
-        return _restricted_load(f, str(path), plain_data_globals() if allowed is None else allowed)
+        return _restricted_load(f, str(path), plain_data_globals() if allowed is None else allowed, encoding)
 
 
-def _restricted_load(f: IO[bytes], source: str, allowed: Mapping[tuple[str, str], Any]) -> Any:
+def _restricted_load(
+    f: IO[bytes], source: str, allowed: Mapping[tuple[str, str], Any], encoding: str = "ASCII"
+) -> Any:
     try:
-        return RestrictedUnpickler(f, allowed=allowed, source=source).load()
+        return RestrictedUnpickler(f, allowed=allowed, source=source, encoding=encoding).load()
     except SourceFormatError:
         raise
+    except _Refused as exc:
+        raise SourceFormatError(f"{source}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise SourceFormatError(f"{source}: cannot unpickle: {exc!r}") from None
 
@@ -763,6 +823,7 @@ __all__ = [
     "load_npy_records",
     "load_restricted_pickle",
     "load_yfcc_metadata",
+    "numeric_array_globals",
     "numpy_array_globals",
     "plain_data_globals",
     "read_cc",

@@ -380,7 +380,51 @@ class VOC2007Dataset(_SkippingDataset):
 # fails when torchvision reshapes its arrays.
 
 
+def _load_cifar_pickle(path: str) -> dict:
+    """One of CIFAR's python-format files, unpickled without running code.
+
+    The files are (Python 2) pickles of dicts of strings, lists and uint8 arrays; torchvision
+    opens them with ``pickle.load``, which would run whatever a tampered file asks for. Here
+    :class:`slip.data.sources.RestrictedUnpickler` rebuilds only plain data and numeric numpy
+    arrays and raises :class:`~slip.data.sources.SourceFormatError` (a ``ValueError``) naming
+    the file for anything else.
+    """
+    from slip.data.sources import SourceFormatError, load_restricted_pickle, numeric_array_globals
+
+    data = load_restricted_pickle(path, allowed=numeric_array_globals(), encoding="latin1")
+    if not isinstance(data, dict):
+        raise SourceFormatError(f"{path}: expected a dict in a CIFAR python file, found {type(data).__name__}")
+    return data
+
+
 class _CIFAR10(tv_datasets.CIFAR10):
+    # torchvision's __init__ and _load_meta unpickle the files with pickle.load; these read the
+    # same layout through _load_cifar_pickle.
+    def __init__(self, root: str, train: bool = True, transform: Transform = None, target_transform=None,
+                 download: bool = False) -> None:
+        if download:
+            raise ValueError("slip never downloads datasets")
+        tv_datasets.VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+        self.train = train
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found")  # turned into DatasetNotFoundError by _build_special
+        arrays: list[np.ndarray] = []
+        self.targets: list[int] = []
+        for name, _ in self.train_list if train else self.test_list:
+            path = os.path.join(self.root, self.base_folder, name)
+            entry = _load_cifar_pickle(path)
+            data = entry.get("data")
+            labels = entry.get("labels", entry.get("fine_labels"))
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
+            if not isinstance(labels, list) or len(labels) != len(data):
+                raise ValueError(f"{path}: expected {len(data)} labels under 'labels' or 'fine_labels'")
+            arrays.append(data)
+            self.targets.extend(int(label) for label in labels)
+        # Rows are channel-major 32 x 32 planes; images are served as HWC uint8.
+        self.data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self._load_meta()
+
     def _split_files(self) -> list[str]:
         files = [f for f, _ in (self.train_list if self.train else self.test_list)]
         return files + [self.meta["filename"]]
@@ -389,10 +433,10 @@ class _CIFAR10(tv_datasets.CIFAR10):
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in self._split_files())
 
     def _load_meta(self) -> None:
-        import pickle
-
-        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-            data = pickle.load(f, encoding="latin1")
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        data = _load_cifar_pickle(path)
+        if not isinstance(data.get(self.meta["key"]), list):
+            raise ValueError(f"{path}: expected the class names as a list under {self.meta['key']!r}")
         self.classes = data[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
