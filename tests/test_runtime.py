@@ -296,6 +296,7 @@ def test_mid_epoch_resume_reports_its_re_reading_and_each_checkpoint_path(corpus
     monkeypatch.setattr(pipeline, "RESUME_PROGRESS_INTERVAL_S", 0.0)
     stream = io.StringIO()
     train(tiny(corpus, tmp_path / "run", "train.max_steps=3", "train.save_every=100"))
+    caplog.clear()
     with caplog.at_level(logging.INFO):
         train(tiny(corpus, tmp_path / "run", "train.max_steps=4"), log_stream=stream)
     assert "the 48 samples per rank already consumed in epoch 0 are re-read" in stream.getvalue()
