@@ -10,6 +10,8 @@ NCCL for CUDA ones), so CPU-side bookkeeping needs no GPU round trip at all.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,44 @@ def default_backend(device: torch.device) -> str:
 
 def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[01-04,07],cpu3`` -> ``gpu01``."""
+    found = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not found:
+        raise ValueError(f"SLURM node list {nodelist!r}: no host in it")
+    prefix, ranges = found.groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0]
+
+
+SLURM_PORT_BASE = 15000  # the rendezvous port under srun: base + job id mod 20000, unless MASTER_PORT is set
+
+
+def launcher_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a process
+    that srun started: derived from SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
+    SLURM_LOCALID, the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) and a port from
+    SLURM_JOB_ID. Empty when torchrun's variables are there (they take precedence) or when the
+    process is not one of several SLURM tasks."""
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if world <= 1:
+        return {}
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise ValueError("SLURM_PROCID is set but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is")
+    port = environ.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist), "MASTER_PORT": port}
+
+
+def adopt_launcher_env() -> None:
+    """Under srun, set torchrun's variables from SLURM's (see :func:`launcher_env`), so that
+    everything reading RANK / WORLD_SIZE / LOCAL_RANK (the process group, the data loader's
+    rank split) sees the same job as under torchrun."""
+    os.environ.update(launcher_env())
 
 
 def init_from_env(device: torch.device) -> tuple[int, int]:
@@ -136,7 +176,13 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_ranks_true(flag: torch.Tensor) -> bool:
     """Whether a boolean (or 0/1) tensor is true on every rank; one collective, one sync."""
-    return bool(all_reduce_(flag.detach().float().reshape(1).clone(), op="min").item() >= 1)
+    return all_ranks_true_each(flag)[0]
+
+
+def all_ranks_true_each(flags: torch.Tensor) -> list[bool]:
+    """For each of several boolean (or 0/1) flags, whether it is true on every rank; one
+    collective and one host read for all of them."""
+    return [v >= 1 for v in all_reduce_(flags.detach().float().reshape(-1).clone(), op="min").tolist()]
 
 
 @torch.no_grad()

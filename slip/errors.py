@@ -60,11 +60,11 @@ def command(name: str) -> Callable[[Callable[[list[str]], int | None]], Callable
 
             try:
                 return int(fn(argv) or 0)
-            except RunStopped as e:
+            except RunStopped as e:  # on purpose: its reason, exit 1 (3 for a stop on a signal)
                 if debug:
                     raise
                 print(f"slip {name}: {one_line(e)}", file=sys.stderr)
-                return 1
+                return e.exit_code
             except USER_ERRORS as e:
                 if debug:
                     raise

@@ -131,6 +131,7 @@ def start(device: str | None = None, precision: str = "auto") -> Runtime:
 
     Raises ValueError naming the setting when the device or precision cannot be had.
     """
+    D.adopt_launcher_env()  # srun: torchrun's variables from SLURM's
     local_rank = D.env_local_rank()
     dev = pick_device(device, local_rank)
     resolved = resolve_precision(precision, dev)  # before the group exists: a bad value fails fast
@@ -140,6 +141,56 @@ def start(device: str | None = None, precision: str = "auto") -> Runtime:
 
 class RunStopped(RuntimeError):
     """A run stopped on purpose (e.g. too many non-finite losses); the message says why."""
+
+    exit_code = 1
+
+
+PREEMPTED_EXIT = 3  # the exit code of a run stopped by a signal after writing its checkpoint
+
+
+class Preempted(RunStopped):
+    """The run was asked to stop (SIGUSR1 / SIGTERM: a scheduler's notice) and wrote a checkpoint
+    first; rerunning the same command resumes from it."""
+
+    exit_code = PREEMPTED_EXIT
+
+
+class StopSignals:
+    """While active, SIGUSR1 and SIGTERM (what SLURM sends before a time limit or preemption, and
+    torchrun forwards when it is stopped) do not kill the process: they are recorded, and the
+    training loop stops at its next step boundary after writing a checkpoint. A second signal of
+    the same kind while stopping is recorded too (the loop is already on its way out). Handlers
+    can only be installed from the main thread; elsewhere this does nothing."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        import signal
+
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            logger.warning("received %s: stopping after this step, with a checkpoint", self.received)
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
 
 
 class NonFiniteGuard:
@@ -157,6 +208,14 @@ class NonFiniteGuard:
     def update_allowed(self, loss: torch.Tensor, step: int) -> bool:
         """Whether ``loss`` is finite on every rank (a collective: every rank must call it)."""
         return self.record(D.all_ranks_true(torch.isfinite(loss.detach())), step)
+
+    def update_allowed_and_go_on(self, loss: torch.Tensor, step: int, stop: "StopSignals") -> tuple[bool, bool]:
+        """(:meth:`update_allowed`, whether no rank received a stop signal), in one collective:
+        every rank learns of a signal any rank received at the same step."""
+        flags = torch.stack([torch.isfinite(loss.detach()).float(),
+                             torch.tensor(float(stop.received is None), device=loss.device)])
+        finite, go_on = D.all_ranks_true_each(flags)
+        return self.record(finite, step), go_on
 
     def record(self, finite_everywhere: bool, step: int) -> bool:
         """Count a step whose finiteness over all ranks is already known; whether to update."""
@@ -183,7 +242,9 @@ class NonFiniteGuard:
 def configure_logging(rank: int | None = None) -> None:
     """Console logging for a job's processes: rank 0 logs from INFO up; the other ranks log
     warnings and errors only, each line naming its rank. ``rank`` defaults to torchrun's RANK."""
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if rank is None:
+        D.adopt_launcher_env()  # srun: the rank is SLURM's
+        rank = int(os.environ.get("RANK", "0"))
     who = "" if rank == 0 else f"[rank {rank}] "
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")

@@ -971,6 +971,14 @@ class _ResumableBatches(IterableDataset):
                 return
 
 
+def _ignore_stop_notice(worker_id: int) -> None:
+    """Loader workers ignore SIGUSR1, a scheduler's notice to stop (SLURM's ``--signal``), which
+    may reach the whole process group: the trainer stops at a step boundary and ends them."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class SlipLoader:
     """A DataLoader over :func:`build_dataset` batches, plus epoch control, skip totals and a
     resumable position.
@@ -1002,6 +1010,7 @@ class SlipLoader:
             self.batches,
             batch_size=None,  # batches are formed in the workers (one IPC message per batch)
             num_workers=workers,
+            worker_init_fn=_ignore_stop_notice if workers > 0 else None,
             pin_memory=pin,
             persistent_workers=self.config.persistent_workers and workers > 0,
             prefetch_factor=self.config.prefetch_factor if workers > 0 else None,

@@ -206,6 +206,8 @@ class Trainer:
         self.log = MetricLogger(self.output_dir, enabled=D.is_main_process(), stream=log_stream,
                                 total_steps=self.last_step)
         self.step = 0
+        self.stop = runtime.StopSignals()  # SIGUSR1 / SIGTERM: checkpoint at the step's end, then stop
+        self.go_on = True
         self.nonfinite = runtime.NonFiniteGuard(t.max_nonfinite, str(self.checkpoints.dir), TrainingStopped,
                                                  "train.max_nonfinite")
         self.skipped_before: dict[str, int] = {}  # this rank's skipped samples before a resume
@@ -261,7 +263,8 @@ class Trainer:
             losses = accumulated_step(self.model, _split(batch, accum), self.objective, self.rt.autocast,
                                       self.scaler.scale)
             D.all_reduce_mean_([p.grad for p in self.model.parameters() if p.grad is not None])
-        if not self.nonfinite.update_allowed(losses["loss"], self.step):
+        allowed, self.go_on = self.nonfinite.update_allowed_and_go_on(losses["loss"], self.step, self.stop)
+        if not allowed:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             if self.cfg.optim.clip_grad_norm:
@@ -382,6 +385,7 @@ class Trainer:
         run_start, start_step = time.perf_counter(), self.step
         batches, produced = iter(self.loader), 0
         try:
+            self.stop.__enter__()
             while self.step < self.last_step:
                 t0 = time.perf_counter()
                 try:
@@ -423,10 +427,17 @@ class Trainer:
                     validation = self.validate()
                 if self.step % cfg.train.save_every == 0 and self.step < self.last_step:
                     last_ckpt = self.save()
+                if not self.go_on and self.step < self.last_step:
+                    if last_ckpt is None or last_ckpt != self.checkpoints.path_for(self.step):
+                        last_ckpt = self.save()
+                    raise runtime.Preempted(
+                        f"stopped on {self.stop.received or 'a signal to another rank'} at step {self.step} with "
+                        f"checkpoint {last_ckpt}; rerun the same command to resume from it")
             last_ckpt = self.save()
             if self.validator:
                 validation = self.validate()
         finally:
+            self.stop.__exit__()
             skipped = self.skipped_samples()
             if skipped:
                 who = "" if self.world == 1 else f" (rank {self.rank}; the logged skipped_samples is over all ranks)"
