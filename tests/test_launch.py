@@ -140,3 +140,41 @@ def test_loader_workers_survive_a_stop_notice_sent_to_every_process(corpus):
         os.kill(worker.pid, signal.SIGUSR1)  # its default action would end the worker
     time.sleep(0.3)
     assert len(list(batches)) == 256 // 16 - 1
+
+
+def _resume_on_two_ranks(rank: int, port: int, cfg, out: str) -> None:
+    from slip.train.config import ConfigError
+    from slip.train.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        result = Trainer(cfg).run()
+        outcome = f"finished at step {result.step}"
+    except ConfigError as e:
+        outcome = str(e)
+    finally:
+        D.shutdown()
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.parametrize("stop_at,policy,expected", [
+    (3, "refuse", "written by 1 ranks at step 3, 3 steps into epoch 0; the data position of 1 ranks cannot be "
+                  "carried over to 2"),
+    (3, "restart_epoch", "finished at step 20"),
+    (16, "refuse", "finished at step 20"),  # at an epoch boundary nothing is lost
+])
+def test_an_elastic_restart_with_another_world_size_keeps_the_data_position_or_is_refused(corpus, tmp_path, stop_at,
+                                                                                          policy, expected):
+    from test_runtime import _spawn_two
+    from test_train import tiny
+
+    def cfg(*extra):
+        return tiny(corpus, tmp_path / "run", "train.epochs=1.25", "train.save_every=100", *extra)
+
+    train(cfg(f"train.max_steps={stop_at}"))  # one rank, 16 steps per epoch, stopped at stop_at
+    _spawn_two(_resume_on_two_ranks, cfg(f"train.world_change={policy}"), str(tmp_path))
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert all(expected in outcome for outcome in outcomes), outcomes

@@ -78,6 +78,9 @@ class TrainConfig:
     save_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3  # checkpoints kept on disk
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    # Resuming mid-epoch with another number of ranks (elastic restarts): refuse (the data
+    # position of each rank and worker cannot be carried over) | restart_epoch (re-read the epoch)
+    world_change: str = "refuse"
     logit_scale_max: float = 100.0
 
 
@@ -299,6 +302,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if t.world_change not in ("refuse", "restart_epoch"):
+        raise ConfigError(f"train.world_change: {t.world_change!r} is not one of refuse, restart_epoch")
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_last", "max_nonfinite"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1")

@@ -121,7 +121,7 @@ def _split(batch: dict, parts: int) -> list[dict]:
 _RESUMABLE_CHANGES = {"train.output_dir", "train.log_every", "train.save_every", "train.keep_last",
                       "train.max_steps", "train.max_nonfinite", "data.workers", "data.train", "eval.benchmark",
                       "eval.catalog", "eval.every", "eval.batch_size", "model.grad_checkpointing", "model.compile",
-                      "train.accum_steps"}
+                      "train.accum_steps", "train.world_change"}
 _WARNED_CHANGES = {"train.precision"}
 
 
@@ -357,7 +357,15 @@ class Trainer:
                       f"{mine['data']['epoch']} are re-read from the shards without decoding, with progress lines"
                       if consumed else "exact position restored")
         else:
-            # Another world size splits the data differently: restart this epoch's data stream.
+            # Another world size splits the data differently: each rank's and worker's place in
+            # its shards means nothing to another split. At an epoch boundary nothing is lost.
+            epoch, into = divmod(self.step, self.steps_per_epoch)
+            if into and self.cfg.train.world_change != "restart_epoch":
+                raise ConfigError(
+                    f"{path}: written by {meta['world_size']} ranks at step {self.step}, {into} steps into epoch "
+                    f"{epoch}; the data position of {meta['world_size']} ranks cannot be carried over to {self.world}. "
+                    f"Resume with {meta['world_size']} ranks, or set train.world_change=restart_epoch to read epoch "
+                    f"{epoch} again from its start (its first {into} steps' samples are then seen twice)")
             self.loader.load_state_dict({"epoch": self.step // self.steps_per_epoch, "workers": None})
             if self.rank == 0:  # the run's totals are kept, on one rank
                 self.skipped_before = _add_counts(*(r.get("skipped_samples", {}) for r in ranks))
