@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("slip.train.cli", "pretrain CLIP / SimCLR / SLIP from a YAML recipe (torchrun-ready)"),
     "zero-shot": ("slip.eval.zero_shot_cli", "zero-shot classification and retrieval of a checkpoint"),
     "linear-probe": ("slip.eval.linear_probe_cli", "linear probe (CLIP's L-BFGS or SLIP's SGD) on frozen image features"),
+    "knn": ("slip.eval.knn_cli", "k-nearest-neighbour accuracy of a checkpoint's image tower (any model)"),
     "finetune": ("slip.eval.finetune_cli", "fine-tune the image tower end to end on a benchmark (SLIP's BEiT recipe)"),
     "bench-data": ("slip.data.bench", "measure the training data pipeline's throughput on shards"),
     "fit-tokenizer": ("slip.ssl.fit_tokenizer", "fit a k-means patch codebook (a BEiT visual tokenizer) on shards"),

@@ -196,7 +196,7 @@ def test_training_evaluation_and_finetuning_give_collectives_only_placed_tensors
     # zero-shot validation (gathered logits) and checkpoints; then fine-tuning with evaluation.
     work = [
         ("train", tiny(corpus, tmp_path / "train", "train.max_steps=3", "train.save_every=2",
-                       f"eval.benchmark={corpus / 'benchmark'}", "eval.every=2")),
+                       f"eval.benchmark={corpus / 'benchmark'}", f"eval.knn={corpus / 'benchmark'}", "eval.every=2")),
         ("finetune", finetune_config(bench, tmp_path / "finetune", mixup=0.0, cutmix=0.0, max_steps=2,
                                      eval_every=1)),
     ]
@@ -205,6 +205,8 @@ def test_training_evaluation_and_finetuning_give_collectives_only_placed_tensors
     assert violations == {0: [], 1: []}
     steps = losses_by_step(tmp_path / "train")
     assert sorted(steps) == [1, 2, 3] and steps[3]["skipped_updates"] == 1
+    records = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval" and "synthetic_knn_top1" in r] == [2, 3]
     assert (tmp_path / "finetune" / "results.json").is_file()
 
 

@@ -88,6 +88,9 @@ class TrainConfig:
 class EvalConfig:
     benchmark: str | None = None  # zero-shot validation: a synthetic benchmark dir, or a catalog key
     catalog: str | None = None  # dataset catalog for catalog keys (e.g. imagenet)
+    knn: str | None = None  # k-NN validation of the image tower (any objective): a benchmark dir or catalog key
+    knn_k: int = 20  # neighbours that vote
+    knn_temperature: float = 0.07  # vote weight exp(cosine / temperature)
     every: int = 0  # steps between validations; 0: only at the end
     batch_size: int = 256
 
@@ -302,6 +305,9 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.eval.knn_k < 1 or cfg.eval.knn_temperature <= 0:
+        raise ConfigError(f"eval.knn_k must be >= 1 and eval.knn_temperature > 0, got {cfg.eval.knn_k} and "
+                          f"{cfg.eval.knn_temperature}")
     if t.world_change not in ("refuse", "restart_epoch"):
         raise ConfigError(f"train.world_change: {t.world_change!r} is not one of refuse, restart_epoch")
     for key in ("batch_size", "accum_steps", "log_every", "save_every", "keep_last", "max_nonfinite"):
@@ -317,8 +323,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.lr: must be positive")
     if cfg.data.workers < 0:
         raise ConfigError("data.workers: must be 0 or more")
-    if cfg.eval.benchmark is None and cfg.eval.every:
-        raise ConfigError("eval.every is set but eval.benchmark is not")
+    if cfg.eval.benchmark is None and cfg.eval.knn is None and cfg.eval.every:
+        raise ConfigError("eval.every is set but neither eval.benchmark nor eval.knn is")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

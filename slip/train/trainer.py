@@ -120,8 +120,9 @@ def _split(batch: dict, parts: int) -> list[dict]:
 # defines the run.
 _RESUMABLE_CHANGES = {"train.output_dir", "train.log_every", "train.save_every", "train.keep_last",
                       "train.max_steps", "train.max_nonfinite", "data.workers", "data.train", "eval.benchmark",
-                      "eval.catalog", "eval.every", "eval.batch_size", "model.grad_checkpointing", "model.compile",
-                      "train.accum_steps", "train.world_change"}
+                      "eval.catalog", "eval.every", "eval.batch_size", "eval.knn", "eval.knn_k",
+                      "eval.knn_temperature", "model.grad_checkpointing", "model.compile", "train.accum_steps",
+                      "train.world_change"}
 _WARNED_CHANGES = {"train.precision"}
 
 
@@ -239,12 +240,15 @@ class Trainer:
         )
         return SlipLoader(cfg.data.train, pipeline)
 
-    def _build_validator(self):
-        if self.cfg.eval.benchmark is None:
-            return None
-        from .validation import ZeroShotValidator
+    def _build_validator(self) -> list:
+        from .validation import KNNValidator, ZeroShotValidator
 
-        return ZeroShotValidator(self.cfg.eval, image_size=self.model.arch.vision.image_size)
+        e, size = self.cfg.eval, self.model.arch.vision.image_size
+        if e.benchmark is not None and not self.model.has_text:
+            raise ConfigError(f"eval.benchmark: zero-shot validation needs a text tower, which {self.cfg.model.name} "
+                              "does not have; use eval.knn for k-NN validation of the image tower")
+        return ([ZeroShotValidator(e, image_size=size)] if e.benchmark is not None else []) + \
+            ([KNNValidator(e, image_size=size)] if e.knn is not None else [])
 
     # ----------------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> dict:
@@ -465,7 +469,7 @@ class Trainer:
     def validate(self) -> dict:
         self.model.eval()
         try:
-            result = self.validator(self.model, self.device)
+            result = {k: v for validator in self.validator for k, v in validator(self.model, self.device).items()}
         finally:
             self.model.train()
         self.log.log(result, self.step, kind="eval")
