@@ -93,7 +93,7 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.gather=no_grad"], r"objective\.gather: 'no_grad' is not one of with_grad, slip"),
     (["model.text_truncation=drop"], r"model\.text_truncation: 'drop' is not one of keep_eot, slip"),
     (["data.train="], r"data\.train: no training shards"),
-    (["eval.every=10"], r"eval\.every is set but eval\.benchmark is not"),
+    (["eval.every=10"], r"eval\.every is set but neither eval\.benchmark nor eval\.knn is"),
     (["optim"], r"not of the form key=value"),
 ])
 def test_bad_configs_fail_naming_the_key(tmp_path, overrides, message):
