@@ -25,6 +25,9 @@ __all__ = [
     "CATALOG_TYPES",
     "CatalogError",
     "RETRIEVAL_TYPE",
+    "DEFAULT_TEMPLATES",
+    "benchmarks_with_catalog",
+    "custom_benchmark",
     "load_benchmarks",
     "load_catalog",
 ]
@@ -43,6 +46,14 @@ CATALOG_TYPES: frozenset[str] = frozenset(_TYPE_ORDER)
 # Layouts that read a named split from disk, so the test split name is required.
 _SPLIT_TYPES = frozenset({"imagefolder", "filelist", "wds", "retrieval"})
 _CATALOG_FIELDS = ("path", "type", "train", "test", "annotations")
+# Your own classification datasets: catalog keys that are not benchmarks declare their metadata.
+# classnames / templates: a list, or a text file of one per line (relative to the entry's path);
+# a CLIP_benchmark ``{c}`` placeholder in templates is accepted.
+_CUSTOM_TYPES = frozenset({"imagefolder", "filelist", "wds"})
+_CUSTOM_FIELDS = ("name", "classnames", "templates", "metric")
+# Prompts for a dataset that names none: generic photo templates.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a bad photo of a {}.", "a good photo of a {}.",
+                     "a photo of a small {}.", "a photo of a large {}.")
 # Fields only some types use; elsewhere they are rejected as unknown.
 _TYPE_ONLY_FIELDS = {"annotations": "retrieval"}
 # Retrieval datasets (COCO, Flickr30k ...) are not classification benchmarks, so their catalog
@@ -144,21 +155,41 @@ class CatalogError(UserError, ValueError):
     """A dataset catalog file is malformed; the message names the file and the entry."""
 
 
+def _plain_key(key: str) -> str:
+    return "".join(c for c in key.lower() if c.isalnum())
+
+
 def _validate_entry(source: str, key: str, entry: Any, known: Mapping[str, Benchmark]) -> dict[str, str]:
     where = f"{source}: entry {key!r}"
     is_retrieval = isinstance(entry, dict) and entry.get("type") == RETRIEVAL_TYPE
     if is_retrieval and key in known:
         raise CatalogError(f"{where}: a retrieval entry cannot use the classification benchmark key {key!r}")
-    if key not in known and not is_retrieval:
-        raise CatalogError(f"{where}: unknown benchmark; known benchmarks: {', '.join(sorted(known))} "
-                           f"(entries of type {RETRIEVAL_TYPE!r} may use any other name)")
+    custom = key not in known and not is_retrieval
+    near = [k for k in known if _plain_key(k) == _plain_key(key)] if custom else []
+    if near:  # a misspelt benchmark key must not pass as a dataset of one's own
+        raise CatalogError(f"{where}: unknown benchmark; known benchmarks: {', '.join(sorted(known))}; "
+                           f"did you mean {near[0]!r}?")
+    if custom and not (isinstance(entry, dict) and entry.get("type") in _CUSTOM_TYPES):
+        raise CatalogError(f"{where}: unknown benchmark; known benchmarks: {', '.join(sorted(known))} (entries of type "
+                           f"{RETRIEVAL_TYPE!r} may use any other name, and so may your own datasets of type "
+                           f"{', '.join(sorted(_CUSTOM_TYPES))})")
     if not isinstance(entry, dict):
         raise CatalogError(f"{where}: must be an object with fields {list(_CATALOG_FIELDS)}")
     allowed = [f for f in _CATALOG_FIELDS if _TYPE_ONLY_FIELDS.get(f, entry.get("type")) == entry.get("type")]
+    allowed += list(_CUSTOM_FIELDS) if custom else []
     extra = sorted(set(entry) - set(allowed))
     if extra:
-        # A misspelt field ("tset") would otherwise be ignored and the default split used.
+        # A misspelt field ("tset") would otherwise be ignored and the default split used; the
+        # benchmarks' metadata is fixed (their class names and prompts are SLIP's).
         raise CatalogError(f"{where}: unknown field(s) {extra}; allowed fields: {allowed}")
+    for field in ("name", "metric"):
+        if field in entry and not (isinstance(entry[field], str) and entry[field]):
+            raise CatalogError(f"{where}: field {field!r} must be a non-empty string")
+    for field in ("classnames", "templates"):
+        value = entry.get(field)
+        if value is not None and not (isinstance(value, str) and value or isinstance(value, list) and value
+                                      and all(isinstance(v, str) and v for v in value)):
+            raise CatalogError(f"{where}: field {field!r} must be a non-empty list of strings or a file name")
     for field in _CATALOG_FIELDS:
         if field in entry and not (isinstance(entry[field], str) and entry[field]):
             raise CatalogError(f"{where}: field {field!r} must be a non-empty string")
@@ -195,3 +226,64 @@ def load_catalog(path: str | Path) -> dict[str, dict[str, str]]:
         raise CatalogError(f"{source}: must be a JSON object mapping benchmark keys to entries")
     known = load_benchmarks()
     return {key: _validate_entry(source, key, entry, known) for key, entry in data.items()}
+
+
+def _text_list(value: Any, root: Path, where: str, field: str) -> tuple[str, ...] | None:
+    """A list given inline, or read from a text file (one item per line, relative to ``root``)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return tuple(value)
+    path = Path(value) if Path(value).is_absolute() else root / value
+    if not path.is_file():
+        raise CatalogError(f"{where}: {field} file {path} not found")
+    items = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not items:
+        raise CatalogError(f"{where}: {field} file {path} is empty")
+    return items
+
+
+def custom_benchmark(key: str, entry: Mapping[str, Any], source: str = "catalog") -> Benchmark:
+    """The metadata of your own dataset (a catalog entry whose key is not a benchmark).
+
+    Class names: the entry's ``classnames``; else, for ``wds``, ``classnames.txt`` beside the
+    shards (CLIP_benchmark's layout); else, for ``imagefolder``, the test split's sorted class
+    folder names with underscores as spaces. Templates: ``templates``; else, for ``wds``,
+    ``zeroshot_classification_templates.txt`` beside the shards; else :data:`DEFAULT_TEMPLATES`.
+    Metric: ``metric`` (default ``top1``).
+    """
+    where = f"{source}: entry {key!r}"
+    root = Path(entry["path"])
+    classnames = _text_list(entry.get("classnames"), root, where, "classnames")
+    templates = _text_list(entry.get("templates"), root, where, "templates")
+    if entry["type"] == "wds":
+        if classnames is None and (root / "classnames.txt").is_file():
+            classnames = _text_list("classnames.txt", root, where, "classnames")
+        if templates is None and (root / "zeroshot_classification_templates.txt").is_file():
+            templates = _text_list("zeroshot_classification_templates.txt", root, where, "templates")
+    if classnames is None and entry["type"] == "imagefolder":
+        folder = root / entry.get("test", "test")
+        if not folder.is_dir():
+            raise CatalogError(f"{where}: {folder} not found; expected {root}/<split>/<class folder>/<images>")
+        folders = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classnames = tuple(f.replace("_", " ") for f in folders) or None
+    if classnames is None:
+        raise CatalogError(f"{where}: your own dataset needs its class names: a 'classnames' list or file "
+                           f"(one per line, in label order)")
+    templates = tuple(t.replace("{c}", "{}") for t in templates) if templates else DEFAULT_TEMPLATES
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise CatalogError(f"{where}: templates must hold exactly one {{}} (or {{c}}); not {bad[:3]}")
+    from slip.eval.metrics import METRICS
+
+    metric = entry.get("metric", "top1")
+    if metric not in METRICS:
+        raise CatalogError(f"{where}: metric {metric!r} is not one of {', '.join(sorted(METRICS))}")
+    return Benchmark(key=key, name=entry.get("name", key), classnames=classnames, templates=templates, metric=metric)
+
+
+def benchmarks_with_catalog(catalog: Mapping[str, Mapping[str, Any]], source: str = "catalog") -> dict[str, Benchmark]:
+    """SLIP's benchmarks, then the catalog's own datasets (see :func:`custom_benchmark`)."""
+    known = load_benchmarks()
+    return {**known, **{key: custom_benchmark(key, entry, source) for key, entry in catalog.items()
+                        if key not in known and entry.get("type") != RETRIEVAL_TYPE}}

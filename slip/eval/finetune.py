@@ -566,17 +566,17 @@ class FinetuneResult:
 
 
 def _load_datasets(cfg: FinetuneConfig, train_transform: Callable, eval_transform: Callable):
-    from zero_shot import load_benchmarks, load_catalog
+    from zero_shot import benchmarks_with_catalog, load_catalog
 
     from .datasets import build_dataset
 
-    benchmarks = load_benchmarks()
+    catalog = load_catalog(cfg.catalog)
+    benchmarks = benchmarks_with_catalog(catalog, cfg.catalog)
     if cfg.benchmark not in benchmarks:
         raise FinetuneError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(benchmarks)}")
     bench = benchmarks[cfg.benchmark]
     if bench.metric in _MULTILABEL_METRICS:
         raise FinetuneError(f"{cfg.benchmark} is multi-label ({bench.metric}); fine-tuning trains a softmax classifier")
-    catalog = load_catalog(cfg.catalog)
     if cfg.benchmark not in catalog:
         raise FinetuneError(f"benchmark {cfg.benchmark!r} has no entry in {cfg.catalog}")
     entry = catalog[cfg.benchmark]

@@ -32,7 +32,7 @@ from slip.distributed import get_rank, is_distributed
 from slip.errors import UserError, command
 from slip.fileio import atomic_write_text
 from slip.tokenizer import get_tokenizer
-from zero_shot import RETRIEVAL_TYPE, Benchmark, load_benchmarks, load_catalog
+from zero_shot import RETRIEVAL_TYPE, Benchmark, benchmarks_with_catalog, load_benchmarks, load_catalog
 
 from .datasets import DatasetNotFoundError, LocalBenchmark, build_dataset, load_benchmark_dir
 from .retrieval import build_retrieval_dataset, evaluate_retrieval
@@ -144,8 +144,8 @@ def _write_outputs(out: Path, report: dict[str, Any], rows: list[dict[str, Any]]
 def _run(args: argparse.Namespace) -> int:
     if args.catalog is None and not args.benchmark_dir:
         raise UsageError("give --catalog and/or --benchmark-dir")
-    known = load_benchmarks()
     catalog = load_catalog(args.catalog) if args.catalog else {}
+    known = benchmarks_with_catalog(catalog, args.catalog) if catalog else load_benchmarks()
     local = _parse_benchmark_dirs(args.benchmark_dir)
     keys, missing = _select(args.benchmarks, known, catalog, local)
 
@@ -192,7 +192,7 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
                                             progress=args.progress)
                 name = key
             else:
-                dataset = build_dataset(key, catalog[key], "test", preprocess)
+                dataset = build_dataset(key, catalog[key], "test", preprocess, benchmark=known[key])
                 result = zero_shot_eval(model, tokenizer(), known[key], dataset, args.batch_size, args.workers,
                                         device, cache_dir=cache_dir, model_id=model_id, progress=args.progress)
                 name = known[key].name

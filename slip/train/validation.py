@@ -17,7 +17,7 @@ from .config import ConfigError, EvalConfig
 def open_eval_dataset(name: str, catalog: str | None, setting: str, splits: tuple[str, ...], transform):
     """(benchmark, {split: dataset}, groups) of ``name``: a benchmark directory (the synthetic
     one: ``OUT/benchmark``, whose one split is ``test``) or a key of the dataset catalog."""
-    from zero_shot import load_benchmarks, load_catalog
+    from zero_shot import benchmarks_with_catalog, load_catalog
 
     if Path(name).is_dir():
         local = load_benchmark_dir(name)
@@ -26,10 +26,10 @@ def open_eval_dataset(name: str, catalog: str | None, setting: str, splits: tupl
     if catalog is None:
         raise ConfigError(f"{setting} {name!r} is not a directory, so eval.catalog must name the dataset catalog "
                           "that holds it")
-    benchmarks = load_benchmarks()
-    if name not in benchmarks:
-        raise ConfigError(f"{setting}: {name!r} is neither a directory nor a known benchmark")
     entries = load_catalog(catalog)
+    benchmarks = benchmarks_with_catalog(entries, catalog)
+    if name not in benchmarks:
+        raise ConfigError(f"{setting}: {name!r} is neither a directory nor a benchmark or dataset of {catalog}")
     if name not in entries:
         raise ConfigError(f"{setting}: {name!r} is not in the catalog {catalog}")
     bench = benchmarks[name]

@@ -1,0 +1,124 @@
+"""Your own datasets in every evaluation: a catalog entry whose key is not one of SLIP's
+benchmarks declares (or lets slip derive) its class names, templates and metric."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import slip
+from slip.eval.datasets import build_dataset, load_benchmark_dir
+from test_train import corpus  # noqa: F401  (fixture)
+from zero_shot import DEFAULT_TEMPLATES, CatalogError, benchmarks_with_catalog, load_catalog
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _benchmark_images(benchmark_dir: Path) -> list[tuple[str, bytes, int]]:
+    """(key, image bytes, label) of the synthetic benchmark's shards."""
+    out = []
+    for shard in sorted(benchmark_dir.glob("test-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(members):
+                if name.endswith(".jpg"):
+                    key = name[:-4]
+                    label = json.loads(tar.extractfile(members[key + ".json"]).read())["cls"]
+                    out.append((key, tar.extractfile(members[name]).read(), int(label)))
+    return out
+
+
+def _catalog(tmp_path: Path, entries: dict) -> Path:
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@pytest.fixture
+def folder(corpus, tmp_path):
+    """The synthetic benchmark's test images as an image folder ``c00 ... c29`` (label order)."""
+    root = tmp_path / "shapes"
+    for key, data, label in _benchmark_images(corpus / "benchmark"):
+        (root / "test" / f"c{label:02d}").mkdir(parents=True, exist_ok=True)
+        (root / "test" / f"c{label:02d}" / f"{key}.jpg").write_bytes(data)
+    return root
+
+
+def test_an_image_folder_of_your_own_is_zero_shot_evaluated_like_the_same_images_in_benchmark_format(
+        corpus, folder, tmp_path):
+    from slip.eval.zero_shot_cli import main
+
+    local = load_benchmark_dir(corpus / "benchmark")
+    catalog = _catalog(tmp_path, {"shapes": {"type": "imagefolder", "path": str(folder), "test": "test",
+                                             "classnames": list(local.benchmark.classnames),
+                                             "templates": list(local.benchmark.templates)}})
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "m.pt")
+    common = ["--checkpoint", str(tmp_path / "m.pt"), "--workers", "0", "--no-cache"]
+    assert main([*common, "--catalog", str(catalog), "--benchmarks", "shapes", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--benchmark-dir", str(corpus / "benchmark"), "--out", str(tmp_path / "b.json")]) == 0
+    mine = json.loads((tmp_path / "a.json").read_text())["results"]["shapes"]
+    theirs = json.loads((tmp_path / "b.json").read_text())["results"]["synthetic"]
+    assert mine["n"] == theirs["n"] == len(_benchmark_images(corpus / "benchmark"))
+    assert mine["value"] == pytest.approx(theirs["value"])
+
+
+def test_class_names_come_from_folder_names_and_templates_from_the_defaults(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("golden_retriever", "tabby_cat"):
+            (tmp_path / "pets" / split / cls).mkdir(parents=True)
+    catalog = load_catalog(_catalog(tmp_path, {"my_pets": {"type": "imagefolder", "path": str(tmp_path / "pets"),
+                                                           "train": "train", "test": "test"}}))
+    bench = benchmarks_with_catalog(catalog)["my_pets"]
+    assert bench.classnames == ("golden retriever", "tabby cat") and bench.templates == DEFAULT_TEMPLATES
+    assert bench.metric == "top1" and bench.name == "my_pets"
+    assert "imagenet" in benchmarks_with_catalog(catalog)  # SLIP's benchmarks stay
+
+
+def test_clip_benchmark_webdataset_layout_gives_labels_class_names_and_templates(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "wds_cars"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("sedan\nconvertible\npickup truck\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c} on the road.\n")
+    (root / "test" / "nshards.txt").write_text("1\n")
+    labels = [2, 0, 1, 2]
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for i, label in enumerate(labels):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (60 * label, 0, 0)).save(buf, "PNG")
+            for name, data in ((f"s{i}.png", buf.getvalue()), (f"s{i}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    catalog = load_catalog(_catalog(tmp_path, {"my_cars": {"type": "wds", "path": str(root), "test": "test"}}))
+    bench = benchmarks_with_catalog(catalog)["my_cars"]
+    assert bench.classnames == ("sedan", "convertible", "pickup truck")
+    assert bench.templates == ("a photo of a {}.", "a {} on the road.")
+    dataset = build_dataset("my_cars", catalog["my_cars"], "test", None, benchmark=bench)
+    assert [dataset[i][1] for i in range(len(dataset))] == labels
+
+
+def test_the_metadata_of_slips_benchmarks_cannot_be_overridden(tmp_path):
+    with pytest.raises(CatalogError, match=r"entry 'cifar10': unknown field\(s\) \['classnames'\]"):
+        load_catalog(_catalog(tmp_path, {"cifar10": {"type": "special", "path": "x", "classnames": ["a", "b"]}}))
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"type": "filelist", "path": "x", "test": "test"}, "needs its class names"),
+    ({"type": "imagefolder", "path": "{tmp}/nowhere", "test": "test"}, "nowhere/test not found"),
+    ({"type": "imagefolder", "path": "{tmp}", "test": "test", "classnames": "names.txt"}, "classnames file .*names.txt not found"),
+    ({"type": "imagefolder", "path": "{tmp}", "test": "test", "classnames": ["a"], "templates": ["no slot"]},
+     r"exactly one \{\}"),
+    ({"type": "imagefolder", "path": "{tmp}", "test": "test", "classnames": ["a"], "metric": "f1"}, "metric 'f1'"),
+    ({"type": "special", "path": "x"}, "unknown benchmark"),
+])
+def test_your_own_dataset_errors_name_the_entry(tmp_path, entry, message):
+    entry = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in entry.items()}
+    with pytest.raises(CatalogError, match=r"entry 'mine'.*" + message):
+        benchmarks_with_catalog(load_catalog(_catalog(tmp_path, {"mine": entry})))
