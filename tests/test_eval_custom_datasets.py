@@ -122,3 +122,18 @@ def test_your_own_dataset_errors_name_the_entry(tmp_path, entry, message):
     entry = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in entry.items()}
     with pytest.raises(CatalogError, match=r"entry 'mine'.*" + message):
         benchmarks_with_catalog(load_catalog(_catalog(tmp_path, {"mine": entry})))
+
+
+def test_a_csv_or_tsv_of_paths_and_labels_by_name_or_by_index(folder, tmp_path):
+    images = sorted((folder / "test").glob("*/*.jpg"))
+    labels = [int(p.parent.name[1:]) for p in images]
+    names = [f"shape {i}" for i in range(30)]
+    (folder / "test.csv").write_text("path,label\n" + "".join(f"{p.relative_to(folder)},{names[y]}\n"
+                                                            for p, y in zip(images, labels)))
+    (folder / "train.tsv").write_text("label\tpath\n" + "".join(f"{y}\t{p}\n" for p, y in zip(images, labels)))
+    catalog = load_catalog(_catalog(tmp_path, {"mine": {"type": "table", "path": str(folder), "train": "train",
+                                                        "test": "test", "classnames": names}}))
+    bench = benchmarks_with_catalog(catalog)["mine"]
+    for split in ("train", "test"):
+        dataset = build_dataset("mine", catalog["mine"], split, None, benchmark=bench)
+        assert [dataset[i][1] for i in range(len(dataset))] == labels and len(labels) > 0

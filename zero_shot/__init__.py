@@ -40,16 +40,17 @@ __all__ = [
 #   wds         - labelled webdataset tar shards <path>/<split>-*.tar (or <path>/<split>/*.tar)
 #   voc2007     - the PASCAL VOC 2007 devkit folder (multi-label classification)
 #   retrieval   - image-text retrieval: image root <path>, Karpathy-split JSON <annotations>
-_TYPE_ORDER = ("filelist", "imagefolder", "special", "wds", "voc2007", "retrieval")
+#   table       - <path>/<split>.csv (or .tsv): columns path,label (label: index or class name)
+_TYPE_ORDER = ("filelist", "imagefolder", "special", "wds", "voc2007", "retrieval", "table")
 CATALOG_TYPES: frozenset[str] = frozenset(_TYPE_ORDER)
 
 # Layouts that read a named split from disk, so the test split name is required.
-_SPLIT_TYPES = frozenset({"imagefolder", "filelist", "wds", "retrieval"})
+_SPLIT_TYPES = frozenset({"imagefolder", "filelist", "wds", "retrieval", "table"})
 _CATALOG_FIELDS = ("path", "type", "train", "test", "annotations")
 # Your own classification datasets: catalog keys that are not benchmarks declare their metadata.
 # classnames / templates: a list, or a text file of one per line (relative to the entry's path);
 # a CLIP_benchmark ``{c}`` placeholder in templates is accepted.
-_CUSTOM_TYPES = frozenset({"imagefolder", "filelist", "wds"})
+_CUSTOM_TYPES = frozenset({"imagefolder", "filelist", "wds", "table"})
 _CUSTOM_FIELDS = ("name", "classnames", "templates", "metric")
 # Prompts for a dataset that names none: generic photo templates.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a bad photo of a {}.", "a good photo of a {}.",

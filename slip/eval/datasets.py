@@ -234,6 +234,29 @@ class FileListDataset(_SkippingDataset):
         return self.paths[index]
 
 
+class TableDataset(_SkippingDataset):
+    """A CSV or TSV of ``path,label`` rows (a header naming those columns); paths relative to the
+    table's folder; labels class indices or class names (see :func:`_labels_to_indices`)."""
+
+    def __init__(self, table: str | os.PathLike, benchmark: Benchmark, transform: Transform = None) -> None:
+        import csv
+
+        super().__init__(transform)
+        table = Path(table)
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if table.suffix == ".tsv" else ","))
+        if not rows or not {"path", "label"} <= set(rows[0]):
+            raise ValueError(f"{table}: expected a header with the columns path and label, and at least one row")
+        self.paths = [str(Path(r["path"]) if os.path.isabs(r["path"]) else table.parent / r["path"]) for r in rows]
+        self.targets = _labels_to_indices(np.array([r["label"].strip() for r in rows]), benchmark, table)
+
+    def _read(self, index: int) -> str:
+        return self.paths[index]
+
+    def _describe(self, index: int) -> str:
+        return self.paths[index]
+
+
 # webdataset's sample grouping: the key is the member path up to the first "." of its base name.
 _WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _WDS_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -532,7 +555,7 @@ def build_dataset(key: str, entry: Mapping[str, str], split: str, transform: Tra
     kind = entry.get("type")
     root = str(entry.get("path", ""))
     split_name = resolve_split(entry, split)
-    if benchmark is None and kind in ("imagefolder", "filelist", "wds"):
+    if benchmark is None and kind in ("imagefolder", "filelist", "wds", "table"):
         benchmarks = load_benchmarks()
         if key not in benchmarks:
             raise ValueError(f"unknown benchmark {key!r}; known benchmarks: {', '.join(benchmarks)}")
@@ -554,6 +577,12 @@ def build_dataset(key: str, entry: Mapping[str, str], split: str, transform: Tra
             if not f.is_file():
                 raise missing(str(f), f"{root}/{split_name}_images.npy and {root}/{split_name}_labels.npy")
         return FileListDataset(images, labels, benchmark, transform, base_dir=root)
+    if kind == "table":
+        assert benchmark is not None
+        found = [Path(root) / f"{split_name}{ext}" for ext in (".csv", ".tsv") if (Path(root) / f"{split_name}{ext}").is_file()]
+        if not found:
+            raise missing(f"{root}/{split_name}.csv", f"{root}/{split_name}.csv or .tsv with columns path,label")
+        return TableDataset(found[0], benchmark, transform)
     if kind == "special":
         return _build_special(key, root, split, transform)
     if kind == "wds":
