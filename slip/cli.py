@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("slip.demo", "make a synthetic corpus, train a tiny SLIP on CPU, evaluate it zero-shot"),
     "train": ("slip.train.cli", "pretrain CLIP / SimCLR / SLIP from a YAML recipe (torchrun-ready)"),
+    "submit": ("slip.submit", "submit a training run to SLURM with submitit (N nodes x G GPUs, requeued on time-out)"),
     "zero-shot": ("slip.eval.zero_shot_cli", "zero-shot classification and retrieval of a checkpoint"),
     "linear-probe": ("slip.eval.linear_probe_cli", "linear probe (CLIP's L-BFGS or SLIP's SGD) on frozen image features"),
     "knn": ("slip.eval.knn_cli", "k-nearest-neighbour accuracy of a checkpoint's image tower (any model)"),
