@@ -137,3 +137,23 @@ def test_a_csv_or_tsv_of_paths_and_labels_by_name_or_by_index(folder, tmp_path):
     for split in ("train", "test"):
         dataset = build_dataset("mine", catalog["mine"], split, None, benchmark=bench)
         assert [dataset[i][1] for i in range(len(dataset))] == labels and len(labels) > 0
+
+
+def test_your_own_image_folder_is_linear_probed_and_knn_evaluated(folder, tmp_path, capsys):
+    from slip.eval.knn_cli import main as knn_main
+    from slip.eval.linear_probe_cli import main as probe_main
+
+    # The synthetic benchmark's images as train and test splits of a dataset of one's own.
+    (folder / "train").symlink_to(folder / "test", target_is_directory=True)
+    catalog = _catalog(tmp_path, {"shapes": {"type": "imagefolder", "path": str(folder), "train": "train",
+                                             "test": "test"}})
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("simclr_vit_tiny"), tmp_path / "m.pt")
+    common = ["--checkpoint", str(tmp_path / "m.pt"), "--catalog", str(catalog), "--benchmarks", "shapes",
+              "--workers", "0"]
+    assert probe_main([*common, "--no-cache", "--protocol", "sgd", "--epochs", "2", "--out", str(tmp_path / "p.json")]) == 0
+    probe = json.loads((tmp_path / "p.json").read_text())["results"]["shapes"]
+    assert probe["num_train"] == probe["num_test"] == 60 and probe["metric"] == "top1"
+    assert knn_main([*common, "--out", str(tmp_path / "k.json")]) == 0
+    (row,) = json.loads((tmp_path / "k.json").read_text())["results"]
+    assert row["n_bank"] == row["n_query"] == 60 and row["classes"] == 30

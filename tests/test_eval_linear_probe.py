@@ -18,16 +18,20 @@ from sklearn.linear_model import LogisticRegression
 from timm.models.vision_transformer import VisionTransformer
 
 import slip
-from slip.eval import linear_probe_cli
+from slip.eval import linear_probe, linear_probe_cli
 from slip.eval.linear_probe import (
+    FEW_SHOT_FIXED_C,
     FeatureCache,
     FeatureKey,
     FeatureSet,
     RegularizationSweep,
     SGDProbeConfig,
+    ShortClassesError,
     checkpoint_identity,
     describe_transform,
     extract_features,
+    few_shot_indices,
+    few_shot_probe,
     fit_logistic_regression,
     lbfgs_probe,
     load_or_extract,
@@ -444,7 +448,7 @@ def fake_datasets(monkeypatch, digits: Digits) -> dict[str, np.ndarray]:
     imbalanced = {s: np.concatenate([idx[digits.labels[idx] == 0], idx[digits.labels[idx] != 0][::8]])
                   for s, idx in digits.split.items()}
 
-    def build_dataset(key: str, entry: dict, split: str, transform):
+    def build_dataset(key: str, entry: dict, split: str, transform, benchmark=None):
         if key == "cifar10":
             raise FileNotFoundError(f"cifar10: no dataset files under {entry['path']}")
         idx = digits.split[split] if key == "mnist" else imbalanced[split]
@@ -517,3 +521,198 @@ def test_command_rejects_bad_requests(tmp_path, capsys) -> None:
     assert "multi-label" in capsys.readouterr().err
     assert linear_probe_cli.main(base + ["--benchmarks", "mnist"]) == 2  # checkpoint file is missing
     assert "missing.pt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+
+def _imbalanced_labels() -> np.ndarray:
+    """7 classes of 6 to 40 images, interleaved in a shuffled order."""
+    sizes = [6, 40, 9, 17, 25, 12, 30]
+    return np.random.default_rng(5).permutation(np.repeat(np.arange(7), sizes))
+
+
+def test_few_shot_subsets_are_stratified_nested_stable_and_seeded() -> None:
+    labels = _imbalanced_labels()
+    draws = {(k, seed): few_shot_indices(labels, k, seed) for seed in range(4) for k in (1, 2, 5, 6)}
+    for (k, seed), idx in draws.items():
+        # Stratified: exactly K of every class, no index twice, sorted.
+        assert np.bincount(labels[idx], minlength=7).tolist() == [k] * 7
+        assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)
+    for seed in range(4):
+        # Nested across K for one seed.
+        for small, large in ((1, 2), (2, 5), (5, 6)):
+            assert set(draws[small, seed]) <= set(draws[large, seed]), (small, large, seed)
+        # Stable: the same subset again, whatever K came before and in which order.
+        for k in (6, 1, 5, 2):
+            np.testing.assert_array_equal(few_shot_indices(labels, k, seed), draws[k, seed])
+    # Different seeds draw different subsets (at every K below the smallest class).
+    for k in (1, 2, 5):
+        assert len({tuple(draws[k, seed]) for seed in range(4)}) == 4, k
+    # A class's images do not depend on the other classes: drop class 3 and halve class 4.
+    keep = np.flatnonzero((labels != 3) & ~((labels == 4) & (np.arange(len(labels)) % 2 == 0)))
+    for seed in range(4):
+        sub = keep[few_shot_indices(labels[keep], 5, seed, allow_fewer=True)]
+        full = draws[5, seed]
+        for c in (0, 1, 2, 5, 6):
+            np.testing.assert_array_equal(sub[labels[sub] == c], full[labels[full] == c])
+
+
+def test_few_shot_subsets_refuse_short_classes_and_bad_arguments() -> None:
+    labels = _imbalanced_labels()  # the smallest class, 0, has 6 images
+    with pytest.raises(ShortClassesError, match=r"class 0 has 6") as info:
+        few_shot_indices(labels, 10, 0)
+    assert info.value.counts == {0: 6, 2: 9} and info.value.shots == 10
+    # With allow_fewer a short class gives all it has; the others still exactly K.
+    idx = few_shot_indices(labels, 10, 0, allow_fewer=True)
+    assert np.bincount(labels[idx]).tolist() == [6, 10, 9, 10, 10, 10, 10]
+    # Against num_classes, a class without any image is short too.
+    with pytest.raises(ShortClassesError, match="class 7 has 0"):
+        few_shot_indices(labels, 1, 0, num_classes=8)
+    for shots in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="shots"):
+            few_shot_indices(labels, shots, 0)
+    with pytest.raises(ValueError, match="seed"):
+        few_shot_indices(labels, 1, -1)
+
+
+def test_few_shot_probe_trains_on_the_drawn_subsets(monkeypatch, digit_features) -> None:
+    train, test = digit_features
+    seen: list[tuple[str, int, FeatureSet, dict]] = []
+    for name in ("lbfgs_probe", "sgd_probe"):
+        original = getattr(linear_probe, name)
+
+        def recording(subset, *args, _original=original, _name=name, **kwargs):
+            seen.append((_name, len(subset.labels), subset, kwargs))
+            return _original(subset, *args, **kwargs)
+
+        monkeypatch.setattr(linear_probe, name, recording)
+    lbfgs = few_shot_probe("lbfgs", train, test, 10, [2, 1], [3, 4], max_iter=50, seed=99)
+    assert [r.shots for r in lbfgs] == [1, 2] and all(list(r.runs) == [3, 4] for r in lbfgs)
+    for r in lbfgs:
+        for seed, run in r.runs.items():
+            assert run.num_train == 10 * r.shots and run.num_test == len(test.labels)
+            if r.shots == 1:  # nothing to hold out: the fixed C, no sweep
+                assert run.details["C"] == FEW_SHOT_FIXED_C and run.details["sweep"] == []
+                assert "fixed C" in run.details["val_source"] and run.details["num_val"] == 0
+                # ... whose fit predicts as the centred class-mean classifier x . (x_c - mean), the
+                # reason for that C (FEW_SHOT_FIXED_C's comment).
+                idx = few_shot_indices(train.labels, 1, seed)
+                x = train.features[idx][np.argsort(train.labels[idx])]
+                means = (test.features @ (x - x.mean(0)).T).argmax(1)
+                assert (run.test_logits.argmax(1) == means).mean() > 0.99
+            else:  # one of the two images of each class held out to choose C
+                assert run.details["num_val"] == 10 and len(run.details["sweep"]) >= 7
+                assert run.details["val_source"].endswith(f"seed {seed})")
+        scores = np.array(r.scores)
+        assert (r.mean, r.min, r.max) == (pytest.approx(scores.mean()), scores.min(), scores.max())
+        assert r.std == pytest.approx(scores.std(ddof=1))
+        d = r.to_dict()
+        assert d["seeds"] == [3, 4] and [x["seed"] for x in d["runs"]] == [3, 4] and d["shots"] == r.shots
+    # Every fit saw the rows few_shot_indices draws for its K and seed (not re-extracted, not
+    # re-drawn), and its seed, not the caller's, also seeded the hold-out.
+    for (_, n, subset, kwargs), (k, seed) in zip(seen, [(1, 3), (1, 4), (2, 3), (2, 4)]):
+        idx = few_shot_indices(train.labels, k, seed, 10)
+        np.testing.assert_array_equal(subset.features, train.features[idx])
+        assert n == 10 * k and kwargs["seed"] == seed
+    # SGD: the batch is capped at the subset (10 images at 1 shot), the lr follows it.
+    seen.clear()
+    sgd = few_shot_probe("sgd", train, test, 10, [1], [0, 1], config=SGDProbeConfig(epochs=5))
+    assert [kwargs for _, _, _, kwargs in seen] == [{"device": "cpu"}] * 2
+    for seed, run in sgd[0].runs.items():
+        assert run.details["batch_size"] == 10 and run.details["lr"] == pytest.approx(0.1 * 10 / 256)
+    assert sgd[0].runs[0].score != sgd[0].runs[1].score  # other subset, other initialisation
+    with pytest.raises(ShortClassesError):
+        few_shot_probe("sgd", train, test, 10, [1, 500], [0])
+    assert len(seen) == 2  # refused before any fit
+
+
+def _counting_forward_features(monkeypatch) -> dict[str, int]:
+    calls = {"n": 0}
+    original = VisionTransformer.forward_features
+
+    def counting(self, x):
+        calls["n"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
+    return calls
+
+
+def test_command_few_shot_reports_per_k_and_extracts_once(tmp_path, monkeypatch, capsys, trained, digits,
+                                                          fake_datasets) -> None:
+    ckpt = tmp_path / "tiny.pt"
+    slip.save_checkpoint(trained, ckpt)
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({"mnist": {"path": str(tmp_path), "type": "special"}}))
+    calls = _counting_forward_features(monkeypatch)
+    common = ["--checkpoint", str(ckpt), "--catalog", str(catalog), "--benchmarks", "mnist", "--no-cache",
+              "--device", "cpu", "--workers", "0", "--batch-size", "512"]
+    batches = -(-N_TRAIN // 512) + -(-(len(digits.labels) - N_TRAIN) // 512)
+    out = tmp_path / "few.json"
+    for n, protocol in enumerate((["--protocol", "sgd"], ["--protocol", "lbfgs", "--max-iter", "100"]), start=1):
+        few_shot = ["--shots", "1,5", "--shot-seeds", "2", "--out", str(out)]
+        assert linear_probe_cli.main(common + protocol + few_shot) == 0
+        # Train and test embedded once per run (no cache here), for both K and both seeds.
+        assert calls["n"] == n * batches
+        report = json.loads(out.read_text())
+        table = capsys.readouterr().out
+        mnist = report["results"]["mnist"]
+        assert report["settings"]["shots"] == [1, 5] and report["settings"]["shot_seeds"] == 2
+        assert mnist["seeds"] == [0, 1] and list(mnist["few_shot"]) == ["1", "5"] and "score" not in mnist
+        for k, entry in mnist["few_shot"].items():
+            assert entry["shots"] == int(k) and entry["seeds"] == [0, 1] and len(entry["scores"]) == 2
+            assert entry["mean"] == pytest.approx(np.mean(entry["scores"]))
+            assert entry["std"] == pytest.approx(np.std(entry["scores"], ddof=1))
+            assert (entry["min"], entry["max"]) == (min(entry["scores"]), max(entry["scores"]))
+            assert [r["num_train"] for r in entry["runs"]] == [10 * int(k)] * 2
+            assert all(r["num_test"] == len(digits.labels) - N_TRAIN for r in entry["runs"])
+            row = [line.split() for line in table.splitlines() if line.split()[:3] == ["mnist", "top1", k]]
+            assert row == [["mnist", "top1", k, str(10 * int(k))]
+                           + [f"{entry[s]:.2f}" for s in ("mean", "std", "min", "max")]
+                           + [f"{seed}:{score:.2f}" for seed, score in zip((0, 1), entry["scores"])]], table
+        # Informative features: 5 images per class beat 1 by a wide margin (measured: +25 points
+        # with both protocols; chance is 10).
+        one, five = mnist["few_shot"]["1"], mnist["few_shot"]["5"]
+        assert five["mean"] > one["mean"] + 10, (protocol, one["scores"], five["scores"])
+        print(protocol[1], {k: e["scores"] for k, e in mnist["few_shot"].items()})
+    assert one["runs"][0]["C"] == FEW_SHOT_FIXED_C and five["runs"][0]["num_val"] == 10
+    # Without --shots, the report is the full-train one, with no few-shot keys.
+    assert linear_probe_cli.main(common + ["--protocol", "sgd", "--epochs", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["results"]["mnist"]["num_train"] == N_TRAIN and "few_shot" not in report["results"]["mnist"]
+    assert not {"shots", "shot_seeds", "allow_fewer_shots"} & set(report["settings"])
+
+
+def test_command_few_shot_refuses_bad_shots_and_short_classes(tmp_path, capsys, trained, digits,
+                                                              fake_datasets) -> None:
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({"pets": {"path": str(tmp_path), "type": "imagefolder", "train": "train",
+                                            "test": "test"}}))
+    base = ["--checkpoint", str(tmp_path / "missing.pt"), "--catalog", str(catalog), "--benchmarks", "pets"]
+    for extra, message in ((["--shots", "0"], "at least 1"), (["--shots", "1,,5"], "'' is not a whole number"),
+                           (["--shots", "five"], "'five' is not a whole number"), (["--shots", "1,-1"], "-1 images per class"),
+                           (["--shots", "1,5,1"], "1 is listed twice"), (["--shots", "1", "--shot-seeds", "0"], "0"),
+                           (["--shot-seeds", "2"], "give --shots"), (["--allow-fewer-shots"], "give --shots")):
+        assert linear_probe_cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("slip linear-probe: error: ") and message in err and err.count("\n") == 1, err
+    # A class with fewer training images than K: named, with its count, once its labels are known.
+    ckpt = tmp_path / "tiny.pt"
+    slip.save_checkpoint(trained, ckpt)
+    base[1] = str(ckpt)
+    # Pets' fake training split, less its unreadable image 3: class 0 has ~120 images, the others ~15.
+    counts = np.bincount(np.delete(digits.labels[fake_datasets["train"]], 3), minlength=10)
+    assert counts[1] < 20 <= counts[0]
+    common = base + ["--no-cache", "--device", "cpu", "--workers", "0", "--protocol", "sgd", "--epochs", "2"]
+    assert linear_probe_cli.main(common + ["--shots", "1,20"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("slip linear-probe: error: pets: --shots 20 needs 20 training images per class, "
+                          "but class 1 (")
+    assert f"has {counts[1]}" in err and "--allow-fewer-shots" in err
+    out = tmp_path / "few.json"
+    assert linear_probe_cli.main(common + ["--shots", "1,20", "--shot-seeds", "1", "--allow-fewer-shots",
+                                           "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["results"]["pets"]["few_shot"]["20"]
+    assert entry["runs"][0]["num_train"] == int(np.minimum(counts, 20).sum()) and entry["std"] is None
+    assert "classes have fewer than 20 training images" in capsys.readouterr().err

@@ -52,6 +52,18 @@ Features
     scores here are not directly comparable with SLIP's ImageNet linear numbers. CLIP's L-BFGS
     protocol also fits un-augmented features, so ``lbfgs`` matches its paper in this respect.
 
+Few-shot (:func:`few_shot_probe`, ``slip linear-probe --shots``)
+    Either protocol trained on ``K`` images per class of the training split, drawn by
+    :func:`few_shot_indices` (stratified, nested across ``K``, one draw per seed), and scored on
+    the whole test split; the features are the same arrays for every ``K`` and seed. ``lbfgs``
+    chooses ``C`` on a stratified hold-out of the ``K``-shot images (at least one per class),
+    and at ``K = 1``, where nothing can be held out, fits :data:`FEW_SHOT_FIXED_C` = 1e-6 with
+    no sweep: the sweep's own choice when validation cannot tell values apart, whose fit
+    predicts as the centred class-mean classifier whatever the features' scale. ``sgd`` caps its
+    batch at the subset's size. A class with fewer than ``K`` images is an error naming it
+    (:class:`ShortClassesError`) unless ``allow_fewer``. The label-efficiency axis of Cole et
+    al. 2022, "When does contrastive visual representation learning work?".
+
 Scores are in percent, with the benchmark's metric (``zero_shot/benchmarks.json``), as in
 zero-shot evaluation.
 """
@@ -62,7 +74,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -78,17 +90,22 @@ from .metrics import compute_metric
 __all__ = [
     "CACHE_FORMAT",
     "FEATURE_KIND",
+    "FEW_SHOT_FIXED_C",
     "PROTOCOLS",
     "FeatureCache",
     "FeatureKey",
     "FeatureSet",
+    "FewShotResult",
     "LinearClassifier",
     "ProbeResult",
     "RegularizationSweep",
     "SGDProbeConfig",
+    "ShortClassesError",
     "checkpoint_identity",
     "describe_transform",
     "extract_features",
+    "few_shot_indices",
+    "few_shot_probe",
     "fit_logistic_regression",
     "lbfgs_probe",
     "load_or_extract",
@@ -325,6 +342,72 @@ def stratified_holdout(labels: np.ndarray, fraction: float = 0.2, seed: int = 0)
     return train, val
 
 
+class ShortClassesError(ValueError):
+    """Classes with fewer training images than the shots asked for.
+
+    Attributes:
+        shots: the number of images per class asked for.
+        counts: ``{class index: images it has}`` for every class short of ``shots``.
+    """
+
+    def __init__(self, shots: int, counts: dict[int, int]) -> None:
+        self.shots, self.counts = shots, dict(counts)
+        listed = ", ".join(f"class {c} has {n}" for c, n in list(self.counts.items())[:5])
+        more = f" and {len(self.counts) - 5} more classes" if len(self.counts) > 5 else ""
+        super().__init__(f"{shots}-shot needs {shots} training images per class, but {listed}{more}")
+
+
+def few_shot_indices(
+    labels: np.ndarray,
+    shots: int,
+    seed: int,
+    num_classes: int | None = None,
+    allow_fewer: bool = False,
+) -> np.ndarray:
+    """Indices of a stratified ``shots``-per-class subset of ``labels``, sorted ascending.
+
+    Each class ``c`` is shuffled by its own generator, seeded by ``(seed, c)``, and its first
+    ``shots`` images are taken. Hence the subset is
+
+    * stratified: exactly ``shots`` images of every class;
+    * nested across ``shots`` for one seed: the 5-shot subset contains the 1-shot one;
+    * stable: the same ``(labels, shots, seed)`` gives the same subset, and a class's images do
+      not depend on the other classes (their number, sizes or order) nor on the other shot
+      counts a caller asks for.
+
+    Args:
+        labels: integer class indices ``(N,)`` of the training split, ``>= 0``.
+        shots: images per class, ``>= 1``.
+        seed: ``>= 0``; different seeds draw (almost always) different subsets.
+        num_classes: when given, classes ``0 .. num_classes - 1`` are expected, and one with no
+            image at all is short like any other; otherwise the classes present in ``labels``.
+        allow_fewer: a class with fewer than ``shots`` images contributes all it has, instead of
+            raising :class:`ShortClassesError` (which lists each short class and its count).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+        raise ValueError(f"labels must be integer class indices of shape (N,), got {labels.dtype} {labels.shape}")
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {labels.min()}")
+    classes = np.arange(num_classes) if num_classes is not None else np.unique(labels)
+    picked: list[np.ndarray] = []
+    short: dict[int, int] = {}
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        if len(members) < shots:
+            short[int(c)] = len(members)
+        # One permutation per (seed, class), whatever ``shots`` is: its prefixes are nested.
+        order = np.random.default_rng([int(seed), int(c)]).permutation(len(members))
+        picked.append(members[order[:shots]])
+    if short and not allow_fewer:
+        raise ShortClassesError(int(shots), short)
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
 def _check_labels(name: str, data: FeatureSet, num_classes: int) -> None:
     f, y = data
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -495,6 +578,7 @@ def lbfgs_probe(
     max_iter: int = 1000,
     device: str | torch.device = "cpu",
     search: Callable[..., RegularizationSweep] = parametric_binary_search,
+    C: float | None = None,
 ) -> ProbeResult:
     """CLIP's protocol: choose ``C`` on validation, refit on train + validation, score test.
 
@@ -502,10 +586,23 @@ def lbfgs_probe(
         val: the benchmark's own validation split; ``None`` holds out ``val_fraction`` of
             every class of ``train`` (seeded by ``seed``, see :func:`stratified_holdout`).
         metric: name in :data:`slip.eval.metrics.METRICS`; used for the sweep and the test.
+        C: a fixed regularisation constant: no sweep, one fit on train (+ ``val`` if given).
+            The few-shot probe uses it where nothing can be held out (one image per class).
     """
     for name, data in (("train", train), ("test", test)) + ((("val", val),) if val is not None else ()):
         _check_labels(name, data, num_classes)
     device = torch.device(device)
+    if C is not None:
+        full = train if val is None else FeatureSet(np.concatenate([train.features, val.features]),
+                                                    np.concatenate([train.labels, val.labels]))
+        clf = fit_logistic_regression(full.features, full.labels, num_classes, C, max_iter=max_iter, device=device)
+        logits = clf.logits(test.features)
+        return ProbeResult(
+            protocol="lbfgs", metric=metric, score=compute_metric(metric, logits, test.labels),
+            num_train=len(full.labels), num_test=len(test.labels), test_logits=logits,
+            details={"C": float(C), "val_score": None, "num_val": 0, "val_source": "none: fixed C, no sweep",
+                     "sweep": []},
+        )
     if val is None:
         tr_idx, val_idx = stratified_holdout(train.labels, val_fraction, seed)
         fit_set = FeatureSet(train.features[tr_idx], train.labels[tr_idx])
@@ -633,3 +730,119 @@ def run_probe(
     if protocol == "sgd":
         return sgd_probe(train, test, num_classes, metric, device=device, **options)
     raise ValueError(f"unknown linear-probe protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+# C of the L-BFGS protocol where nothing can be held out to choose it (one image per class):
+# the lower end of CLIP's search range. It is what the sweep itself picks when validation cannot
+# tell the C values apart (ties go to the smallest C), and in this strongly regularised limit the
+# fit's argmax is that of the centred class-mean classifier, logits x . (mean_c - mean), which a
+# common rescaling of the features does not change; any intermediate C would regularise towers
+# with large and small feature norms differently. Class means are the usual 1-shot baseline.
+FEW_SHOT_FIXED_C = 1e-6
+
+
+@dataclass
+class FewShotResult:
+    """The probes of one shot count, one per seed, and their spread.
+
+    ``std`` is the sample standard deviation over seeds (``ddof=1``), ``None`` for one seed.
+    """
+
+    protocol: str
+    metric: str
+    shots: int
+    runs: dict[int, ProbeResult]  # seed -> its probe, in the order run
+
+    @property
+    def scores(self) -> list[float]:
+        return [r.score for r in self.runs.values()]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores))
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.scores, ddof=1)) if len(self.runs) > 1 else None
+
+    @property
+    def min(self) -> float:
+        return float(np.min(self.scores))
+
+    @property
+    def max(self) -> float:
+        return float(np.max(self.scores))
+
+    def to_dict(self) -> dict:
+        runs = [{"seed": seed, **{k: v for k, v in r.to_dict().items() if k not in ("protocol", "metric")}}
+                for seed, r in self.runs.items()]
+        return {"shots": self.shots, "metric": self.metric, "mean": self.mean, "std": self.std, "min": self.min,
+                "max": self.max, "seeds": list(self.runs), "scores": self.scores, "runs": runs}
+
+
+def few_shot_probe(
+    protocol: str,
+    train: FeatureSet,
+    test: FeatureSet,
+    num_classes: int,
+    shots: Iterable[int],
+    seeds: Iterable[int],
+    metric: str = "top1",
+    device: str | torch.device = "cpu",
+    allow_fewer: bool = False,
+    **options: Any,
+) -> list[FewShotResult]:
+    """The probe trained on ``K`` images per class of ``train``, for every ``K`` and seed.
+
+    The subsets are :func:`few_shot_indices` rows of the one ``train`` array (features are
+    never recomputed); ``test`` is scored whole. Each run uses its seed for everything random:
+    the subset, the L-BFGS hold-out, the SGD head's initialisation and shuffling.
+
+    ``lbfgs``: C is chosen as in :func:`lbfgs_probe` on a stratified hold-out of the subset
+    (``val_fraction`` of each class, at least one image and at most ``K - 1``: 1 of 2, 1 of 5, 2
+    of 10 at the default 0.2), then refitted on the whole subset. With ``K = 1`` nothing can be
+    held out and :data:`FEW_SHOT_FIXED_C` is used, with no sweep (see there why).
+
+    ``sgd``: the recipe of ``config`` on the subset, with the batch capped at the subset's size
+    (so the lr, ``base_lr * batch / 256``, follows the batch that is really used).
+
+    Returns one :class:`FewShotResult` per ``K``, in ascending order. Raises
+    :class:`ShortClassesError` when a class of ``num_classes`` has fewer than ``max(shots)``
+    training images, unless ``allow_fewer`` (such a class then gives all it has).
+    """
+    shots, seeds = sorted({int(k) for k in shots}), list(dict.fromkeys(int(s) for s in seeds))
+    if not shots or not seeds:
+        raise ValueError(f"few-shot probe needs shots and seeds, got {shots} and {seeds}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown linear-probe protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if options.get("val") is not None:
+        raise ValueError("a few-shot probe holds out its validation images from the K-shot subset; val must be None")
+    _check_labels("train", train, num_classes)
+    _check_labels("test", test, num_classes)
+    # Before any fit: a short class fails the largest K, whatever the seed.
+    few_shot_indices(train.labels, shots[-1], seeds[0], num_classes, allow_fewer)
+    base_config: SGDProbeConfig = options.pop("config", SGDProbeConfig()) if protocol == "sgd" else SGDProbeConfig()
+    results = []
+    for k in shots:
+        runs: dict[int, ProbeResult] = {}
+        for seed in seeds:
+            idx = few_shot_indices(train.labels, k, seed, num_classes, allow_fewer)
+            subset = FeatureSet(train.features[idx], train.labels[idx])
+            if protocol == "lbfgs":
+                # Nothing to hold out when no class has two images (K = 1): fixed C, no sweep.
+                holdout = np.bincount(subset.labels).max() >= 2
+                result = lbfgs_probe(subset, test, num_classes, metric, device=device,
+                                     **{**options, "seed": seed, "C": None if holdout else FEW_SHOT_FIXED_C})
+                result.details["val_source"] = (
+                    f"held out {options.get('val_fraction', 0.2):g} of each class of the {k}-shot subset "
+                    f"(stratified, seed {seed})" if holdout
+                    else f"none: one image per class, fixed C={FEW_SHOT_FIXED_C:g} (no sweep)")
+            else:
+                config = replace(base_config, seed=seed, batch_size=min(base_config.batch_size, len(idx)))
+                result = sgd_probe(subset, test, num_classes, metric, config, device=device, **options)
+            runs[seed] = result
+        results.append(FewShotResult(protocol, metric, k, runs))
+    return results

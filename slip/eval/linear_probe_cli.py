@@ -10,6 +10,15 @@ CLIP's L-BFGS logistic regression with a validation sweep over C (``lbfgs``, the
 SLIP's / MoCo v3's 90-epoch SGD linear head (``sgd``) is fitted, and the test split is scored with
 the benchmark's metric (as in zero-shot evaluation). See :mod:`slip.eval.linear_probe` for the
 protocols and how they differ from the papers (no augmentation on cached features).
+
+Few-shot: ``--shots 1,5,10 [--shot-seeds 3]`` trains the probe on K images of every class drawn
+from the train split instead of all of it (the test split is unchanged), once per seed ``--seed``,
+``--seed + 1``, ...; the features are the same cached arrays for every K and seed. The draws are
+stratified and nested (a seed's 5-shot images include its 1-shot ones). The table and the JSON
+give per K the mean, the sample std, min and max of the metric over the seeds and each seed's
+score. A class with fewer than K training images is an error naming it, unless
+``--allow-fewer-shots`` (it then uses all it has). L-BFGS holds out its validation images from the
+K-shot subset; at K = 1 it fits a fixed C instead (see ``few_shot_probe``).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UserError, command
@@ -28,17 +38,21 @@ from .linear_probe import (
     FeatureCache,
     FeatureKey,
     FeatureSet,
+    FewShotResult,
     ProbeResult,
     SGDProbeConfig,
+    ShortClassesError,
     checkpoint_identity,
     describe_transform,
     extract_features,
+    few_shot_probe,
     load_or_extract,
     run_probe,
 )
 
 # Metrics whose benchmarks are multi-label; a softmax probe cannot produce them.
 _MULTILABEL_METRICS = frozenset({"voc_11pt_map"})
+DEFAULT_SHOT_SEEDS = 3
 
 
 def default_cache_dir() -> Path:
@@ -72,7 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.1, help="base learning rate per 256 samples")
     g.add_argument("--no-batchnorm", action="store_true",
                    help="no BatchNorm1d(affine=False) before the linear layer (as SLIP's and MoCo v3's scripts)")
+    g = p.add_argument_group("few-shot")
+    g.add_argument("--shots", metavar="K[,K2,...]",
+                   help="train on K images per class of the train split (e.g. 1,5,10) instead of all of it")
+    g.add_argument("--shot-seeds", type=int, metavar="N",
+                   help=f"draws per K, seeds --seed .. --seed+N-1 (default {DEFAULT_SHOT_SEEDS})")
+    g.add_argument("--allow-fewer-shots", action="store_true",
+                   help="a class with fewer than K training images uses all it has (default: an error naming it)")
     return p
+
+
+def parse_shots(text: str) -> list[int]:
+    """``"1,5,10"`` -> ``[1, 5, 10]`` (ascending); a user error for anything else."""
+    shots: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.removeprefix("-").isdigit():
+            raise UserError(f"--shots {text!r}: {item!r} is not a whole number; expected e.g. --shots 1,5,10")
+        k = int(item)
+        if k < 1:
+            raise UserError(f"--shots {text!r}: {k} images per class is too few, K must be at least 1")
+        if k in shots:
+            raise UserError(f"--shots {text!r}: {k} is listed twice")
+        shots.append(k)
+    return sorted(shots)
 
 
 def _collate_readable(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,17 +141,48 @@ def _format_table(rows: list[tuple[str, str, ProbeResult]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in lines])
 
 
+def _format_few_shot_table(rows: list[tuple[str, str, list[FewShotResult]]]) -> str:
+    header = ("benchmark", "metric", "shots", "train", "mean", "std", "min", "max", "per seed")
+    lines = []
+    for key, _, results in rows:
+        for r in results:
+            first = next(iter(r.runs.values()))
+            per_seed = " ".join(f"{seed}:{x.score:.2f}" for seed, x in r.runs.items())
+            lines.append((key, r.metric, str(r.shots), str(first.num_train), f"{r.mean:.2f}",
+                          "-" if r.std is None else f"{r.std:.2f}", f"{r.min:.2f}", f"{r.max:.2f}", per_seed))
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'>' if 2 <= i <= 7 else '<'}{w}}}" for i, w in enumerate(widths))
+    rule = fmt.format(*("-" * w for w in widths))
+    return "\n".join([fmt.format(*header), rule] + [fmt.format(*row) for row in lines])
+
+
+def _class_name(bench, c: int) -> str:
+    synonyms = bench.class_synonyms
+    return f"class {c} ({synonyms[c][0]!r})" if 0 <= c < len(synonyms) else f"class {c}"
+
+
 @command("linear-probe")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from zero_shot import load_benchmarks, load_catalog
+    from zero_shot import benchmarks_with_catalog, load_catalog
 
     from ..checkpoint import load_pretrained
 
     keys = [k.strip() for k in args.benchmarks.split(",") if k.strip()]
+    shots: list[int] | None = None
+    if args.shots is not None:
+        shots = parse_shots(args.shots)
+        shot_seeds = DEFAULT_SHOT_SEEDS if args.shot_seeds is None else args.shot_seeds
+        if shot_seeds < 1:
+            raise UserError(f"--shot-seeds {shot_seeds}: at least one draw per K is needed")
+        if args.seed < 0:
+            raise UserError(f"--seed {args.seed}: few-shot draws need a seed >= 0")
+        seeds = list(range(args.seed, args.seed + shot_seeds))
+    elif args.shot_seeds is not None or args.allow_fewer_shots:
+        raise UserError("--shot-seeds and --allow-fewer-shots apply to a few-shot probe; give --shots too")
     try:
-        benchmarks = load_benchmarks()
         catalog = load_catalog(args.catalog)
+        benchmarks = benchmarks_with_catalog(catalog, args.catalog)  # SLIP's benchmarks and your own datasets
         for key in keys:
             if key not in benchmarks:
                 raise UserError(f"unknown benchmark {key!r}; known: {', '.join(benchmarks)}")
@@ -130,7 +198,7 @@ def main(argv: list[str]) -> int:
 
         # Every split is opened (files listed, not decoded) before any feature is extracted,
         # so a missing dataset fails the run at once rather than after hours of other work.
-        datasets = {(key, split): build_dataset(key, catalog[key], split, preprocess)
+        datasets = {(key, split): build_dataset(key, catalog[key], split, preprocess, benchmark=benchmarks[key])
                     for key in keys for split in ("train", "test")}
     except ValueError as e:  # a dataset's files or the device named on the command line
         raise UserError(str(e)) from None
@@ -162,19 +230,48 @@ def main(argv: list[str]) -> int:
         options = {"config": SGDProbeConfig(epochs=args.epochs, batch_size=args.probe_batch_size, base_lr=args.lr,
                                             batchnorm=not args.no_batchnorm, seed=args.seed)}
     rows: list[tuple[str, str, ProbeResult]] = []
+    few_rows: list[tuple[str, str, list[FewShotResult]]] = []
     for key in keys:
         bench = benchmarks[key]
         train, test = features(key, "train"), features(key, "test")
-        result = run_probe(args.protocol, train, test, bench.num_classes, bench.metric, device=device, **options)
-        rows.append((key, bench.name, result))
+        if shots is None:
+            result = run_probe(args.protocol, train, test, bench.num_classes, bench.metric, device=device, **options)
+            rows.append((key, bench.name, result))
+            continue
+        counts = np.bincount(train.labels, minlength=bench.num_classes)[:bench.num_classes]
+        short = {c: int(counts[c]) for c in np.flatnonzero(counts < shots[-1])}
+        if short and not args.allow_fewer_shots:
+            listed = ", ".join(f"{_class_name(bench, c)} has {n}" for c, n in list(short.items())[:3])
+            more = f" (and {len(short) - 3} more classes)" if len(short) > 3 else ""
+            raise UserError(f"{key}: --shots {shots[-1]} needs {shots[-1]} training images per class, but {listed}"
+                            f"{more}; --allow-fewer-shots uses all the images such classes have")
+        if short:
+            print(f"{key}: {len(short)} classes have fewer than {shots[-1]} training images and use all they have",
+                  file=sys.stderr)
+        try:
+            results = few_shot_probe(args.protocol, train, test, bench.num_classes, shots, seeds, bench.metric,
+                                     device=device, allow_fewer=args.allow_fewer_shots, **options)
+        except ShortClassesError as e:  # checked above; kept so that no short class ends in a traceback
+            raise UserError(f"{key}: {e}") from None
+        few_rows.append((key, bench.name, results))
 
-    print(_format_table(rows))
+    print(_format_table(rows) if shots is None else _format_few_shot_table(few_rows))
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "catalog", "out", "benchmarks")}
+        if shots is None:
+            for k in ("shots", "shot_seeds", "allow_fewer_shots"):  # the report without --shots is unchanged
+                settings.pop(k)
+            results_json = {key: {"name": name, **r.to_dict()} for key, name, r in rows}
+        else:
+            settings.update(shots=shots, shot_seeds=len(seeds))
+            results_json = {key: {"name": name, "protocol": args.protocol, "metric": rs[0].metric,
+                                  "num_test": next(iter(rs[0].runs.values())).num_test, "seeds": seeds,
+                                  "few_shot": {str(r.shots): r.to_dict() for r in rs}}
+                            for key, name, rs in few_rows}
         report = {
             "checkpoint": str(args.checkpoint), "checkpoint_id": identity, "protocol": args.protocol,
             "settings": settings,
-            "results": {key: {"name": name, **r.to_dict()} for key, name, r in rows},
+            "results": results_json,
         }
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
