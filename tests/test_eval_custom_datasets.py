@@ -157,3 +157,29 @@ def test_your_own_image_folder_is_linear_probed_and_knn_evaluated(folder, tmp_pa
     assert knn_main([*common, "--out", str(tmp_path / "k.json")]) == 0
     (row,) = json.loads((tmp_path / "k.json").read_text())["results"]
     assert row["n_bank"] == row["n_query"] == 60 and row["classes"] == 30
+
+
+def test_your_own_image_folder_is_fine_tuned(tmp_path):
+    import random
+
+    from PIL import Image
+
+    from slip.eval.finetune import FinetuneConfig, finetune
+
+    rng = random.Random(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for c, colour in enumerate([(200, 30, 30), (30, 200, 30)]):
+            folder = tmp_path / "mine" / split / ("red", "green")[c]
+            folder.mkdir(parents=True)
+            for i in range(n):
+                jitter = tuple(min(255, v + rng.randrange(40)) for v in colour)
+                Image.new("RGB", (40, 40), jitter).save(folder / f"{i}.png")
+    catalog = _catalog(tmp_path, {"colours": {"type": "imagefolder", "path": str(tmp_path / "mine"), "train": "train",
+                                              "test": "test"}})
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("simclr_vit_tiny"), tmp_path / "m.pt")
+    result = finetune(FinetuneConfig(checkpoint=str(tmp_path / "m.pt"), catalog=str(catalog), benchmark="colours",
+                                     output_dir=str(tmp_path / "ft"), epochs=1, warmup_epochs=0, batch_size=8,
+                                     workers=0, device="cpu", mixup=0.0, cutmix=0.0), log_stream=io.StringIO())
+    assert result.benchmark == "colours" and result.n == 8
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["name"] == "colours"
