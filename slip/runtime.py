@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,16 +171,11 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
-        import signal
-
         if self.received is None:
             self.received = signal.Signals(signum).name
             logger.warning("received %s: stopping after this step, with a checkpoint", self.received)
 
     def __enter__(self) -> "StopSignals":
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name)
@@ -186,8 +183,6 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()

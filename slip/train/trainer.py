@@ -397,65 +397,69 @@ class Trainer:
         run_start, start_step = time.perf_counter(), self.step
         batches, produced = iter(self.loader), 0
         try:
-            self.stop.__enter__()
-            while self.step < self.last_step:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    if produced == 0:
-                        raise TrainingStopped(self._no_data_message()) from None
-                    self.loader.set_epoch(self.step // self.steps_per_epoch)
-                    batches, produced = iter(self.loader), 0
-                    continue
-                produced += 1
-                data_wait += time.perf_counter() - t0
-                last_losses = self._train_step(batch)
-                self.step += 1
-                window_steps += 1
-                if self.step % self.steps_per_epoch == 0 and self.step < self.last_step:
-                    self.loader.set_epoch(self.step // self.steps_per_epoch)
-                    batches, produced = iter(self.loader), 0
-                if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
-                    last_losses = D.mean_over_ranks(last_losses)
-                    skipped_samples = sum(sum(c.values()) for c in D.all_gather_object(self.skipped_samples()))
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_steps * cfg.train.batch_size / max(elapsed, 1e-9)
-                    done = self.step - start_step
-                    eta = (time.perf_counter() - run_start) / max(done, 1) * (self.last_step - self.step)
-                    self.log.log({
-                        **last_losses,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "logit_scale": float(self.model.logit_scale.detach().exp()) if self.model.has_text else None,
-                        "samples_per_s": round(rate, 2),
-                        "data_wait": round(data_wait / max(elapsed, 1e-9), 3),
-                        "peak_mem_gib": round(self.rt.peak_memory_gib(), 3),
-                        "skipped_updates": self.nonfinite.skipped,
-                        "skipped_samples": skipped_samples,
-                        "eta": format_duration(eta),
-                    }, self.step)
-                    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-                if self.validator and cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.last_step:
-                    validation = self.validate()
-                if self.step % cfg.train.save_every == 0 and self.step < self.last_step:
-                    last_ckpt = self.save()
-                if not self.go_on and self.step < self.last_step:
-                    if last_ckpt is None or last_ckpt != self.checkpoints.path_for(self.step):
+            with self.stop:  # SIGUSR1 / SIGTERM: checkpoint at the end of the step, then stop
+                while self.step < self.last_step:
+                    t0 = time.perf_counter()
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        if produced == 0:
+                            raise TrainingStopped(self._no_data_message()) from None
+                        self.loader.set_epoch(self.step // self.steps_per_epoch)
+                        batches, produced = iter(self.loader), 0
+                        continue
+                    produced += 1
+                    data_wait += time.perf_counter() - t0
+                    last_losses = self._train_step(batch)
+                    self.step += 1
+                    window_steps += 1
+                    if self.step % self.steps_per_epoch == 0 and self.step < self.last_step:
+                        self.loader.set_epoch(self.step // self.steps_per_epoch)
+                        batches, produced = iter(self.loader), 0
+                    if self.step % cfg.train.log_every == 0 or self.step == self.last_step:
+                        elapsed = time.perf_counter() - window_start
+                        per_step = (time.perf_counter() - run_start) / max(self.step - start_step, 1)
+                        last_losses = self._log_step(last_losses, window_steps / max(elapsed, 1e-9),
+                                                     data_wait / max(elapsed, 1e-9), per_step)
+                        window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+                    if self.validator and cfg.eval.every and self.step % cfg.eval.every == 0 \
+                            and self.step < self.last_step:
+                        validation = self.validate()
+                    if self.step % cfg.train.save_every == 0 and self.step < self.last_step:
                         last_ckpt = self.save()
-                    raise runtime.Preempted(
-                        f"stopped on {self.stop.received or 'a signal to another rank'} at step {self.step} with "
-                        f"checkpoint {last_ckpt}; rerun the same command to resume from it")
-            last_ckpt = self.save()
-            if self.validator:
-                validation = self.validate()
+                    if not self.go_on and self.step < self.last_step:
+                        if last_ckpt is None or last_ckpt != self.checkpoints.path_for(self.step):
+                            last_ckpt = self.save()
+                        raise runtime.Preempted(
+                            f"stopped on {self.stop.received or 'a signal to another rank'} at step {self.step} with "
+                            f"checkpoint {last_ckpt}; rerun the same command to resume from it")
+                last_ckpt = self.save()
+                if self.validator:
+                    validation = self.validate()
         finally:
-            self.stop.__exit__()
             skipped = self.skipped_samples()
             if skipped:
                 who = "" if self.world == 1 else f" (rank {self.rank}; the logged skipped_samples is over all ranks)"
                 self.log.message(f"skipped samples{who}: {skipped}")
             self.log.close()
         return TrainResult(self.step, last_ckpt, last_losses, validation, self.nonfinite.skipped, skipped)
+
+    def _log_step(self, losses: dict, steps_per_s: float, data_wait: float, seconds_per_step: float) -> dict:
+        """Log the step's losses (averaged over ranks: collective) with the run's figures."""
+        losses = D.mean_over_ranks(losses)
+        skipped_samples = sum(sum(c.values()) for c in D.all_gather_object(self.skipped_samples()))
+        self.log.log({
+            **losses,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "logit_scale": float(self.model.logit_scale.detach().exp()) if self.model.has_text else None,
+            "samples_per_s": round(steps_per_s * self.cfg.train.batch_size, 2),
+            "data_wait": round(data_wait, 3),
+            "peak_mem_gib": round(self.rt.peak_memory_gib(), 3),
+            "skipped_updates": self.nonfinite.skipped,
+            "skipped_samples": skipped_samples,
+            "eta": format_duration(seconds_per_step * (self.last_step - self.step)),
+        }, self.step)
+        return losses
 
     def _no_data_message(self) -> str:
         skipped = self.loader.skipped()
