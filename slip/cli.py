@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-tokenizer": ("slip.ssl.fit_tokenizer", "fit a k-means patch codebook (a BEiT visual tokenizer) on shards"),
     "make-shards": ("slip.data.make_shards", "convert a corpus (folder, table, YFCC15M, CC3M/12M, COCO) to shards"),
     "make-synthetic": ("slip.data.synthetic", "write the synthetic captioned-shapes corpus and benchmark"),
+    "export": ("slip.export", "export a checkpoint as an open_clip folder (image + text) or a timm image tower"),
     "smoke": ("slip.smoke", "build a model, embed a generated image and caption, round-trip a checkpoint"),
     "list-models": ("slip.smoke", "print the registered model names"),
 }

@@ -1,0 +1,428 @@
+"""``slip export``: a checkpoint as a folder that open_clip or timm loads by itself.
+
+    slip export CHECKPOINT OUT --format open_clip   # open_clip.create_model_and_transforms("local-dir:OUT")
+    slip export CHECKPOINT OUT --format timm        # timm.create_model("local-dir:OUT", pretrained=True)
+
+open_clip: ``open_clip_config.json`` + ``open_clip_model.safetensors`` + ``README.md`` (the
+layout the Hugging Face hub expects). The image tower is open_clip's timm tower with class-token
+pooling (``timm_pool: "token"``; open_clip's default ``"avg"`` would change every embedding) and
+a bias-free linear head holding ``image_projection`` transposed; the text tower keeps its CLIP
+names, with QuickGELU. Image and text embeddings equal slip's to float32 rounding.
+
+open_clip builds the timm trunk from ``timm_model_name`` alone (it passes no architecture
+arguments to timm), so a tower that matches a registered timm model exactly (ViT-B/16 ->
+``vit_base_patch16_224``, ViT-L/16 -> ``vit_large_patch16_224``) is named by it and the folder
+can be moved or uploaded. SLIP's ViT-S/16 has 12 heads (timm's ``vit_small`` has 6, with the
+same weight shapes: it would load and compute wrong embeddings without an error), and the tiny
+test preset is no timm model: for those the folder also holds timm's ``config.json`` and the
+config names ``local-dir:<absolute path of OUT>``. Such a folder loads where it was written; moved,
+timm fails with "Config file not found" instead of loading anything wrong. ``--hub-id ORG/NAME``
+names ``hf-hub:ORG/NAME`` instead, for a folder that will be uploaded there (timm then reads the
+same ``config.json`` from the hub).
+
+timm: ``config.json`` (architecture, ``model_args``, ``pretrained_cfg`` with slip's evaluation
+preprocessing) + ``model.safetensors`` (the image tower alone, no classifier) + ``README.md``.
+
+Image-only models (SimCLR) have no text tower and cannot be open_clip CLIP models; their tower
+exports to timm. Folders are written atomically (a temporary sibling folder, then a rename) and
+a non-empty OUT is only replaced with ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, command
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+FORMATS = ("open_clip", "timm")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+TIMM_CONFIG = "config.json"
+TIMM_WEIGHTS = "model.safetensors"
+
+# Registered timm ViTs whose default arguments build exactly slip's tower (checked at export).
+_TIMM_NAMES = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
+_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
+
+
+class _Source:
+    """What an export needs: architecture, weights, run metadata, a name for messages."""
+
+    def __init__(self, arch, state_dict: dict, meta: dict, label: str):
+        self.arch, self.state_dict, self.meta, self.label = arch, state_dict, meta, label
+
+    @property
+    def name(self) -> str:
+        from .models import MODELS
+
+        for name, arch in MODELS.items():
+            if (arch.vision, arch.text, arch.ssl_head is None) == (self.arch.vision, self.arch.text, self.arch.ssl_head is None) \
+                    and (arch.text is None or arch.embed_dim == self.arch.embed_dim):
+                return name
+        return f"custom model ({self.arch.vision})"
+
+
+def _source(model_or_checkpoint) -> _Source:
+    from .models import SLIPModel
+
+    model = getattr(model_or_checkpoint, "module", model_or_checkpoint)  # unwrap DDP
+    if isinstance(model, SLIPModel):
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return _Source(model.arch, sd, {}, "a SLIPModel")
+    if not isinstance(model_or_checkpoint, (str, os.PathLike)):
+        raise TypeError(f"expected a SLIPModel or a checkpoint path, got {type(model_or_checkpoint).__name__}")
+    from .checkpoint import CheckpointError, read_checkpoint
+
+    ckpt = read_checkpoint(model_or_checkpoint)
+    needed = [k for k in ("visual.cls_token", "visual.pos_embed") if k not in ckpt.state_dict]
+    if needed:
+        raise CheckpointError(f"{model_or_checkpoint}: no image tower (missing {needed})")
+    return _Source(ckpt.arch, ckpt.state_dict, ckpt.meta, str(model_or_checkpoint))
+
+
+# ---------------------------------------------------------------------------------------- timm
+
+
+def timm_model_args(vision) -> dict:
+    """``timm.create_model`` arguments that build slip's tower (on top of any ViT entrypoint)."""
+    return {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.width,
+            "depth": vision.depth, "num_heads": vision.heads, "global_pool": "token"}
+
+
+def _tower_signature(model) -> tuple:
+    return (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
+            tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size), model.global_pool,
+            {k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+
+def registered_timm_name(vision) -> str | None:
+    """The registered timm model that builds exactly this tower (heads included), or None."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.device("meta"):
+        want = _tower_signature(VisionTransformer(
+            img_size=vision.image_size, patch_size=vision.patch_size, embed_dim=vision.width,
+            depth=vision.depth, num_heads=vision.heads, num_classes=0))
+        for name in _TIMM_NAMES:
+            if _tower_signature(timm.create_model(name, pretrained=False, num_classes=0)) == want:
+                return name
+    return None
+
+
+def _base_architecture(vision) -> str:
+    """A registered ViT entrypoint to name in config.json; ``model_args`` fix every size."""
+    return {384: "vit_small_patch16_224", 1024: "vit_large_patch16_224"}.get(vision.width, "vit_base_patch16_224")
+
+
+def timm_config(vision) -> dict:
+    """timm's ``config.json`` for slip's tower: what ``timm.create_model("local-dir:...")`` reads."""
+    size = vision.image_size
+    return {
+        "architecture": _base_architecture(vision),
+        "num_classes": 0,
+        "num_features": vision.width,
+        "global_pool": "token",
+        "model_args": timm_model_args(vision),
+        "pretrained_cfg": {
+            "tag": "slip",
+            "input_size": [3, size, size],
+            "fixed_input_size": True,
+            # slip's evaluation transform: shorter side to S (bilinear), centre crop S x S.
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
+def _tower_state_dict(src: _Source) -> dict:
+    return {k[len("visual."):]: v.contiguous() for k, v in src.state_dict.items() if k.startswith("visual.")}
+
+
+# ----------------------------------------------------------------------------------- open_clip
+
+
+def open_clip_config(arch, timm_model_name: str) -> dict:
+    """``open_clip_config.json``: ``model_cfg`` (timm image tower, CLIP text tower) and the
+    ``preprocess_cfg`` that reproduces :func:`slip.transforms.eval_transform`."""
+    if arch.text is None:
+        raise UserError("an image-only model has no text tower for open_clip")
+    v, t = arch.vision, arch.text
+    return {
+        "model_cfg": {
+            "embed_dim": arch.embed_dim,
+            "quick_gelu": True,
+            "vision_cfg": {
+                "image_size": v.image_size,
+                "timm_model_name": timm_model_name,
+                "timm_model_pretrained": False,
+                "timm_pool": "token",  # the class token, as slip; open_clip's default "avg" is not
+                "timm_proj": "linear",
+                "timm_proj_bias": False,
+            },
+            "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
+                         "width": t.width, "heads": t.heads, "layers": t.layers},
+        },
+        "preprocess_cfg": {
+            "size": v.image_size,
+            "mode": "RGB",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "interpolation": "bilinear",
+            "resize_mode": "shortest",
+            "fill_color": 0,
+        },
+    }
+
+
+def open_clip_state_dict(src: _Source) -> dict:
+    """slip's names -> open_clip's: ``visual.X -> visual.trunk.X``, ``image_projection`` (in, out)
+    -> ``visual.head.proj.weight`` (out, in); the text tower's names are open_clip's already."""
+    sd = {f"visual.trunk.{k}": v for k, v in _tower_state_dict(src).items()}
+    sd["visual.head.proj.weight"] = src.state_dict["image_projection"].t().contiguous()
+    for k, v in src.state_dict.items():
+        if k.startswith(_TEXT_KEYS):
+            sd[k] = v.contiguous()
+    return sd
+
+
+# ------------------------------------------------------------------------------- folder writing
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+
+
+class _Folder:
+    """A temporary sibling of ``out`` that becomes ``out`` on success (see :func:`_atomic_folder`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.path / name).write_text(text, encoding="utf-8")
+
+    def write_json(self, name: str, obj: dict) -> None:
+        self.write_text(name, json.dumps(obj, indent=2) + "\n")
+
+    def write_safetensors(self, name: str, state_dict: dict, metadata: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        save_file(state_dict, str(self.path / name), metadata=metadata)
+
+
+class _atomic_folder:
+    def __init__(self, out: Path, overwrite: bool):
+        self.out, self.overwrite = out, overwrite
+
+    def __enter__(self) -> _Folder:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        os.chmod(self.tmp, 0o777 & ~_umask())
+        return _Folder(self.tmp)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            for f in self.tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _check_out(self.out, self.overwrite)  # again: something may have appeared meanwhile
+            old = None
+            if self.out.is_dir() and any(self.out.iterdir()):
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
+                os.replace(self.out, old)  # onto the empty folder mkdtemp made
+            os.replace(self.tmp, self.out)  # a rename; onto an empty folder where one exists
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(self.out.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ model card
+
+
+def _model_card(src: _Source, fmt: str, out: Path, results: dict | None, load: str, portable_note: str) -> str:
+    a = src.arch
+    kind = "SLIP (CLIP + self-supervised learning)" if a.text and a.ssl_head else \
+        "CLIP" if a.text else "image-only self-supervised (SimCLR-style)"
+    v = a.vision
+    lines = ["---", f"library_name: {fmt}", "tags:", "  - slip", "  - clip" if a.text else "  - self-supervised",
+             "  - image-feature-extraction" if fmt == "timm" else "  - zero-shot-image-classification", "---", "",
+             f"# {src.name} ({fmt} export)", "",
+             f"A {kind} model trained with slip, exported with `slip export --format {fmt}`.", "",
+             "## Model", "",
+             (f"- Image tower: ViT, width {v.width}, depth {v.depth}, {v.heads} heads, patch {v.patch_size}, "
+              f"{v.image_size} px images, class-token features.")]
+    if a.text is not None and fmt == "open_clip":
+        t = a.text
+        lines.append(f"- Text tower: CLIP transformer, width {t.width}, {t.layers} layers, {t.heads} heads, "
+                     f"context {t.context_length}, vocabulary {t.vocab_size} (CLIP BPE), QuickGELU.")
+        lines.append(f"- Joint embedding: {a.embed_dim}.")
+    if a.ssl_head is not None:
+        lines.append(f"- Trained with the self-supervised objective `{a.ssl_head.method}` "
+                     "(its head is not part of this export).")
+    lines.append(f"- Preprocessing: shorter side resized to {v.image_size} (bilinear), centre crop, "
+                 "ImageNet mean/std.")
+    if fmt == "timm":
+        lines.append("- Only the image tower is exported (no projection, no text tower, no classifier).")
+    lines += ["", "## Usage", "", "```python", load, "```", ""]
+    if portable_note:
+        lines += [portable_note, ""]
+    lines += ["## Training", "", f"Exported from {src.label}."]
+    meta = src.meta
+    if "step" in meta:
+        lines.append(f"Training step: {meta['step']}.")
+    if "epoch" in meta:
+        lines.append(f"Epoch: {meta['epoch']}.")
+    for key, title in (("config", "The run's configuration"), ("args", "The run's arguments (SLIP's released checkpoint)")):
+        if meta.get(key):
+            lines += ["", f"{title}:", "", "```json", json.dumps(meta[key], indent=2, default=str), "```"]
+    if not any(k in meta for k in ("step", "epoch", "config", "args")):
+        lines.append("The checkpoint records no training configuration.")
+    lines += ["", "## Evaluation", ""]
+    if results:
+        lines += ["```json", json.dumps(results, indent=2, default=str), "```"]
+    else:
+        lines.append("No evaluation results were given at export (`slip export --results FILE.json`).")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------- exports
+
+
+def export_open_clip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool = False,
+                     results: dict | None = None, hub_id: str | None = None) -> Path:
+    """Write an open_clip folder (see the module doc); returns its path.
+
+    ``model_or_checkpoint``: a :class:`slip.SLIPModel` or a checkpoint path. ``results``: evaluation
+    results for the model card. ``hub_id``: the hub repository the folder will be uploaded to, for
+    towers no registered timm model builds (ViT-S/16 with 12 heads, the tiny preset)."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    src = _source(model_or_checkpoint)
+    if src.arch.text is None:
+        raise UserError(f"{src.name}: an image-only model (no text tower) cannot become an open_clip CLIP model; "
+                        "export its image tower with --format timm")
+    registered = registered_timm_name(src.arch.vision)
+    if registered:
+        timm_name, note = registered, ""
+    elif hub_id:
+        timm_name = f"hf-hub:{hub_id}"
+        note = (f"The image tower is built by timm from `{TIMM_CONFIG}` of the hub repository `{hub_id}` "
+                f"(no registered timm model has its {src.arch.vision.heads} heads); upload this folder there.")
+    else:
+        timm_name = f"local-dir:{out.resolve()}"
+        note = (f"Note: no registered timm model builds this image tower ({src.arch.vision.heads} heads), so "
+                f"`{OPEN_CLIP_CONFIG}` names timm's `{TIMM_CONFIG}` in this folder by its absolute path "
+                f"(`{out.resolve()}`): the folder loads there and, moved, fails with timm's 'Config file not found'. "
+                "Export again with `--hub-id ORG/NAME` for a folder to upload to the Hugging Face hub.")
+    load = ("import open_clip\n"
+            f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{out}\")\n"
+            f"tokenizer = open_clip.get_tokenizer(\"local-dir:{out}\")")
+    with _atomic_folder(out, overwrite) as folder:
+        folder.write_json(OPEN_CLIP_CONFIG, open_clip_config(src.arch, timm_name))
+        if not registered:
+            folder.write_json(TIMM_CONFIG, timm_config(src.arch.vision))
+        folder.write_safetensors(OPEN_CLIP_WEIGHTS, open_clip_state_dict(src))
+        folder.write_text("README.md", _model_card(src, "open_clip", out, results, load, note))
+    return out
+
+
+def export_timm(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool = False,
+                results: dict | None = None) -> Path:
+    """Write a timm folder with the image tower (see the module doc); returns its path."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    src = _source(model_or_checkpoint)
+    cfg = timm_config(src.arch.vision)
+    args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
+    load = ("import timm\n"
+            f"model = timm.create_model(\"local-dir:{out}\", pretrained=True)\n"
+            "# or, from the weights file alone:\n"
+            f"model = timm.create_model(\"{cfg['architecture']}\", pretrained=True, num_classes=0, {args},\n"
+            f"                          pretrained_cfg_overlay=dict(file=\"{out / TIMM_WEIGHTS}\"))\n"
+            "# fine-tuning: add num_classes=N for a new classifier")
+    with _atomic_folder(out, overwrite) as folder:
+        folder.write_json(TIMM_CONFIG, cfg)
+        folder.write_safetensors(TIMM_WEIGHTS, _tower_state_dict(src))
+        folder.write_text("README.md", _model_card(src, "timm", out, results, load, ""))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slip export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint file (slip's or SLIP's released ones)")
+    p.add_argument("out", help="folder to write (must be absent or empty unless --overwrite)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="open_clip (image + text) or timm (image tower)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    p.add_argument("--results", help="evaluation results (a JSON file, e.g. from slip zero-shot --out) for the model card")
+    p.add_argument("--hub-id", help="open_clip: the hub repository OUT will be uploaded to, for image towers "
+                                    "no registered timm model builds (ViT-S/16's 12 heads)")
+    return p
+
+
+@command("export")
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    results = None
+    if args.results:
+        try:
+            results = json.loads(Path(args.results).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{args.results}: not JSON ({e})") from None
+    if args.format == "open_clip":
+        out = export_open_clip(args.checkpoint, args.out, overwrite=args.overwrite, results=results, hub_id=args.hub_id)
+    else:
+        if args.hub_id:
+            raise UserError("--hub-id is for --format open_clip")
+        out = export_timm(args.checkpoint, args.out, overwrite=args.overwrite, results=results)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
