@@ -340,3 +340,27 @@ def test_distributed_evaluation_is_exact(tmp_path):
             assert (got["value"], got["n"], got["skipped"]) == (single["value"], single["n"], single["skipped"]), mode
             assert torch.equal(got["logits"], single["logits"]) and torch.equal(got["labels"], single["labels"]), mode
     assert single["labels"].tolist() == [0, 1, 2, 0, 2, 2]  # dataset order, bad image dropped
+
+
+def test_results_are_also_written_in_clip_benchmarks_layout(tmp_path):
+    import slip
+    from slip.data.synthetic import generate_synthetic
+    from slip.eval.zero_shot_cli import main
+
+    generate_synthetic(tmp_path / "corpus", seed=0, train_samples=8, test_per_class=2, image_size=32,
+                       samples_per_shard=8)
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "run7.pt")
+    template = str(tmp_path / "cb" / "{dataset}_{pretrained}_{model}_{language}_{task}.json")
+    assert main(["--checkpoint", str(tmp_path / "run7.pt"), "--benchmark-dir", str(tmp_path / "corpus" / "benchmark"),
+                 "--workers", "0", "--no-cache", "--out", str(tmp_path / "zs.json"),
+                 "--clip-benchmark-out", template]) == 0
+    record = json.loads((tmp_path / "cb" / "synthetic_run7_clip_vit_tiny_en_zeroshot_classification.json").read_text())
+    assert {k: record[k] for k in ("dataset", "model", "pretrained", "task", "language")} == {
+        "dataset": "synthetic", "model": "clip_vit_tiny", "pretrained": "run7", "task": "zeroshot_classification",
+        "language": "en"}
+    ours = json.loads((tmp_path / "zs.json").read_text())["results"]["synthetic"]
+    assert record["metrics"]["acc1"] == pytest.approx(ours["value"] / 100)
+    assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert 0 <= record["metrics"]["acc1"] <= record["metrics"]["acc5"] <= 1
+    assert "logits" not in ours

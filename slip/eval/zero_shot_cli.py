@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated benchmark keys, or 'all' (default): every catalog entry "
                              "and benchmark directory")
     parser.add_argument("--out", type=Path, help="results JSON; a CSV with the same stem is written beside it")
+    parser.add_argument("--clip-benchmark-out", metavar="TEMPLATE",
+                        help="also write each classification result as CLIP_benchmark's JSON (dataset, model, "
+                             "pretrained, task, metrics acc1/acc5/mean_per_class_recall as fractions), to TEMPLATE "
+                             "with {dataset} {model} {pretrained} {language} {task} filled in, like its --output")
+    parser.add_argument("--model-name", help="model name in CLIP_benchmark records (default: the architecture)")
+    parser.add_argument("--pretrained-name", help="pretrained name in CLIP_benchmark records (default: the "
+                                                  "checkpoint's file name without suffix)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="data loader processes")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -105,6 +112,34 @@ def _select(requested: str, known: dict[str, Benchmark], catalog: dict[str, dict
     wanted = set(names)
     no_entry = {k: "no entry in the catalog" for k in names if k in known and k not in catalog}
     return [k for k in ordered if k in wanted], no_entry
+
+
+def clip_benchmark_record(dataset: str, model_name: str, pretrained: str, logits: torch.Tensor,
+                          labels: torch.Tensor) -> dict[str, Any]:
+    """One zero-shot classification result in CLIP_benchmark's JSON layout (metrics as fractions)."""
+    from .metrics import compute_metric
+
+    metrics = {name: compute_metric(metric, logits, labels) / 100
+               for name, metric in (("acc1", "top1"), ("acc5", "top5"), ("mean_per_class_recall", "mean_per_class_recall"))}
+    return {"dataset": dataset, "model": model_name, "pretrained": pretrained, "task": "zeroshot_classification",
+            "metrics": metrics, "language": "en"}
+
+
+def _write_clip_benchmark(args: argparse.Namespace, key: str, model, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    from slip.models import get_architecture, list_models
+
+    arch_name = next((n for n in list_models() if get_architecture(n) == model.arch), "slip")
+    record = clip_benchmark_record(key, args.model_name or arch_name, args.pretrained_name or Path(args.checkpoint).stem,
+                                   logits, labels)
+    fields = {k: record[k] for k in ("dataset", "model", "pretrained", "language", "task")}
+    try:
+        path = Path(args.clip_benchmark_out.format(**{k: str(v).replace("/", "_") for k, v in fields.items()}))
+    except (KeyError, IndexError) as e:
+        raise UsageError(f"--clip-benchmark-out {args.clip_benchmark_out!r}: unknown field {e}; use {{dataset}} "
+                         "{model} {pretrained} {language} {task}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _rows(key: str, name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -177,6 +212,7 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
     results: dict[str, Any] = {}
     failed: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
+    want_outputs = args.clip_benchmark_out is not None
     for key in keys:
         try:
             if key in local:
@@ -184,7 +220,7 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
                 dataset = build_dataset(key, lb.entry, "test", preprocess, benchmark=lb.benchmark)
                 result = zero_shot_eval(model, tokenizer(), lb.benchmark, dataset, args.batch_size, args.workers,
                                         device, cache_dir=cache_dir, model_id=model_id, groups=lb.groups,
-                                        progress=args.progress)
+                                        progress=args.progress, return_outputs=want_outputs)
                 name = lb.benchmark.name
             elif catalog[key]["type"] == RETRIEVAL_TYPE:
                 dataset = build_retrieval_dataset(key, catalog[key], preprocess)
@@ -194,7 +230,8 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
             else:
                 dataset = build_dataset(key, catalog[key], "test", preprocess, benchmark=known[key])
                 result = zero_shot_eval(model, tokenizer(), known[key], dataset, args.batch_size, args.workers,
-                                        device, cache_dir=cache_dir, model_id=model_id, progress=args.progress)
+                                        device, cache_dir=cache_dir, model_id=model_id, progress=args.progress,
+                                        return_outputs=want_outputs)
                 name = known[key].name
         except DatasetNotFoundError as e:
             missing[key] = str(e)
@@ -204,6 +241,10 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
             if main_process:
                 print(f"{PROG}: {key} failed: {failed[key]}", file=sys.stderr)
             continue
+        if "logits" in result:
+            logits, labels = result.pop("logits"), result.pop("labels")
+            if main_process and labels.dim() == 1:  # single-label: CLIP_benchmark's classification metrics
+                _write_clip_benchmark(args, key, model, logits, labels)
         results[key] = {"name": name, **result}
         rows.extend(_rows(key, name, result))
         if main_process:
