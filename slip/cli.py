@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("slip.eval.finetune_cli", "fine-tune the image tower end to end on a benchmark (SLIP's BEiT recipe)"),
     "bench-data": ("slip.data.bench", "measure the training data pipeline's throughput on shards"),
     "fit-tokenizer": ("slip.ssl.fit_tokenizer", "fit a k-means patch codebook (a BEiT visual tokenizer) on shards"),
+    "export-benchmark": ("slip.eval.export_benchmark", "write a classification benchmark in CLIP_benchmark's webdataset layout"),
     "make-shards": ("slip.data.make_shards", "convert a corpus (folder, table, YFCC15M, CC3M/12M, COCO) to shards"),
     "make-synthetic": ("slip.data.synthetic", "write the synthetic captioned-shapes corpus and benchmark"),
     "export": ("slip.export", "export a checkpoint as an open_clip folder (image + text) or a timm image tower"),

@@ -183,3 +183,35 @@ def test_your_own_image_folder_is_fine_tuned(tmp_path):
                                      workers=0, device="cpu", mixup=0.0, cutmix=0.0), log_stream=io.StringIO())
     assert result.benchmark == "colours" and result.n == 8
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["name"] == "colours"
+
+
+def test_a_benchmark_exported_in_clip_benchmarks_layout_reads_back_with_its_labels_names_and_results(corpus, tmp_path):
+    import webdataset as wds
+
+    from slip.eval.export_benchmark import main as export_main
+    from slip.eval.zero_shot_cli import main as zero_shot_main
+
+    out = tmp_path / "wds_shapes"
+    assert export_main([str(out), "--benchmark-dir", str(corpus / "benchmark")]) == 0
+    local = load_benchmark_dir(corpus / "benchmark")
+    assert (out / "classnames.txt").read_text().splitlines() == list(local.benchmark.classnames)
+    assert (out / "zeroshot_classification_templates.txt").read_text().splitlines() == [
+        t.replace("{}", "{c}") for t in local.benchmark.templates]
+    assert (out / "test" / "nshards.txt").read_text().strip() == "1"
+    # webdataset itself reads the shards back: every image with its label, as in the source.
+    samples = list(wds.WebDataset(str(out / "test" / "0.tar"), shardshuffle=False))
+    expected = {key: (data, label) for key, data, label in _benchmark_images(corpus / "benchmark")}
+    assert len(samples) == len(expected)
+    by_image = {data: label for data, label in expected.values()}
+    assert all(by_image[s["jpg"]] == int(s["cls"]) for s in samples)
+    # ... and slip reads it as a dataset of one's own, with the same zero-shot result.
+    catalog = _catalog(tmp_path, {"shapes": {"type": "wds", "path": str(out), "test": "test"}})
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "m.pt")
+    common = ["--checkpoint", str(tmp_path / "m.pt"), "--workers", "0", "--no-cache"]
+    assert zero_shot_main([*common, "--catalog", str(catalog), "--benchmarks", "shapes", "--out", str(tmp_path / "a.json")]) == 0
+    assert zero_shot_main([*common, "--benchmark-dir", str(corpus / "benchmark"), "--out", str(tmp_path / "b.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())["results"]["shapes"]
+    b = json.loads((tmp_path / "b.json").read_text())["results"]["synthetic"]
+    assert a["value"] == pytest.approx(b["value"]) and a["n"] == b["n"]
+    assert export_main([str(out), "--benchmark-dir", str(corpus / "benchmark")]) == 2  # never overwrites
