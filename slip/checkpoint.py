@@ -5,7 +5,11 @@ Two formats are read:
 * the project's own: ``{"format": "slip/1", "arch": {...}, "state_dict": {...}, ...}`` written
   with ``torch.save``, or a ``.safetensors`` file whose metadata holds ``format`` and ``arch``;
 * the checkpoints SLIP's authors released: ``{"epoch", "args": argparse.Namespace,
-  "state_dict"}`` with DDP's ``module.`` prefix on every key.
+  "state_dict"}`` with DDP's ``module.`` prefix on every key;
+* open_clip model folders (``open_clip_config.json`` + ``open_clip_model.safetensors`` or a
+  ``.bin``), written by open_clip or ``slip export --format open_clip``, whose image tower is a
+  timm ViT that slip has a preset for (``visual.trunk.X -> visual.X``, ``visual.head.proj.weight``
+  transposed -> ``image_projection``; text keys as they are).
 
 Nothing in a file is ever executed: pickles are opened with ``torch.load(weights_only=True)``,
 which rebuilds only tensors and plain containers, plus ``argparse.Namespace`` for the released
@@ -51,7 +55,7 @@ class LoadedCheckpoint:
     arch: Architecture
     state_dict: dict[str, torch.Tensor]
     meta: dict  # everything else in the file (epoch, args as a dict, training state ...)
-    source: str  # "slip" or "released"
+    source: str  # "slip", "released" or "open_clip"
 
 
 def _strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
@@ -99,6 +103,10 @@ def _is_safetensors(path: Path) -> bool:
 def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """Open any supported checkpoint and work out its architecture, without building a model."""
     path = Path(path)
+    if path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():
+        return read_open_clip_folder(path)
+    if path.is_file() and path.name in OPEN_CLIP_WEIGHTS and (path.parent / OPEN_CLIP_CONFIG).is_file():
+        return read_open_clip_folder(path.parent)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if _is_safetensors(path):
@@ -265,3 +273,161 @@ def save_checkpoint(model: SLIPModel, path: str | os.PathLike, **extra) -> None:
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=meta)
         else:
             torch.save({"format": FORMAT, "arch": model.arch.to_dict(), "state_dict": state_dict, **extra}, tmp)
+
+
+# ------------------------------------------------------------------------------ open_clip folders
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
+_NULL = object()  # a field that must be absent or null
+# Config fields that change nothing at inference, or that must hold the value slip's model has.
+_OC_MODEL_FIELDS = {"embed_dim": None, "vision_cfg": None, "text_cfg": None, "quick_gelu": True,
+                    "custom_text": False, "init_logit_scale": None, "cast_dtype": None}
+_OC_VISION_FIELDS = {"image_size": None, "timm_model_name": None, "timm_model_pretrained": None,
+                     "timm_pool": "token", "timm_proj": "linear", "timm_proj_bias": False,
+                     "timm_drop": None, "timm_drop_path": None, "patch_dropout": None}
+_OC_TEXT_FIELDS = {"context_length": None, "vocab_size": None, "width": None, "heads": None, "layers": None,
+                   "mlp_ratio": 4.0, "ls_init_value": _NULL, "pool_type": "argmax", "proj_type": "linear",
+                   "proj_bias": False, "no_causal_mask": False, "embed_cls": False}
+# open_clip's defaults where a field is absent (its timm tower pools by "avg" unless told).
+_OC_DEFAULTS = {"quick_gelu": False, "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False}
+
+
+def _check_fields(cfg: dict, allowed: dict, where: str, path: Path) -> None:
+    for key, value in cfg.items():
+        if key not in allowed:
+            raise CheckpointError(f"{path}: {where}.{key}={value!r} is not something slip's model has "
+                                  f"(an open_clip model slip cannot load)")
+        want = allowed[key]
+        if want is _NULL:
+            if value is not None:
+                raise CheckpointError(f"{path}: {where}.{key}={value!r}: slip's model has no such option")
+        elif want is not None and value != want:
+            raise CheckpointError(f"{path}: {where}.{key}={value!r}, slip's model needs {want!r}")
+    for key, default in _OC_DEFAULTS.items():
+        if key in allowed and key not in cfg and allowed[key] is not None and default != allowed[key]:
+            raise CheckpointError(f"{path}: {where}.{key} is absent (open_clip's default {default!r}), "
+                                  f"slip's model needs {allowed[key]!r}")
+
+
+def _open_clip_weights(path: Path) -> dict:
+    for name in OPEN_CLIP_WEIGHTS:
+        f = path / name
+        if f.is_file():
+            if _is_safetensors(f):
+                from safetensors.torch import load_file
+
+                return load_file(str(f))
+            obj = _torch_load(f)
+            if isinstance(obj, dict) and "state_dict" in obj:
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise CheckpointError(f"{f}: expected a state dict mapping names to tensors")
+            return _strip_prefix(obj)
+    raise CheckpointError(f"{path}: an open_clip folder without weights (none of {list(OPEN_CLIP_WEIGHTS)})")
+
+
+def _open_clip_trunk(path: Path, name: str):
+    """The timm trunk open_clip builds for ``timm_model_name`` (on the meta device), as open_clip
+    does it: timm's defaults for the name, class-token pooling, no classifier."""
+    import timm
+
+    if name.startswith(("local-dir:", "hf-hub:")):
+        where = [path / "config.json"]  # the folder's own timm config (what slip export writes)
+        if name.startswith("local-dir:"):
+            where.append(Path(name[len("local-dir:"):]) / "config.json")
+        found = next((f for f in where if f.is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r} names a timm config.json "
+                                  "that is not in the folder nor at that path")
+        try:
+            tcfg = json.loads(found.read_text(encoding="utf-8"))
+            arch_name, model_args = tcfg["architecture"], dict(tcfg.get("model_args") or {})
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{found}: not a timm config.json ({e})") from None
+    else:
+        arch_name, model_args = name, {}
+    model_args.update(num_classes=0, global_pool="token")
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch_name, pretrained=False, **model_args)
+    except Exception as e:  # noqa: BLE001 -- an unknown name or arguments that do not fit
+        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r}: timm cannot build it ({e})") from None
+
+
+def read_open_clip_folder(path: str | os.PathLike) -> LoadedCheckpoint:
+    """An open_clip folder with a timm ViT image tower slip has a preset for, in slip's names."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .export import _tower_signature
+    from .models.presets import VISION_PRESETS
+
+    path = Path(path)
+    try:
+        cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path / OPEN_CLIP_CONFIG}: not JSON ({e})") from None
+    model_cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else None
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("vision_cfg"), dict):
+        raise CheckpointError(f"{path / OPEN_CLIP_CONFIG}: no model_cfg.vision_cfg")
+    vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg.get("text_cfg") or {}
+    sd = _open_clip_weights(path)
+    if "timm_model_name" not in vision_cfg or any(k.startswith("visual.conv1.") for k in sd):
+        bad = next((k for k in ("visual.ln_pre.weight", "visual.conv1.weight") if k in sd), "vision_cfg.timm_model_name")
+        raise CheckpointError(f"{path}: open_clip's own VisionTransformer image tower ({bad!r}) is not slip's "
+                              "timm ViT (its ln_pre has no place there); only timm-tower folders "
+                              "(vision_cfg.timm_model_name) load")
+    _check_fields(model_cfg, _OC_MODEL_FIELDS, "model_cfg", path)
+    _check_fields(vision_cfg, _OC_VISION_FIELDS, "model_cfg.vision_cfg", path)
+    _check_fields(text_cfg, _OC_TEXT_FIELDS, "model_cfg.text_cfg", path)
+    if "visual.head.proj.weight" not in sd:
+        raise CheckpointError(f"{path}: missing tensor 'visual.head.proj.weight' (the image projection)")
+
+    trunk = _open_clip_trunk(path, vision_cfg["timm_model_name"])
+    if not isinstance(trunk, VisionTransformer):
+        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={vision_cfg['timm_model_name']!r} is a "
+                              f"{type(trunk).__name__}, not a ViT slip has a preset for")
+    vision = VisionConfig(width=trunk.embed_dim, depth=len(trunk.blocks), heads=trunk.blocks[0].attn.num_heads,
+                          patch_size=trunk.patch_embed.patch_size[0], image_size=trunk.patch_embed.img_size[0])
+    with torch.device("meta"):
+        ours = VisionTransformer(img_size=vision.image_size, patch_size=vision.patch_size, embed_dim=vision.width,
+                                 depth=vision.depth, num_heads=vision.heads, num_classes=0)
+    if vision not in VISION_PRESETS.values() or _tower_signature(trunk) != _tower_signature(ours) \
+            or repr(trunk) != repr(ours):
+        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={vision_cfg['timm_model_name']!r} builds a "
+                              f"tower ({vision}) that is none of slip's ViT presets")
+
+    state_dict, oc_names = {}, {}  # slip's names -> tensors, and -> open_clip's names (for messages)
+    for k, v in sd.items():
+        if k.startswith("visual.trunk."):
+            ours = "visual." + k[len("visual.trunk."):]
+        elif k == "visual.head.proj.weight":
+            ours, v = "image_projection", v.t().contiguous()
+        elif k.startswith("visual."):
+            ours = "open_clip:" + k  # a head part slip has no place for (refused below)
+        else:
+            ours = k
+        state_dict[ours], oc_names[ours] = v, k
+    t_width = tuple(state_dict["token_embedding.weight"].shape)[1] if "token_embedding.weight" in state_dict else 0
+    text = TextConfig(
+        width=text_cfg.get("width", t_width), heads=text_cfg.get("heads", t_width // _TEXT_HEAD_WIDTH),
+        layers=text_cfg.get("layers", _count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.")),
+        context_length=text_cfg.get("context_length", 77), vocab_size=text_cfg.get("vocab_size", 49408))
+    arch = Architecture(vision=vision, text=text, embed_dim=model_cfg.get("embed_dim", 512))
+    with torch.device("meta"):
+        want = SLIPModel(arch).state_dict()
+    for k, v in state_dict.items():
+        oc_name = oc_names[k]
+        if k not in want:
+            raise CheckpointError(f"{path}: tensor {oc_name!r} has no place in slip's {vision} CLIP model")
+        if tuple(v.shape) != tuple(want[k].shape):
+            shape = tuple(want[k].shape)
+            if k == "image_projection":
+                shape = shape[::-1]
+            raise CheckpointError(f"{path}: tensor {oc_name!r} has shape {tuple(v.shape)}, the config says {shape}")
+    missing = [k for k in want if k not in state_dict]
+    if missing:
+        missing = ["visual.head.proj.weight" if k == "image_projection" else
+                   "visual.trunk." + k[len("visual."):] if k.startswith("visual.") else k for k in missing]
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}")
+    return LoadedCheckpoint(arch, state_dict, {"open_clip_config": cfg}, "open_clip")

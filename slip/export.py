@@ -23,9 +23,16 @@ same ``config.json`` from the hub).
 timm: ``config.json`` (architecture, ``model_args``, ``pretrained_cfg`` with slip's evaluation
 preprocessing) + ``model.safetensors`` (the image tower alone, no classifier) + ``README.md``.
 
+slip: SLIP's released layout, one ``.pt`` file ``{"epoch", "args": argparse.Namespace(model=
+"SLIP_VITB16", ssl_mlp_dim, ssl_emb_dim, ...), "state_dict": {"module." + key: tensor}}`` with SLIP's
+key names (its SimCLR head at ``image_mlp.*``), which SLIP's own ``eval_zeroshot.py`` and
+``main_linear.py`` read. Only SLIP's architectures (CLIP/SimCLR/SLIP with ViT-S/16, B/16, L/16 and a
+SimCLR head) exist there; other SSL methods and the tiny preset are refused.
+
 Image-only models (SimCLR) have no text tower and cannot be open_clip CLIP models; their tower
 exports to timm. Folders are written atomically (a temporary sibling folder, then a rename) and
-a non-empty OUT is only replaced with ``--overwrite``.
+a non-empty OUT is only replaced with ``--overwrite``; the slip format's file likewise (a
+temporary sibling file, then a rename), and an existing file is only replaced with ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ import torch
 from .errors import UserError, command
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
-FORMATS = ("open_clip", "timm")
+FORMATS = ("open_clip", "timm", "slip")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 TIMM_CONFIG = "config.json"
@@ -389,6 +396,76 @@ def export_timm(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool 
     return out
 
 
+def released_model_name(arch) -> str | None:
+    """SLIP's ``args.model`` for an architecture SLIP's own code builds (the table
+    :data:`slip.checkpoint.RELEASED_MODELS` reads), or None. SSL head sizes are free: SLIP's
+    models take them from ``args.ssl_mlp_dim`` / ``args.ssl_emb_dim``."""
+    from .checkpoint import RELEASED_MODELS
+    from .models import get_architecture
+
+    if arch.ssl_head is not None and arch.ssl_head.method != "simclr":
+        return None
+    for released, preset_name in RELEASED_MODELS.items():
+        preset = get_architecture(preset_name)
+        if (preset.vision == arch.vision and preset.text == arch.text
+                and (arch.text is None or arch.embed_dim == preset.embed_dim)
+                and (preset.ssl_head is None) == (arch.ssl_head is None)):
+            return released
+    return None
+
+
+def slip_state_dict(src: _Source) -> dict:
+    """slip's names -> SLIP's (``ssl.image_mlp.* -> image_mlp.*``), with DDP's ``module.`` prefix."""
+    out = {}
+    for k, v in src.state_dict.items():
+        # SimCLR's head is ssl.image_mlp in slip, image_mlp in SLIP (other methods are refused before)
+        out["module." + k.removeprefix("ssl.")] = v.contiguous()
+    return out
+
+
+def export_slip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write SLIP's released checkpoint layout (see the module doc) to the file ``out``; returns it."""
+    from .fileio import atomic_path
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --format slip writes one .pt file")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: file exists; pass --overwrite to replace it")
+    src = _source(model_or_checkpoint)
+    released = released_model_name(src.arch)
+    if released is None:
+        head = src.arch.ssl_head
+        if head is not None and head.method != "simclr":
+            why = f"its SSL method {head.method!r} has no counterpart in SLIP's code (SimCLR only)"
+        else:
+            why = f"its architecture ({src.arch.vision}) is none of SLIP's ViT-S/16, B/16, L/16 models"
+        raise UserError(f"{src.name}: cannot be exported in SLIP's layout: {why}; use --format open_clip or timm")
+    sd = slip_state_dict(src)
+    stray = [k for k in sd if k.startswith("module.") and k.split(".")[1] not in
+             ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final",
+              "image_projection", "text_projection", "logit_scale", "image_mlp")]
+    if stray:
+        raise UserError(f"{src.name}: tensors SLIP's {released} has no place for: {stray[:5]}")
+    meta = src.meta
+    args = dict(meta.get("args") or {})  # a released checkpoint's own args travel on
+    args.update(model=released)
+    if src.arch.ssl_head is not None:
+        args.update(ssl_mlp_dim=src.arch.ssl_head.mlp_dim, ssl_emb_dim=src.arch.ssl_head.out_dim)
+    else:  # SLIP's model builders take these keywords whatever the model
+        args.setdefault("ssl_mlp_dim", 4096)
+        args.setdefault("ssl_emb_dim", 256)
+    epoch = meta.get("epoch")
+    obj = {"epoch": epoch if isinstance(epoch, int) else 0, "args": argparse.Namespace(**args), "state_dict": sd}
+    if isinstance(meta.get("step"), int):
+        obj["step"] = meta["step"]
+    if out.exists() and not overwrite:  # again: something may have appeared meanwhile
+        raise UserError(f"{out}: file exists; pass --overwrite to replace it")
+    with atomic_path(out) as tmp:
+        torch.save(obj, tmp)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -396,9 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slip export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint file (slip's or SLIP's released ones)")
-    p.add_argument("out", help="folder to write (must be absent or empty unless --overwrite)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="open_clip (image + text) or timm (image tower)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    p.add_argument("out", help="folder to write (must be absent or empty unless --overwrite); "
+                               "for --format slip a .pt file (must be absent unless --overwrite)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="open_clip (image + text), timm (image tower) or slip (SLIP's released .pt layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty (or exists, for slip)")
     p.add_argument("--results", help="evaluation results (a JSON file, e.g. from slip zero-shot --out) for the model card")
     p.add_argument("--hub-id", help="open_clip: the hub repository OUT will be uploaded to, for image towers "
                                     "no registered timm model builds (ViT-S/16's 12 heads)")
@@ -414,7 +493,11 @@ def main(argv: list[str]) -> int:
             results = json.loads(Path(args.results).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{args.results}: not JSON ({e})") from None
-    if args.format == "open_clip":
+    if args.format == "slip":
+        if args.hub_id or results is not None:
+            raise UserError(f"{'--hub-id' if args.hub_id else '--results'} is not used by --format slip")
+        out = export_slip(args.checkpoint, args.out, overwrite=args.overwrite)
+    elif args.format == "open_clip":
         out = export_open_clip(args.checkpoint, args.out, overwrite=args.overwrite, results=results, hub_id=args.hub_id)
     else:
         if args.hub_id:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -203,3 +204,216 @@ def test_cli_lists_export():
     from slip.cli import COMMANDS
 
     assert COMMANDS["export"][0] == "slip.export"
+
+
+# ------------------------------------------------------------------- --format slip (SLIP's layout)
+
+import argparse
+
+from original_slip import OriginalCLIP
+from test_checkpoint import released_layout_shapes
+
+import slip
+from slip.checkpoint import CheckpointError
+from slip.errors import UserError
+from slip.export import export_slip
+from slip.models import create_model as _create
+
+
+def _strip(sd: dict) -> dict:
+    assert all(k.startswith("module.") for k in sd)
+    return {k[len("module."):]: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("kind", ["clip", "simclr", "slip"])
+def test_slip_format_is_slips_released_layout(tmp_path, kind):
+    model = _model(f"{kind}_vit_s16")
+    ckpt = tmp_path / "run.pt"
+    save_checkpoint(model, ckpt, step=99, epoch=4)
+    out = tmp_path / "export" / f"{kind}.pt"
+    assert main([str(ckpt), str(out), "--format", "slip"]) == 0
+    obj = torch.load(out, weights_only=False)
+    assert isinstance(obj["args"], argparse.Namespace) and obj["args"].model == f"{kind.upper()}_VITS16"
+    assert obj["epoch"] == 4
+    assert (obj["args"].ssl_mlp_dim, obj["args"].ssl_emb_dim) == (4096, 256)
+    sd = _strip(obj["state_dict"])
+    assert {k: tuple(v.shape) for k, v in sd.items()} == released_layout_shapes(kind, "s")
+    loaded, _ = slip.load_pretrained(out)
+    assert loaded.arch == model.arch
+    x = _images(224, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+        if model.has_text:
+            tokens = get_tokenizer()(CAPTIONS)
+            assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
+    assert sorted(p.name for p in out.parent.iterdir()) == [f"{kind}.pt"]  # no temporaries
+
+
+@pytest.mark.parametrize("name", ["clip_vit_s16", "slip_vit_s16"])
+def test_slip_format_loads_into_the_original_model(tmp_path, name):
+    model = _model(name)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, to see them travel
+        if model.has_ssl_head:
+            model.ssl.image_mlp.bn1.running_mean.normal_()
+            model.ssl.image_mlp.bn1.running_var.uniform_(0.5, 2.0)
+    out = export_slip(model, tmp_path / "m.pt")
+    sd = _strip(torch.load(out, weights_only=False)["state_dict"])
+    original = OriginalCLIP("vit_small_patch16_224", vision_heads=12,
+                            ssl=(4096, 256) if model.has_ssl_head else None).eval()
+    original.load_state_dict(sd, strict=True)
+    x = _images(224, 2)
+    tokens = get_tokenizer()(CAPTIONS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(original.encode_image(x), model.encode_image(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(original.encode_text(tokens), model.encode_text(tokens), rtol=1e-4, atol=1e-5)
+        if model.has_ssl_head:
+            feats = torch.randn(4, 384)
+            torch.testing.assert_close(original.image_mlp(feats), model.ssl.image_mlp(feats), rtol=1e-5, atol=1e-5)
+
+
+def test_slip_format_keeps_a_released_checkpoints_args(tmp_path):
+    from test_checkpoint import save_released
+
+    torch.manual_seed(0)
+    original = OriginalCLIP("vit_small_patch16_224", vision_heads=12).eval()
+    save_released(tmp_path / "clip_small.pt", original.state_dict(), "CLIP_VITS16")
+    out = export_slip(str(tmp_path / "clip_small.pt"), tmp_path / "again.pt")
+    obj = torch.load(out, weights_only=False)
+    assert obj["epoch"] == 25 and obj["args"].model == "CLIP_VITS16" and obj["args"].lr == 3e-3
+    want = {f"module.{k}": v for k, v in original.state_dict().items()}
+    assert obj["state_dict"].keys() == want.keys()
+    assert all(torch.equal(obj["state_dict"][k], v) for k, v in want.items())
+
+
+def test_slip_format_refuses_what_slips_code_lacks(tmp_path, capsys):
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(_model("slip_vit_tiny"), ckpt)
+    out = tmp_path / "out.pt"
+    assert main([str(ckpt), str(out), "--format", "slip"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("slip export: error: slip_vit_tiny: ")
+    assert "SLIP's ViT-S/16, B/16, L/16" in err
+    assert not out.exists()
+    mocov3 = _create(get_architecture("slip_vit_s16").with_ssl_method("mocov3"))
+    with pytest.raises(UserError, match=r"slip_vit_s16: .*SSL method 'mocov3' has no counterpart"):
+        export_slip(mocov3, out)
+    assert list(tmp_path.iterdir()) == [ckpt]
+
+
+def test_slip_format_refuses_to_overwrite_unless_asked(tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(_model("clip_vit_s16"), ckpt)
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    assert main([str(ckpt), str(out), "--format", "slip"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"precious"
+    assert main([str(ckpt), str(out), "--format", "slip", "--overwrite"]) == 0
+    assert torch.load(out, weights_only=False)["args"].model == "CLIP_VITS16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "out.pt"]
+
+
+# -------------------------------------------------------------- open_clip folders back into slip
+
+
+def _same_embeddings(a, b, exact=True):
+    size = a.arch.vision.image_size if hasattr(a, "arch") else b.arch.vision.image_size
+    x = _images(size, 2)
+    tokens = get_tokenizer()(CAPTIONS)
+    check = torch.equal if exact else (lambda p, q: torch.allclose(p, q, rtol=1e-5, atol=1e-5))
+    with torch.no_grad():
+        assert check(a.encode_image(x), b.encode_image(x))
+        assert check(a.encode_text(tokens), b.encode_text(tokens))
+        assert check(a.logit_scale, b.logit_scale)
+
+
+@pytest.mark.parametrize("name", ["clip_vit_tiny", "slip_vit_tiny"])
+def test_open_clip_folder_round_trip_into_slip(tmp_path, name):
+    model = _model(name)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(model, ckpt)
+    out = tmp_path / "oc"
+    assert main([str(ckpt), str(out), "--format", "open_clip"]) == 0
+    loaded, preprocess = slip.load_pretrained(out)
+    assert loaded.arch.vision == model.arch.vision and loaded.arch.text == model.arch.text
+    assert loaded.arch.ssl_head is None  # the SSL head does not travel through open_clip
+    _same_embeddings(loaded, model)
+    again, _ = slip.load_pretrained(out / "open_clip_model.safetensors")  # the weights file names its folder
+    _same_embeddings(again, model)
+    assert preprocess.transforms[1].size == (32, 32)
+
+
+def test_open_clip_folder_moved_and_registered_tower(tmp_path):
+    model = _model("clip_vit_b16")
+    out = export_open_clip(model, tmp_path / "oc")  # names vit_base_patch16_224
+    loaded, _ = slip.load_pretrained(out)
+    _same_embeddings(loaded, model)
+    small = export_open_clip(_model("clip_vit_tiny"), tmp_path / "tiny")  # names local-dir:<abs path>
+    shutil.move(small, tmp_path / "moved")
+    loaded, _ = slip.load_pretrained(tmp_path / "moved")  # the folder's own config.json gives the tower
+    _same_embeddings(loaded, _model("clip_vit_tiny"))
+
+
+def test_folder_written_by_open_clip_loads_with_its_embeddings(tmp_path):
+    src = export_open_clip(_model("clip_vit_tiny"), tmp_path / "src")
+    oc = open_clip.create_model(f"local-dir:{src}").eval()
+    with torch.no_grad():  # weights open_clip's model holds, not slip's
+        for p in oc.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    out = tmp_path / "by_open_clip"
+    out.mkdir()
+    shutil.copy(src / "open_clip_config.json", out)
+    shutil.copy(src / "config.json", out)
+    torch.save(oc.state_dict(), out / "open_clip_pytorch_model.bin")
+    loaded, _ = slip.load_pretrained(out)
+    _same_embeddings(loaded, oc, exact=False)
+
+
+def _edit_folder(src, dst, cfg_edit=None, sd_edit=None):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "open_clip_config.json").read_text())
+    if cfg_edit:
+        cfg_edit(cfg["model_cfg"])
+    (dst / "open_clip_config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(dst / "open_clip_model.safetensors"))
+    if sd_edit:
+        sd_edit(sd)
+    save_file(sd, str(dst / "open_clip_model.safetensors"))
+    return dst
+
+
+def test_open_clip_folders_slip_cannot_load_are_refused_naming_why(tmp_path):
+    src = export_open_clip(_model("clip_vit_tiny"), tmp_path / "src")
+    cases = [
+        (lambda c: c["vision_cfg"].update(timm_pool="avg"), None, r"model_cfg\.vision_cfg\.timm_pool='avg'"),
+        (lambda c: c["vision_cfg"].pop("timm_pool"), None, r"vision_cfg\.timm_pool is absent"),
+        (lambda c: c.update(quick_gelu=False), None, r"model_cfg\.quick_gelu=False"),
+        (None, lambda sd: sd.update(logit_bias=torch.zeros(1)), r"tensor 'logit_bias' has no place"),
+        (None, lambda sd: sd.update({"token_embedding.weight": torch.zeros(100, 64)}),
+         r"tensor 'token_embedding.weight' has shape \(100, 64\)"),
+        (None, lambda sd: sd.pop("visual.trunk.norm.weight"), r"missing tensors \['visual.trunk.norm.weight'\]"),
+        (None, lambda sd: sd.update({"visual.head.proj.bias": torch.zeros(32)}), r"'visual.head.proj.bias'"),
+    ]
+    for i, (cfg_edit, sd_edit, message) in enumerate(cases):
+        folder = _edit_folder(src, tmp_path / f"case{i}", cfg_edit, sd_edit)
+        with pytest.raises(CheckpointError, match=re.escape(str(folder)) + ": .*" + message) as info:
+            slip.load_pretrained(folder)
+        assert "\n" not in str(info.value)
+
+
+def test_open_clips_own_vit_tower_is_refused_naming_the_tensor(tmp_path):
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    oc = open_clip.model.CLIP(**cfg)
+    out = tmp_path / "native"
+    out.mkdir()
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"open_clip's own VisionTransformer .*'visual.ln_pre.weight'"):
+        slip.load_pretrained(out)
