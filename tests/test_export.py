@@ -417,3 +417,33 @@ def test_open_clips_own_vit_tower_is_refused_naming_the_tensor(tmp_path):
     save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"open_clip's own VisionTransformer .*'visual.ln_pre.weight'"):
         slip.load_pretrained(out)
+
+
+def test_training_starts_from_exported_clip_weights_with_a_fresh_ssl_branch(tmp_path):
+    from slip.data.synthetic import generate_synthetic
+    from slip.export import export_open_clip
+    from slip.train.config import ConfigError, load_config
+    from slip.train.trainer import Trainer
+
+    generate_synthetic(tmp_path / "corpus", seed=0, train_samples=32, test_per_class=1, image_size=32,
+                       samples_per_shard=8)
+    torch.manual_seed(1)
+    clip = slip.create_model("clip_vit_tiny")
+    export_open_clip(clip, tmp_path / "oc")  # e.g. a released CLIP in open_clip's format
+
+    def cfg(out, *extra):
+        return load_config(None, ["model.name=slip_vit_tiny", "objective.ssl=mocov3", f"data.train={tmp_path / 'corpus' / 'train'}",
+                                  "data.workers=0", "train.batch_size=8", "train.max_steps=1", "train.precision=fp32",
+                                  f"train.output_dir={out}", *extra])
+
+    trainer = Trainer(cfg(tmp_path / "run", f"train.init_from={tmp_path / 'oc'}"))
+    trainer._init_from(trainer.model, str(tmp_path / "oc"))
+    own, theirs = trainer.model.state_dict(), clip.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in theirs.items())  # every tower tensor, as exported
+    for name, p in trainer.model.ssl.momentum_encoder.state_dict().items():
+        assert torch.equal(p, own[f"visual.{name}"]), name  # the momentum copy starts from the loaded tower
+    assert trainer.run().step == 1
+    with pytest.raises(ConfigError, match=r"train.init_from: .*s16.pt: \S+ has shape \(.*\), slip_vit_tiny needs"):
+        bigger = slip.create_model("clip_vit_s16")
+        slip.save_checkpoint(bigger, tmp_path / "s16.pt")
+        Trainer(cfg(tmp_path / "run2", f"train.init_from={tmp_path / 's16.pt'}")).run()

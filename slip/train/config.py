@@ -78,6 +78,10 @@ class TrainConfig:
     save_every: int = 1000  # steps; a checkpoint is also written at the end
     keep_last: int = 3  # checkpoints kept on disk
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    # Start from these weights (a slip or released SLIP checkpoint, an open_clip folder): every
+    # tower tensor must be there with its shape; heads the file lacks (an SSL branch added to a
+    # CLIP model) start fresh. A resumed run ignores it (its own checkpoint wins).
+    init_from: str | None = None
     # Resuming mid-epoch with another number of ranks (elastic restarts): refuse (the data
     # position of each rank and worker cannot be carried over) | restart_epoch (re-read the epoch)
     world_change: str = "refuse"

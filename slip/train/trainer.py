@@ -122,7 +122,7 @@ _RESUMABLE_CHANGES = {"train.output_dir", "train.log_every", "train.save_every",
                       "train.max_steps", "train.max_nonfinite", "data.workers", "data.train", "eval.benchmark",
                       "eval.catalog", "eval.every", "eval.batch_size", "eval.knn", "eval.knn_k",
                       "eval.knn_temperature", "model.grad_checkpointing", "model.compile", "train.accum_steps",
-                      "train.world_change"}
+                      "train.world_change", "train.init_from"}
 _WARNED_CHANGES = {"train.precision"}
 
 
@@ -249,6 +249,30 @@ class Trainer:
                               "does not have; use eval.knn for k-NN validation of the image tower")
         return ([ZeroShotValidator(e, image_size=size)] if e.benchmark is not None else []) + \
             ([KNNValidator(e, image_size=size)] if e.knn is not None else [])
+
+    def _init_from(self, model, path: str) -> None:
+        """Load ``train.init_from``'s weights: every tower tensor, with its shape; the heads the
+        file holds; fresh heads for the rest (momentum copies start from the loaded tower)."""
+        from ..checkpoint import read_checkpoint
+        from ..ssl.base import MomentumMethod, ema_update
+
+        theirs = read_checkpoint(path).state_dict
+        own = model.state_dict()
+        for key, value in theirs.items():
+            if key in own and value.shape != own[key].shape:
+                raise ConfigError(f"train.init_from: {path}: {key} has shape {tuple(value.shape)}, "
+                                  f"{self.cfg.model.name} needs {tuple(own[key].shape)}")
+        towers = [k for k in own if not k.startswith("ssl.")]
+        missing = [k for k in towers if k not in theirs]
+        if missing:
+            raise ConfigError(f"train.init_from: {path} lacks {len(missing)} tensor(s) of the towers, e.g. {missing[:3]}")
+        model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False)
+        if isinstance(getattr(model, "ssl", None), MomentumMethod) and not any(
+                k.startswith("ssl.momentum_") for k in theirs):
+            ema_update(model.ssl.momentum_encoder, model.visual, 0.0)  # momentum 0: a copy
+            ema_update(model.ssl.momentum_projector, model.ssl.projector, 0.0)
+        heads = sorted({k.split(".")[1] for k in own if k.startswith("ssl.") and k not in theirs})
+        logger.info("initialised from %s%s", path, f" (fresh: ssl.{', ssl.'.join(heads)})" if heads else "")
 
     # ----------------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> dict:
@@ -383,7 +407,10 @@ class Trainer:
         if D.is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
-        if not self.try_resume() or self.step % self.steps_per_epoch == 0:
+        resumed = self.try_resume()
+        if not resumed and cfg.train.init_from:  # a resumed run has its own weights
+            self._init_from(self.model, cfg.train.init_from)
+        if not resumed or self.step % self.steps_per_epoch == 0:
             self.loader.set_epoch(self.step // self.steps_per_epoch)  # from the epoch's start
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.message(
