@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, command
+from .fileio import _fsync_dir, _umask, atomic_path
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("open_clip", "timm", "slip")
@@ -268,23 +269,6 @@ class _atomic_folder:
         _fsync_dir(self.out.parent)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------ model card
 
 
@@ -425,7 +409,6 @@ def slip_state_dict(src: _Source) -> dict:
 
 def export_slip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write SLIP's released checkpoint layout (see the module doc) to the file ``out``; returns it."""
-    from .fileio import atomic_path
 
     out = Path(out)
     if out.is_dir():
