@@ -1,6 +1,11 @@
 """Shared test fixtures."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,3 +28,19 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def one_torch_thread_module():
     yield from _single_thread()
+
+
+@contextlib.contextmanager
+def loaded_script(path: Path, name: str):
+    """A script (e.g. under benchmarks/) imported as module ``name`` for the block, then
+    forgotten, with ``sys.path`` as it was (scripts put their own folder on it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved_path = list(sys.path)
+    sys.modules[name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+        sys.path[:] = saved_path

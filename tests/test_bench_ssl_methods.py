@@ -2,27 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import loaded_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ssl_methods.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ssl_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(SCRIPT, "bench_ssl_methods") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_saved_tensors_counts_activations_and_parameters_apart(bench):

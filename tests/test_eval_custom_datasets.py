@@ -38,6 +38,20 @@ def _catalog(tmp_path: Path, entries: dict) -> Path:
     return path
 
 
+def _zero_shot_of_entry_and_benchmark_dir(catalog: Path, benchmark_dir: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """``slip zero-shot`` results of a random tiny CLIP on the catalog's ``shapes`` entry and on
+    the benchmark directory."""
+    from slip.eval.zero_shot_cli import main
+
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "m.pt")
+    common = ["--checkpoint", str(tmp_path / "m.pt"), "--workers", "0", "--no-cache"]
+    assert main([*common, "--catalog", str(catalog), "--benchmarks", "shapes", "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--benchmark-dir", str(benchmark_dir), "--out", str(tmp_path / "b.json")]) == 0
+    return (json.loads((tmp_path / "a.json").read_text())["results"]["shapes"],
+            json.loads((tmp_path / "b.json").read_text())["results"]["synthetic"])
+
+
 @pytest.fixture
 def folder(corpus, tmp_path):
     """The synthetic benchmark's test images as an image folder ``c00 ... c29`` (label order)."""
@@ -50,19 +64,11 @@ def folder(corpus, tmp_path):
 
 def test_an_image_folder_of_your_own_is_zero_shot_evaluated_like_the_same_images_in_benchmark_format(
         corpus, folder, tmp_path):
-    from slip.eval.zero_shot_cli import main
-
     local = load_benchmark_dir(corpus / "benchmark")
     catalog = _catalog(tmp_path, {"shapes": {"type": "imagefolder", "path": str(folder), "test": "test",
                                              "classnames": list(local.benchmark.classnames),
                                              "templates": list(local.benchmark.templates)}})
-    torch.manual_seed(0)
-    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "m.pt")
-    common = ["--checkpoint", str(tmp_path / "m.pt"), "--workers", "0", "--no-cache"]
-    assert main([*common, "--catalog", str(catalog), "--benchmarks", "shapes", "--out", str(tmp_path / "a.json")]) == 0
-    assert main([*common, "--benchmark-dir", str(corpus / "benchmark"), "--out", str(tmp_path / "b.json")]) == 0
-    mine = json.loads((tmp_path / "a.json").read_text())["results"]["shapes"]
-    theirs = json.loads((tmp_path / "b.json").read_text())["results"]["synthetic"]
+    mine, theirs = _zero_shot_of_entry_and_benchmark_dir(catalog, corpus / "benchmark", tmp_path)
     assert mine["n"] == theirs["n"] == len(_benchmark_images(corpus / "benchmark"))
     assert mine["value"] == pytest.approx(theirs["value"])
 
@@ -189,7 +195,6 @@ def test_a_benchmark_exported_in_clip_benchmarks_layout_reads_back_with_its_labe
     import webdataset as wds
 
     from slip.eval.export_benchmark import main as export_main
-    from slip.eval.zero_shot_cli import main as zero_shot_main
 
     out = tmp_path / "wds_shapes"
     assert export_main([str(out), "--benchmark-dir", str(corpus / "benchmark")]) == 0
@@ -206,12 +211,6 @@ def test_a_benchmark_exported_in_clip_benchmarks_layout_reads_back_with_its_labe
     assert all(by_image[s["jpg"]] == int(s["cls"]) for s in samples)
     # ... and slip reads it as a dataset of one's own, with the same zero-shot result.
     catalog = _catalog(tmp_path, {"shapes": {"type": "wds", "path": str(out), "test": "test"}})
-    torch.manual_seed(0)
-    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "m.pt")
-    common = ["--checkpoint", str(tmp_path / "m.pt"), "--workers", "0", "--no-cache"]
-    assert zero_shot_main([*common, "--catalog", str(catalog), "--benchmarks", "shapes", "--out", str(tmp_path / "a.json")]) == 0
-    assert zero_shot_main([*common, "--benchmark-dir", str(corpus / "benchmark"), "--out", str(tmp_path / "b.json")]) == 0
-    a = json.loads((tmp_path / "a.json").read_text())["results"]["shapes"]
-    b = json.loads((tmp_path / "b.json").read_text())["results"]["synthetic"]
+    a, b = _zero_shot_of_entry_and_benchmark_dir(catalog, corpus / "benchmark", tmp_path)
     assert a["value"] == pytest.approx(b["value"]) and a["n"] == b["n"]
     assert export_main([str(out), "--benchmark-dir", str(corpus / "benchmark")]) == 2  # never overwrites

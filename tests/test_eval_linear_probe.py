@@ -471,14 +471,7 @@ def test_command_probes_caches_and_reports(tmp_path, monkeypatch, capsys, traine
         "pets": {"path": str(tmp_path), "type": "imagefolder", "train": "train", "test": "test"},
         "cifar10": {"path": str(tmp_path / "nowhere"), "type": "special"},
     }))
-    calls = {"n": 0}
-    original = VisionTransformer.forward_features
-
-    def counting(self, x):
-        calls["n"] += 1
-        return original(self, x)
-
-    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
+    calls = _counting_forward_features(monkeypatch)
     common = ["--checkpoint", str(ckpt), "--catalog", str(catalog), "--benchmarks", "mnist,pets",
               "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--workers", "0", "--batch-size", "512"]
     out = tmp_path / "results.json"

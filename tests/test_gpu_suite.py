@@ -3,7 +3,6 @@ measured numbers, so the GPU suite cannot rot before a GPU runs it; a failing se
 recorded without losing the others, and fails the run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import loaded_script
 
 from slip.data.views import METHODS
 from slip.ssl import method_names
@@ -77,16 +77,8 @@ def test_quick_cpu_run_measures_every_section(tmp_path):
 
 @pytest.fixture
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    path = list(sys.path)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(SCRIPT, "gpu_suite") as module:  # the script puts benchmarks/ on sys.path
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path[:] = path  # the script puts benchmarks/ on the path
 
 
 def test_a_failing_section_is_recorded_the_others_still_run_and_the_exit_status_is_1(suite, tmp_path, monkeypatch):
