@@ -292,19 +292,16 @@ def test_resume_accepts_memory_settings_and_warns_on_a_precision_change(corpus, 
     assert "train.precision: 'fp32' -> 'bf16'" in caplog.text
 
 
-def test_mid_epoch_resume_reports_its_re_reading_and_each_checkpoint_path(corpus, tmp_path, caplog, monkeypatch):
-    import slip.data.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "RESUME_PROGRESS_INTERVAL_S", 0.0)
+def test_mid_epoch_resume_reports_what_it_re_reads_and_each_checkpoint_path(corpus, tmp_path, caplog):
     stream = io.StringIO()
-    train(tiny(corpus, tmp_path / "run", "train.max_steps=3", "train.save_every=100"))
+    train(tiny(corpus, tmp_path / "run", "train.max_steps=3", "train.save_every=100", "data.shuffle_buffer=8"))
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        train(tiny(corpus, tmp_path / "run", "train.max_steps=4"), log_stream=stream)
-    assert "the 48 samples per rank already consumed in epoch 0 are re-read" in stream.getvalue()
-    lines = [r.getMessage() for r in caplog.records if "re-read" in r.getMessage()]
-    assert "resuming, re-read 1 of 48 consumed samples" in lines[0]
-    assert "resumed after re-reading 48 of 48 consumed samples" in lines[-1]
+        train(tiny(corpus, tmp_path / "run", "train.max_steps=4", "data.shuffle_buffer=8"), log_stream=stream)
+    assert "48 samples per rank into epoch 0: each loader worker re-reads its shuffle buffer" in stream.getvalue()
+    lines = [r.getMessage() for r in caplog.records if "resumed after sample" in r.getMessage()]
+    assert len(lines) == 1 and "rank 0 worker 0: resumed after sample 48 of pass 0: re-read its" in lines[0]
+    assert "re-read its 7 buffered samples (" in lines[0] and " MB from " in lines[0]
     written = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint written: ")]
     assert written == [f"checkpoint written: {tmp_path / 'run' / 'checkpoints' / 'step-00000004.pt'}"]
 

@@ -64,6 +64,16 @@ Modes
 Ranks come from ``rank``/``world_size`` when given, else ``torch.distributed`` when initialised,
 else the ``RANK``/``WORLD_SIZE`` environment variables, else 0/1 (:func:`resolve_rank_world`).
 
+Resume
+------
+:meth:`SlipLoader.state_dict` is an exact position in the epoch; a loader given it by
+:meth:`SlipLoader.load_state_dict` yields the same remaining batches as an uninterrupted run
+(same samples, crops and order, any ranks and workers). Each worker seeks back to the samples
+its shuffle buffer held and continues its shard at the saved byte offset, so a resume reads
+one buffer plus the rest of one shard per worker, wherever it falls in the epoch. Shards that
+cannot be read from an offset (``pipe:`` and HTTP sources, compressed tars) are read again from
+the epoch's start instead, consumed samples undecoded, with a log line saying why.
+
 Bad input
 ---------
 Nothing in the data stops training. Each bad sample is skipped and counted by reason in a
@@ -98,8 +108,9 @@ import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
-from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
+from webdataset.filters import pick
 
+from slip.data.tars import SHARD_DONE, ReadShards, fetch_samples
 from slip.data.views import (
     CORRUPT_IMAGE,
     DEFAULT_MAX_PIXELS,
@@ -214,10 +225,10 @@ class SkipCounter:
 
 
 class TarErrorHandler:
-    """webdataset exception handler: count and log the error, then carry on.
-
-    Returning True makes webdataset skip the failing member or, for errors raised while
-    reading a tar stream (truncated or corrupt archives), the rest of that shard.
+    """Error handler of the shard reading (:class:`slip.data.tars.ReadShards`, also usable as a
+    webdataset handler): count and log the error, then carry on. A shard that cannot be opened
+    counts as ``shard_unreadable``, any other reading error as ``tar_error``; the reader skips
+    the failing member or, for errors while reading the tar stream, the rest of that shard.
     """
 
     def __init__(self, counter: SkipCounter) -> None:
@@ -230,44 +241,6 @@ class TarErrorHandler:
             reason = TAR_ERROR
         self.counter.add(reason, f"{type(exn).__name__}: {str(exn)[:300]}")
         return True
-
-
-class ReadShards:
-    """Pipeline stage: shard URLs -> raw samples, as ``wds.tarfile_to_samples(handler=...)``
-    except that a shard that cannot be read to its end is reported to ``handler`` once.
-
-    webdataset's tar expander reports a tar truncated inside a member twice (the member's read,
-    then the next header's), so its error count was not a count of broken shards.
-    """
-
-    def __init__(self, handler: TarErrorHandler) -> None:
-        self.handler = handler
-
-    def _members(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for source in url_opener(src, handler=self.handler):  # a shard that cannot be opened
-            errors: list[Exception] = []
-
-            def stop(exn: Exception) -> bool:  # the first read error ends the shard
-                errors.append(exn)
-                return False
-
-            try:
-                for member in tar_file_iterator(source["stream"], handler=stop):
-                    member["__url__"] = source["url"]
-                    if source.get("local_path") is not None:
-                        member["__local_path__"] = source["local_path"]
-                    yield member
-            except Exception as exn:  # noqa: BLE001 -- raised between members: bad header, not a tar
-                errors.append(exn)
-            if errors:
-                exn = errors[0]
-                if exn.args and isinstance(exn.args[0], str) and source["url"] not in exn.args[0]:
-                    exn.args = (f"{exn.args[0]} @ {source['url']}", *exn.args[1:])  # as webdataset names it
-                self.handler(exn)
-            yield {}  # end of shard: samples are never joined across shards
-
-    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        return group_by_keys(self._members(src), handler=self.handler)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,20 +464,62 @@ class _PassShuffle:
         yield from shards
 
 
+def _rng_state(rng: random.Random) -> list[Any]:
+    """A ``random.Random``'s state as plain lists (checkpoints are loaded with weights_only)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_state(state: Sequence[Any]) -> random.Random:
+    rng = random.Random()
+    rng.setstate((int(state[0]), tuple(int(v) for v in state[1]), state[2]))
+    return rng
+
+
 class _SampleShuffle:
-    """webdataset's shuffle buffer with an RNG seeded per rank, worker, epoch and pass (the
-    stock stage would give every worker the same seed)."""
+    """A shuffle buffer with an RNG seeded per rank, worker, epoch and pass (webdataset's
+    stock stage would give every worker the same seed), with webdataset's algorithm: until the
+    buffer holds ``bufsize`` samples it takes two for each one it releases, it releases once it
+    holds ``initial``, and it drains at the end of the stream.
+
+    State (:meth:`state`): where each buffered sample lives (``[url, offset, key, corpus]``) and
+    the RNG state. ``restore`` = (buffered samples, RNG state) makes the next pass start from them.
+    """
 
     def __init__(self, bufsize: int, initial: int, seed: int, rank: int, epoch: SharedEpoch) -> None:
         self.bufsize, self.initial = bufsize, initial
         self.seed, self.rank, self.epoch = seed, rank, epoch
         self._passes = 0
+        self.buffer: list[dict[str, Any]] = []
+        self.rng = random.Random()
+        self.restore: tuple[list[dict[str, Any]], Sequence[Any]] | None = None
 
-    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def state(self) -> dict[str, Any]:
+        refs = [[s["__url__"], s.get("__offset__"), s["__key__"], s.get("__corpus__")] for s in self.buffer]
+        return {"rng": _rng_state(self.rng), "buffer": refs}
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         worker, _ = _worker_id()
-        rng = _rng(self.seed, "samples", self.epoch.get(), self.rank, worker, self._passes)
+        restore, self.restore = self.restore, None
+        if restore is not None:
+            self.buffer, self.rng = list(restore[0]), _rng_from_state(restore[1])
+        else:
+            self.buffer, self.rng = [], _rng(self.seed, "samples", self.epoch.get(), self.rank, worker, self._passes)
         self._passes += 1
-        yield from wds.shuffle(self.bufsize, self.initial, rng=rng)(iter(src))
+        return self._shuffled(iter(src), self.buffer, self.rng)
+
+    def _shuffled(self, src: Iterator[dict[str, Any]], buf: list[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        initial = min(self.initial, self.bufsize)
+        for sample in src:
+            buf.append(sample)
+            if len(buf) < self.bufsize:
+                extra = next(src, None)
+                if extra is not None:
+                    buf.append(extra)
+            if len(buf) >= initial:
+                yield pick(buf, rng)
+        while buf:
+            yield pick(buf, rng)
 
 
 class _TagCorpus:
@@ -519,26 +534,43 @@ class _TagCorpus:
 class WeightedMix(IterableDataset):
     """Interleave sample streams, drawing the next sample's source with probability
     proportional to its weight; an exhausted source drops out (epoch mode) and the mix ends
-    when all are exhausted."""
+    when all are exhausted.
 
-    def __init__(self, streams: Sequence[IterableDataset], weights: Sequence[float], seed: int, rank: int, epoch: SharedEpoch) -> None:
+    State (:meth:`state`): the RNG state and the sources still live; ``restore`` (such a state)
+    makes the next pass start from it. Each stream's pass begins (its stages are called) when
+    the mix's pass begins, so the streams' stage states always belong to the current pass.
+    """
+
+    def __init__(self, streams: Sequence[wds.DataPipeline], weights: Sequence[float], seed: int, rank: int, epoch: SharedEpoch) -> None:
         super().__init__()
         self.streams, self.weights = list(streams), [float(w) for w in weights]
         self.seed, self.rank, self.epoch = seed, rank, epoch
         self._passes = 0
+        self.rng = random.Random()
+        self.live: list[int] = []
+        self.restore: Mapping[str, Any] | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": _rng_state(self.rng), "live": list(self.live)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, _ = _worker_id()
-        rng = _rng(self.seed, "mix", self.epoch.get(), self.rank, worker, self._passes)
+        restore, self.restore = self.restore, None
+        if restore is not None:
+            self.rng, self.live = _rng_from_state(restore["rng"]), [int(i) for i in restore["live"]]
+        else:
+            self.rng = _rng(self.seed, "mix", self.epoch.get(), self.rank, worker, self._passes)
+            self.live = list(range(len(self.streams)))
         self._passes += 1
-        iterators = [iter(s) for s in self.streams]
-        weights = list(self.weights)
-        while iterators:
-            i = rng.choices(range(len(iterators)), weights=weights)[0]
+        return self._mixed(self.rng, self.live, {i: self.streams[i].iterator1() for i in self.live})
+
+    def _mixed(self, rng: random.Random, live: list[int], iterators: dict[int, Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        while live:
+            k = rng.choices(range(len(live)), weights=[self.weights[i] for i in live])[0]
             try:
-                yield next(iterators[i])
+                yield next(iterators[live[k]])
             except StopIteration:
-                del iterators[i], weights[i]
+                del live[k]
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,7 +704,11 @@ class DecodeSamples:
         self.seed, self.rank, self.epoch = seed, rank, epoch
         self.max_pixels, self.allow_draft, self.corpus = max_pixels, allow_draft, corpus
         self._passes = 0
-        self.resume_after: tuple[int, int] | None = None  # (pass, index) of the last consumed sample
+        # Resuming by replay: (pass, index) of the last consumed sample; the stream is read again
+        # from the epoch's start and the samples up to there are passed over without decoding.
+        self.resume_after: tuple[int, int] | None = None
+        # Resuming from restored stage states: (pass, index) the restored pass continues after.
+        self.continue_after: tuple[int, int] | None = None
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         worker, _ = _worker_id()
@@ -683,8 +719,12 @@ class DecodeSamples:
         # them) but are not decoded.
         resume_after = tuple(self.resume_after) if self.resume_after is not None else (-1, 0)
         progress = _ReplayProgress(self.rank, worker, pass_no, resume_after) if pass_no <= resume_after[0] else None
+        first = 1
+        if self.continue_after is not None and self.continue_after[0] == pass_no:
+            first = self.continue_after[1] + 1
+            self.continue_after = None
         specs = self.views.all
-        for index, sample in enumerate(src, start=1):
+        for index, sample in enumerate(src, start=first):
             if (pass_no, index) <= resume_after:
                 progress.advance(index)
                 continue
@@ -715,6 +755,26 @@ class DecodeSamples:
                 logger.debug("unexpected error on sample %s", key, exc_info=True)
                 continue
             yield {"key": key, "caption": caption, "views": crops, "mask": mask, "position": (pass_no, index)}
+
+
+class _Batches:
+    """Pipeline stage: samples -> collated batches of ``size`` (the last one smaller when
+    ``partial``). A batch is handed on as soon as it is full (webdataset's ``batched`` waits for
+    the next sample), so when it is, every stage before stands right after its last sample:
+    the position a resumed stream restarts from."""
+
+    def __init__(self, size: int, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], partial: bool) -> None:
+        self.size, self.collate, self.partial = size, collate, partial
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == self.size:
+                yield self.collate(batch)
+                batch = []
+        if batch and self.partial:
+            yield self.collate(batch)
 
 
 class Collate:
@@ -884,14 +944,17 @@ def build_dataset(
                     source.name, len(source.urls), world_size, max(1, config.workers),
                 )
 
+    per_source = [_source_samples(s, config, rank, world_size, epoch, handler) for s in sources]
+    mix = None
     if len(sources) == 1:
-        head = _source_samples(sources[0], config, rank, world_size, epoch, handler)
+        stages = list(per_source[0])
     else:
-        streams = [wds.DataPipeline(*_source_samples(s, config, rank, world_size, epoch, handler)) for s in sources]
-        head = [WeightedMix(streams, [s.weight for s in sources], config.seed, rank, epoch)]
-    stages = list(head)
+        mix = WeightedMix([wds.DataPipeline(*st) for st in per_source], [s.weight for s in sources], config.seed, rank, epoch)
+        stages = [mix]
+    shuffle = None
     if config.shuffle_buffer > 0:
-        stages.append(_SampleShuffle(config.shuffle_buffer, config.shuffle_initial, config.seed, rank, epoch))
+        shuffle = _SampleShuffle(config.shuffle_buffer, config.shuffle_initial, config.seed, rank, epoch)
+        stages.append(shuffle)
     stages.append(
         DecodeSamples(
             views, counter, seed=config.seed, rank=rank, epoch=epoch,
@@ -899,7 +962,7 @@ def build_dataset(
             resampled=config.mode == "resampled",
         )
     )
-    stages.append(wds.batched(config.batch_size, collation_fn=Collate(views, tokenizer), partial=config.partial_batches))
+    stages.append(_Batches(config.batch_size, Collate(views, tokenizer), config.partial_batches))
     pipeline = wds.DataPipeline(*stages)
     per_worker = batches_per_worker(config, world_size)
     if per_worker is not None:
@@ -907,32 +970,62 @@ def build_dataset(
     pipeline.skip_counter = counter
     pipeline.shared_epoch = epoch
     pipeline.decode_stage = next(st for st in stages if isinstance(st, DecodeSamples))
+    # The stages whose state makes a resume position (see _ResumableBatches).
+    pipeline.readers = [next(st for st in source if isinstance(st, ReadShards)) for source in per_source]
+    pipeline.mix_stage, pipeline.shuffle_stage = mix, shuffle
     pipeline.sources = sources
     pipeline.rank, pipeline.world_size = rank, world_size
     return pipeline
 
 
-def reset_passes(pipeline: wds.DataPipeline) -> None:
-    """Rewind the per-pass RNG counters of ``pipeline``'s stages (recursing into mixed
-    sources), so iterating the same epoch again replays it whether the stages run in worker
-    copies (fresh each epoch) or in this process (``workers=0``, state carried over)."""
+def set_passes(pipeline: wds.DataPipeline, passes: int = 0) -> None:
+    """Set the per-pass counters of ``pipeline``'s stages (recursing into mixed sources), which
+    seed their per-pass RNGs, so that the next iteration is pass ``passes`` of the epoch (0
+    replays the epoch from its start) whether the stages run in worker copies (fresh each
+    epoch) or in this process (``workers=0``, state carried over)."""
     for stage in pipeline.pipeline:
         if hasattr(stage, "_passes"):
-            stage._passes = 0
+            stage._passes = passes
         if isinstance(stage, wds.ResampledShards):
-            stage.epoch = -1  # its own per-iteration counter, part of its seed
+            stage.epoch = passes - 1  # its own per-iteration counter, part of its seed; iter() adds one
         if isinstance(stage, WeightedMix):
             for stream in stage.streams:
-                reset_passes(stream)
+                set_passes(stream, passes)
+
+
+def reset_passes(pipeline: wds.DataPipeline) -> None:
+    """Rewind the per-pass counters (see :func:`set_passes`) to the epoch's start."""
+    set_passes(pipeline, 0)
+
+
+def _stream_not_addressable(stream: Mapping[str, Any] | None, live: Sequence[int]) -> str | None:
+    """Why a worker's saved stream state cannot be restored by seeking (None when it can)."""
+    if stream is None:
+        return "the checkpoint holds no stream position (written by an older slip)"
+    for i in live:
+        reader = stream["readers"][i]
+        if reader["shards"] and reader["next"] is None:
+            return f"shard {reader['url']} cannot be read from an offset (not a seekable, uncompressed tar file)"
+    shuffle = stream.get("shuffle")
+    for url, offset, _key, _corpus in (shuffle or {}).get("buffer", ()):
+        if offset is None:
+            return f"shard {url} cannot be read from an offset (not a seekable, uncompressed tar file)"
+    return None
 
 
 class _ResumableBatches(IterableDataset):
     """The batch pipeline as each DataLoader worker runs it, resumable at a position.
 
-    Each batch is tagged with its worker and the (pass, index) of its last sample in that
-    worker's stream. ``resume`` (set before iterating; workers get it in their copy) maps a
-    worker to where it stopped: the worker skips the samples up to there without decoding them
-    and yields only the batches it had left in the epoch.
+    Each batch is tagged with its worker, the (pass, index) of its last sample in that worker's
+    stream and the state of the worker's stream right after that sample (``__stream__``: each
+    source's shard and byte offset, the mixture's RNG and live sources, the shuffle buffer's
+    sample places and RNG; see :class:`~slip.data.tars.ReadShards`). ``resume`` (set before
+    iterating; workers get it in their copy) maps a worker to where it stopped. The worker then
+    re-reads only its buffered samples, seeking to each, and continues its current shard at its
+    offset. A state that cannot be restored by seeking (shards behind ``pipe:``/HTTP, compressed
+    tars, a checkpoint without stream states) is replayed instead: the worker reads its shards
+    again from the epoch's start and passes over the consumed samples without decoding them.
+    Either way it yields only the batches it had left in the epoch.
     """
 
     def __init__(self, pipeline: wds.DataPipeline, per_worker: int | None) -> None:
@@ -943,32 +1036,86 @@ class _ResumableBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, _ = _worker_id()
         state = self.resume.get(worker)
-        self.pipeline.decode_stage.resume_after = tuple(state["position"]) if state else None
+        self.pipeline.decode_stage.resume_after = None
+        self.pipeline.decode_stage.continue_after = None
+        self._restored_pass: int | None = None
+        if state:
+            self._restore(worker, state)
         remaining = None if self.per_worker is None else self.per_worker - (state["batches"] if state else 0)
         if remaining is not None and remaining <= 0:
             return
         for i, batch in enumerate(self._passes(), start=1):
             batch["__worker__"] = worker
+            batch["__stream__"] = self._stream_state()
             yield batch
             if remaining is not None and i >= remaining:
                 return
 
+    def _stream_state(self) -> dict[str, Any]:
+        pipeline = self.pipeline
+        return {
+            "readers": [reader.state() for reader in pipeline.readers],
+            "mix": None if pipeline.mix_stage is None else pipeline.mix_stage.state(),
+            "shuffle": None if pipeline.shuffle_stage is None else pipeline.shuffle_stage.state(),
+        }
+
+    def _restore(self, worker: int, state: Mapping[str, Any]) -> None:
+        pipeline, decode = self.pipeline, self.pipeline.decode_stage
+        who = f"rank {pipeline.rank} worker {worker}"
+        position = (int(state["position"][0]), int(state["position"][1]))
+        stream = state.get("stream")
+        live = list(range(len(pipeline.readers)))
+        if stream is not None and pipeline.mix_stage is not None and stream.get("mix") is not None:
+            live = [int(i) for i in stream["mix"]["live"]]
+        why = _stream_not_addressable(stream, live)
+        if why is not None:
+            logger.info("%s: resuming by re-reading its shards from the epoch's start up to sample %d of pass %d, "
+                        "without decoding them: %s", who, position[1], position[0], why)
+            decode.resume_after = position
+            return
+        self._restored_pass = position[0]
+        for i in live:
+            pipeline.readers[i].restore = dict(stream["readers"][i])
+        if pipeline.mix_stage is not None:
+            pipeline.mix_stage.restore = stream["mix"]
+        decode.continue_after = position
+        buffered = ""
+        if pipeline.shuffle_stage is not None:
+            refs = stream["shuffle"]["buffer"]
+            samples, cost = fetch_samples(refs)
+            for ref, sample in zip(refs, samples):
+                if sample is None:
+                    pipeline.skip_counter.add(TAR_ERROR, f"resume: sample {ref[2]} is no longer at byte {ref[1]} of {ref[0]}")
+            pipeline.shuffle_stage.restore = ([x for x in samples if x is not None], stream["shuffle"]["rng"])
+            buffered = (f"re-read its {len(refs)} buffered samples ({cost['bytes'] / 1e6:.1f} MB from "
+                        f"{cost['shards']:.0f} shards) in {cost['seconds']:.2f} s; ")
+        current = [f"{r['url']} at byte {r['next']}" for r in (stream["readers"][i] for i in live)
+                   if r["shards"] and r["next"] != SHARD_DONE]
+        logger.info("%s: resumed after sample %d of pass %d: %s%s", who, position[1], position[0], buffered,
+                    f"continues {', '.join(current)}" if current else "continues with its next shard")
+
     def _passes(self) -> Iterator[dict[str, Any]]:
+        # Every stage is told its pass before each pass: stages that only run when pulled (a
+        # mixture's exhausted source in a restored pass) must not fall behind the others.
+        pass_no = self._restored_pass or 0
         if self.pipeline.repetitions == 1:  # one pass (no epoch length): nothing to cycle
-            yield from self.pipeline
+            set_passes(self.pipeline, pass_no)
+            yield from self.pipeline.iterator1()
             return
         # Cycle over the worker's shards until the epoch length is reached, as with_epoch
-        # does, except that a pass that yields nothing because a resume skips all of it is
-        # not taken for an empty dataset.
-        decode = self.pipeline.decode_stage
+        # does, except that a pass that yields nothing because a resume skips all of it, or
+        # because the checkpoint came at its end, is not taken for an empty dataset.
+        resume_after = self.pipeline.decode_stage.resume_after
         while True:
+            set_passes(self.pipeline, pass_no)
             produced = 0
             for batch in self.pipeline.iterator1():
                 produced += 1
                 yield batch
-            skipped_whole_pass = decode.resume_after is not None and decode._passes - 1 <= decode.resume_after[0]
-            if produced == 0 and not skipped_whole_pass:
+            skipped_whole_pass = resume_after is not None and pass_no <= resume_after[0]
+            if produced == 0 and not skipped_whole_pass and pass_no != self._restored_pass:
                 return
+            pass_no += 1
 
 
 def _ignore_stop_notice(worker_id: int) -> None:
@@ -987,11 +1134,16 @@ class SlipLoader:
     when ``pin_memory``). ``len()`` works when ``epoch_samples`` fixes the epoch length.
 
     :meth:`state_dict` is the position after the last batch handed out: per DataLoader worker,
-    the (pass, index) of its last consumed sample and its batch count. After
-    :meth:`load_state_dict`, the next iteration continues from there with the same batches in
-    the same order as an uninterrupted run: each worker skips its consumed samples (they are
-    read from the shards again, since the shuffle buffer depends on them, but not decoded) and
-    batches are re-ordered to continue the DataLoader's round robin where it stopped.
+    the (pass, index) of its last consumed sample, its batch count and its stream's state at
+    that sample (each source's shard and byte offset, the mixture's and shuffle buffer's RNG
+    states, the places of the buffered samples). After :meth:`load_state_dict`, the next
+    iteration continues from there with the same batches in the same order as an uninterrupted
+    run: each worker re-reads its buffered samples and continues its shard from the saved byte
+    offset, so a resume reads about one shuffle buffer and one shard per worker wherever it
+    falls in the epoch; shards that cannot seek (``pipe:``, HTTP, compressed tars) are re-read
+    from the epoch's start instead, without decoding the consumed samples (logged with the
+    reason and progress lines). Batches are re-ordered to continue the DataLoader's round robin
+    where it stopped.
     """
 
     def __init__(self, spec: SpecLike, config: PipelineConfig | None = None, *, tokenizer: Tokenizer | None = None) -> None:
@@ -1080,8 +1232,10 @@ class SlipLoader:
         for batch in self._ordered(self.loader, self._handed_out):
             worker = batch.pop("__worker__")
             position = batch.pop("__position__")
+            stream = batch.pop("__stream__")
             done = self._positions.get(worker, {}).get("batches", 0)
-            self._positions[worker] = {"position": [int(position[0]), int(position[1])], "batches": done + 1}
+            self._positions[worker] = {"position": [int(position[0]), int(position[1])], "batches": done + 1,
+                                       "stream": stream}
             self._handed_out += 1
             yield batch
             now = time.monotonic()

@@ -381,8 +381,9 @@ class Trainer:
             set_rng_state(mine["rng"])
             self.loader.load_state_dict(mine["data"])
             consumed = int(mine["data"].get("handed_out", 0)) * self.micro_batch * self.cfg.train.accum_steps
-            replay = (f"exact position restored; the {consumed} samples per rank already consumed in epoch "
-                      f"{mine['data']['epoch']} are re-read from the shards without decoding, with progress lines"
+            replay = (f"exact position restored, {consumed} samples per rank into epoch {mine['data']['epoch']}: each "
+                      f"loader worker re-reads its shuffle buffer and continues its shard from the saved byte offset "
+                      f"(shards that cannot seek are re-read from the epoch's start instead; the workers log which)"
                       if consumed else "exact position restored")
         else:
             # Another world size splits the data differently: each rank's and worker's place in
