@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from slip.data import errors as E
 from slip.data import pipeline as P
 from slip.data import views as V
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -251,7 +251,7 @@ def test_caption_fallbacks_and_errors():
     assert P.choose_caption({"json": json.dumps({"caption": "from img2dataset"}).encode()}, rng) == "from img2dataset"
 
     def reason(sample):
-        with pytest.raises(V.SampleSkip) as info:
+        with pytest.raises(E.SampleSkip) as info:
             P.choose_caption(sample, rng)
         return info.value.reason
 
@@ -311,10 +311,10 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path, caplog):
         keys = _keys(loader)
     assert sorted(keys) == sorted(good_keys)
     skipped = loader.skipped()
-    assert skipped.pop(V.EMPTY_FILE) == 1
-    assert skipped.pop(V.NOT_AN_IMAGE) == 1
-    assert skipped.pop(V.TRUNCATED_IMAGE) == 1
-    assert skipped.pop(V.TOO_MANY_PIXELS) == 1
+    assert skipped.pop(E.EMPTY_FILE) == 1
+    assert skipped.pop(E.NOT_AN_IMAGE) == 1
+    assert skipped.pop(E.TRUNCATED_IMAGE) == 1
+    assert skipped.pop(E.TOO_MANY_PIXELS) == 1
     assert skipped.pop(P.MISSING_CAPTION) == 1
     assert skipped.pop(P.EMPTY_CAPTION) == 1
     assert skipped.pop(P.CAPTION_NOT_UTF8) == 1
@@ -343,14 +343,14 @@ def test_loader_counts_each_bad_input_exactly_across_workers(tmp_path, monkeypat
 
     # A decoder bug that only some images hit (no real input is known to raise anything but the
     # classified errors: fuzzing every PIL format found none), to check how such samples count.
-    original = V._pil_to_rgb
+    original = V.plan_crops
 
-    def buggy(im):
-        if im.size == (17, 13):
+    def buggy(width, height, *args, **kwargs):
+        if (width, height) == (17, 13):
             raise ZeroDivisionError("a bug in the decoder")
-        return original(im)
+        return original(width, height, *args, **kwargs)
 
-    monkeypatch.setattr(V, "_pil_to_rgb", buggy)  # forked workers inherit it
+    monkeypatch.setattr(V, "plan_crops", buggy)  # forked workers inherit it
     d = tmp_path / "shards"
     d.mkdir()
     jpg = _jpeg(3, 64, 64)
@@ -374,11 +374,13 @@ def test_loader_counts_each_bad_input_exactly_across_workers(tmp_path, monkeypat
     loader = P.build_loader(spec, _config(workers=2, shuffle_buffer=0, batch_size=3),
                             tokenizer=lambda texts: torch.zeros(len(texts), 8, dtype=torch.long))
     assert sorted(_keys(loader)) == sorted(good)
-    assert loader.skipped() == {V.CORRUPT_IMAGE: 3, P.SAMPLE_ERROR: 2, P.TAR_ERROR: 3, P.SHARD_UNREADABLE: 1}
+    assert loader.skipped() == {E.CORRUPT_IMAGE: 2, E.UNSUPPORTED_MODE: 1, P.SAMPLE_ERROR: 2, P.TAR_ERROR: 3,
+                               P.SHARD_UNREADABLE: 1}
     # A second epoch counts them again, no more.
     loader.set_epoch(1)
     assert sorted(_keys(loader)) == sorted(good)
-    assert loader.skipped() == {V.CORRUPT_IMAGE: 6, P.SAMPLE_ERROR: 4, P.TAR_ERROR: 6, P.SHARD_UNREADABLE: 2}
+    assert loader.skipped() == {E.CORRUPT_IMAGE: 4, E.UNSUPPORTED_MODE: 2, P.SAMPLE_ERROR: 4, P.TAR_ERROR: 6,
+                               P.SHARD_UNREADABLE: 2}
 
 
 def test_skip_counter_is_shared_between_processes():
@@ -391,7 +393,7 @@ def test_skip_counter_is_shared_between_processes():
         p.join()
     counter.add(P.TAR_ERROR, "in the parent")
     counter.add("some_new_reason", "unknown reasons are kept as sample_error")
-    assert counter.counts() == {V.CORRUPT_IMAGE: 10, P.TAR_ERROR: 1, P.SAMPLE_ERROR: 1}
+    assert counter.counts() == {E.CORRUPT_IMAGE: 10, P.TAR_ERROR: 1, P.SAMPLE_ERROR: 1}
     assert counter.total() == 12
     counter.reset()
     assert counter.counts() == {}
@@ -399,7 +401,7 @@ def test_skip_counter_is_shared_between_processes():
 
 def _add_skips(counter: P.SkipCounter, n: int) -> None:
     for _ in range(n):
-        counter.add(V.CORRUPT_IMAGE, "from a child")
+        counter.add(E.CORRUPT_IMAGE, "from a child")
 
 
 def test_bench_data_command_prints_json_last(tmp_path, capsys):
@@ -415,4 +417,4 @@ def test_bench_data_command_prints_json_last(tmp_path, capsys):
     for field in ("samples_per_s", "samples", "skipped", "workers", "per_core_samples_per_s", "samples_per_cpu_s"):
         assert field in result
     assert result["samples"] > 0 and result["samples"] % 4 == 0 and result["workers"] == 0
-    assert result["skipped"].get(V.NOT_AN_IMAGE, 0) >= 1
+    assert result["skipped"].get(E.NOT_AN_IMAGE, 0) >= 1

@@ -192,7 +192,8 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     assert index["skipped"] == {
         "bad_metadata": 1,
         "caption_not_utf8": 2,
-        "corrupt_image": 3,
+        "corrupt_image": 2,
+        "truncated_image": 1,  # the name the training loader gives it too
         "duplicate_key": 1,
         "empty_caption": 1,
         "empty_file": 2,
@@ -251,7 +252,7 @@ def test_make_shards_counts_every_skip_reason_exactly(tmp_path: Path, capsys: py
     put("nocaption.jpg", encode(noise_image(7), "JPEG"), caption=None)
     put("blank.jpg", encode(noise_image(8), "JPEG"), caption=" \n ")
     assert make_shards.main([str(src), str(out), "--workers", "2", "--samples-per-shard", "4", "--no-progress"]) == 0
-    expected = {"corrupt_image": 3, "unsupported_mode": 2, "not_an_image": 1, "empty_file": 1,
+    expected = {"corrupt_image": 2, "truncated_image": 1, "unsupported_mode": 2, "not_an_image": 1, "empty_file": 1,
                 "missing_caption": 1, "empty_caption": 1}
     index = load_index(out)
     assert index["skipped"] == expected
@@ -259,12 +260,22 @@ def test_make_shards_counts_every_skip_reason_exactly(tmp_path: Path, capsys: py
     assert sorted(s["__key__"] for s in read_all(out)) == good
     printed = capsys.readouterr().out
     assert "wrote 6 samples in 2 shards" in printed and "skipped 9 samples: " in printed
-    assert "corrupt_image=3" in printed and "unsupported_mode=2" in printed
+    assert "corrupt_image=2" in printed and "truncated_image=1" in printed and "unsupported_mode=2" in printed
     # What was written loads without a single skip.
-    loader = build_loader(out, PipelineConfig(method="clip", size=16, batch_size=4, workers=0, shuffle_buffer=0),
-                          tokenizer=lambda texts: torch.zeros(len(texts), 8, dtype=torch.long))
+    config = PipelineConfig(method="clip", size=16, batch_size=4, workers=0, shuffle_buffer=0)
+    tokens = lambda texts: torch.zeros(len(texts), 8, dtype=torch.long)  # noqa: E731
+    loader = build_loader(out, config, tokenizer=tokens)
     assert sorted(k for batch in loader for k in batch["key"]) == good
     assert loader.skipped() == {}
+    # The same files packed as they are and read by the training loader: the same skips, by reason.
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with tarfile.open(raw / "raw-000000.tar", "w") as tar:
+        for path in sorted(src.iterdir()):
+            tar.add(path, arcname=path.name)
+    loader = build_loader(raw, config, tokenizer=tokens)
+    assert sorted(k for batch in loader for k in batch["key"]) == good
+    assert loader.skipped() == expected
 
 
 def test_decompression_bomb_rejected_by_pixel_cap(tmp_path: Path) -> None:
@@ -397,3 +408,40 @@ def test_empty_input_writes_empty_index(tmp_path: Path) -> None:
     assert index["shards"] == [] and index["total_samples"] == 0 and index["corpus"] is None
     assert index["skipped"] == {"empty_file": 1}
     assert load_index(tmp_path) == index
+
+
+def _in_mode(mode: str) -> tuple[bytes, np.ndarray]:
+    """A smooth 48 x 40 image stored in ``mode`` (encoded bytes) and the RGB pixels it means."""
+    y, x = np.mgrid[0:40, 0:48]
+    level = (x * 4 + y * 2).astype(np.float64)  # 0..266 -> clipped 0..255 below
+    level = np.clip(level, 0, 255)
+    gray8 = level.astype(np.uint8)
+    if mode == "I;16":  # 16-bit PNG: full range
+        return encode(Image.fromarray((level * 257).astype(np.uint16)), "PNG"), np.repeat(gray8[..., None], 3, -1)
+    if mode == "I":  # 32-bit integers holding 8-bit data
+        return encode(Image.fromarray(level.astype(np.int32), mode="I"), "TIFF"), np.repeat(gray8[..., None], 3, -1)
+    if mode == "F":  # floats in [0, 1]
+        return encode(Image.fromarray((level / 255).astype(np.float32), mode="F"), "TIFF"), np.repeat(gray8[..., None], 3, -1)
+    rgb = np.stack([gray8, 255 - gray8, np.full_like(gray8, 90)], -1)
+    if mode == "RGBA":  # left half transparent: white there
+        alpha = np.where(x < 24, 0, 255).astype(np.uint8)
+        want = np.where((x < 24)[..., None], 255, rgb).astype(np.uint8)
+        return encode(Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA"), "PNG"), want
+    if mode == "CMYK":
+        img = Image.fromarray(rgb).convert("CMYK")
+        return encode(img, "TIFF"), np.asarray(img.convert("RGB"))
+    raise ValueError(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "CMYK"])
+def test_make_shards_and_the_loader_see_the_same_pixels_in_every_mode(mode: str) -> None:
+    from slip.data.images import open_image
+    from slip.data.views import _decode_pixels
+
+    data, want = _in_mode(mode)
+    stored = prepare_image(data)  # what make-shards writes (JPEG, quality 95)
+    written = np.asarray(Image.open(io.BytesIO(stored.data)).convert("RGB")).astype(np.int16)
+    loaded = _decode_pixels(data, open_image(data), 1)  # what the loader decodes from the file itself
+    loaded = loaded.expand(3, -1, -1).permute(1, 2, 0).numpy().astype(np.int16)
+    assert np.abs(loaded - want).max() <= 1, mode
+    assert np.abs(written - want).mean() < 2.0, mode  # JPEG's own error, nothing more

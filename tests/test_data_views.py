@@ -11,8 +11,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from slip.data import errors as E
 from slip.data import views as V
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,7 +36,7 @@ def _jpeg(width: int = 64, height: int = 48, seed: int = 0, quality: int = 90) -
 
 
 def _skip_reason(data: bytes, views, **kw) -> str:
-    with pytest.raises(V.SampleSkip) as info:
+    with pytest.raises(E.SampleSkip) as info:
         V.decode_views(data, views, random.Random(0), **kw)
     return info.value.reason
 
@@ -215,19 +215,19 @@ def test_image_modes_are_converted():
 def test_bad_images_are_rejected_with_reasons(monkeypatch):
     views = SLIP32.all
     good = _jpeg(64, 48)
-    assert _skip_reason(b"", views) == V.EMPTY_FILE
-    assert _skip_reason(b"this is certainly not an image" * 10, views) == V.NOT_AN_IMAGE
-    assert _skip_reason(good[: len(good) // 2], views) == V.TRUNCATED_IMAGE
+    assert _skip_reason(b"", views) == E.EMPTY_FILE
+    assert _skip_reason(b"this is certainly not an image" * 10, views) == E.NOT_AN_IMAGE
+    assert _skip_reason(good[: len(good) // 2], views) == E.TRUNCATED_IMAGE
     # Valid header, garbage Huffman table: the decoder gives up.
     dht = good.index(b"\xff\xc4")
     garbage = good[: dht + 5] + b"\xff" * 20 + good[dht + 25 :]
-    assert _skip_reason(garbage, views) == V.CORRUPT_IMAGE
+    assert _skip_reason(garbage, views) == E.CORRUPT_IMAGE
     # Decompression bomb: a tiny PNG of many pixels is refused from its header, never decoded.
     bomb = _encode(Image.new("L", (3000, 3000)), "PNG", optimize=True)
     assert len(bomb) < 50_000
     decoded = []
     monkeypatch.setattr(V, "_decode_pixels", lambda *a: decoded.append(1))
-    assert _skip_reason(bomb, views, max_pixels=1_000_000) == V.TOO_MANY_PIXELS
+    assert _skip_reason(bomb, views, max_pixels=1_000_000) == E.TOO_MANY_PIXELS
     assert decoded == []
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from slip.data.pipeline import PipelineConfig, build_loader
-from slip.data.views import DEFAULT_MAX_PIXELS, METHODS, BatchAugment
+from slip.data.images import DEFAULT_MAX_PIXELS
+from slip.data.views import METHODS, BatchAugment
 from slip.errors import UserError, command
 from slip.runtime import pick_device
 

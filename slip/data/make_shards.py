@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from slip.data import sources
-from slip.data.shards import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS, write_shards
+from slip.data.images import DEFAULT_MAX_PIXELS
+from slip.data.shards import DEFAULT_JPEG_QUALITY, write_shards
 from slip.data.sources import SampleSource
 from slip.errors import UserError, command
 

@@ -110,19 +110,22 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.filters import pick
 
-from slip.data.tars import SHARD_DONE, ReadShards, fetch_samples
-from slip.data.views import (
-    CORRUPT_IMAGE,
-    DEFAULT_MAX_PIXELS,
-    EMPTY_FILE,
-    NOT_AN_IMAGE,
-    TOO_MANY_PIXELS,
-    TRUNCATED_IMAGE,
-    MethodViews,
+from slip.data.errors import (
+    BAD_METADATA,
+    CAPTION_NOT_UTF8,
+    EMPTY_CAPTION,
+    LOAD_SKIP_REASONS,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    SAMPLE_ERROR,
+    SHARD_UNREADABLE,
+    TAR_ERROR,
     SampleSkip,
-    decode_views,
-    method_views,
 )
+from slip.data.images import DEFAULT_MAX_PIXELS
+from slip.data.shards import INDEX_NAME, load_index
+from slip.data.tars import SHARD_DONE, ReadShards, fetch_samples
+from slip.data.views import MethodViews, decode_views, method_views
 from slip.errors import UserError
 from slip.tokenizer import trim_padding
 
@@ -132,33 +135,9 @@ logger = logging.getLogger(__name__)
 class ShardSpecError(UserError, ValueError):
     """A shard spec that names no readable shards (or a malformed one); the message names it."""
 
-INDEX_FORMAT = "slip-shards/1"
-INDEX_NAME = "index.json"
 
-# Skip reasons besides the image ones from slip.data.views (same names as slip.data.shards).
-MISSING_IMAGE = "missing_image"
-MISSING_CAPTION = "missing_caption"
-EMPTY_CAPTION = "empty_caption"
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-BAD_METADATA = "bad_metadata"
-SHARD_UNREADABLE = "shard_unreadable"
-TAR_ERROR = "tar_error"
-SAMPLE_ERROR = "sample_error"
-SKIP_REASONS: tuple[str, ...] = (
-    EMPTY_FILE,
-    NOT_AN_IMAGE,
-    CORRUPT_IMAGE,
-    TRUNCATED_IMAGE,
-    TOO_MANY_PIXELS,
-    MISSING_IMAGE,
-    MISSING_CAPTION,
-    EMPTY_CAPTION,
-    CAPTION_NOT_UTF8,
-    BAD_METADATA,
-    SHARD_UNREADABLE,
-    TAR_ERROR,
-    SAMPLE_ERROR,
-)
+# What the loader counts, by reason (slip.data.errors: the same names as make-shards').
+SKIP_REASONS = LOAD_SKIP_REASONS
 
 # Image members recognised in a sample, in order of preference (img2dataset writes .jpg).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -295,21 +274,6 @@ def _split_weight(part: str) -> tuple[str, float]:
 
 def _is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
-
-
-def load_index(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``slip-shards/1`` index (a file or a directory holding ``index.json``)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, INDEX_NAME)
-    with open(path, encoding="utf-8") as f:
-        try:
-            index = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ShardSpecError(f"{path}: not a {INDEX_FORMAT} index (invalid JSON: {e})") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
-        raise ShardSpecError(f"{path}: not a {INDEX_FORMAT} index")
-    return index
 
 
 def _source_from_index(path: str, weight: float, name: str) -> ShardSource:

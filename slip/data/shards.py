@@ -28,27 +28,42 @@ import logging
 import os
 import re
 import sys
-import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm import tqdm
 from webdataset.writer import TarWriter
 
-from slip.data.errors import SampleSkip
+from slip.data.errors import (
+    BAD_METADATA,
+    CAPTION_NOT_UTF8,
+    DUPLICATE_KEY,
+    EMPTY_CAPTION,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    UNSUPPORTED_MODE,
+    WRITE_SKIP_REASONS,
+    SampleSkip,
+)
+from slip.data.images import (
+    DEFAULT_MAX_PIXELS,
+    decode_error,
+    open_image,
+    pixel_cap,
+    to_rgb,
+)
+from slip.errors import UserError
 from slip.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "slip-shards/1"
 INDEX_NAME = "index.json"
-# PIL's own default cap (about 89.5 megapixels); larger images are treated as decompression bombs.
-DEFAULT_MAX_PIXELS = 89_478_485
 # Matches img2dataset's default so re-encoded and downloaded images look alike.
 DEFAULT_JPEG_QUALITY = 95
 # A constant member mtime makes shards byte-identical across runs (reproducible corpora).
@@ -57,32 +72,7 @@ SHARD_MTIME = 0
 MAX_KEY_LENGTH = 64
 
 # Reasons a sample is skipped; these strings are the keys of ``index["skipped"]``.
-EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
-CORRUPT_IMAGE = "corrupt_image"
-TOO_MANY_PIXELS = "too_many_pixels"
-UNSUPPORTED_MODE = "unsupported_mode"
-MISSING_IMAGE = "missing_image"
-UNREADABLE_IMAGE = "unreadable_image"
-MISSING_CAPTION = "missing_caption"
-EMPTY_CAPTION = "empty_caption"
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-BAD_METADATA = "bad_metadata"
-DUPLICATE_KEY = "duplicate_key"
-SKIP_REASONS = (
-    EMPTY_FILE,
-    NOT_AN_IMAGE,
-    CORRUPT_IMAGE,
-    TOO_MANY_PIXELS,
-    UNSUPPORTED_MODE,
-    MISSING_IMAGE,
-    UNREADABLE_IMAGE,
-    MISSING_CAPTION,
-    EMPTY_CAPTION,
-    CAPTION_NOT_UTF8,
-    BAD_METADATA,
-    DUPLICATE_KEY,
-)
+SKIP_REASONS = WRITE_SKIP_REASONS
 
 ImageRef = Union[bytes, bytearray, memoryview, str, os.PathLike, Callable[[], bytes], None]
 
@@ -124,22 +114,6 @@ class PreparedImage:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _pixel_cap(max_pixels: int) -> Iterator[None]:
-    # PIL refuses images above 2 * MAX_IMAGE_PIXELS inside Image.open; raising the global to our
-    # cap keeps PIL from rejecting images we allow, and our own check rejects those above it.
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        with warnings.catch_warnings():
-            # Corrupt EXIF blocks and bomb warnings would otherwise flood stderr from the workers.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
 def _target_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
     """Size with the shorter side equal to ``max_side``, or None when no downscale is needed."""
     if max_side is None or min(width, height) <= max_side:
@@ -147,43 +121,6 @@ def _target_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     if width <= height:
         return max_side, max(1, round(height * max_side / width))
     return max(1, round(width * max_side / height)), max_side
-
-
-def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info
-
-
-def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
-    # PIL's convert("RGB") clips 16-bit values at 255 (nearly white images), so rescale first.
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode == "F":
-        arr = np.nan_to_num(arr)
-        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
-    else:
-        peak = float(arr.max()) if arr.size else 0.0
-        if img.mode.startswith("I;16"):
-            full = 65535.0
-        else:
-            # 32-bit "I" holds 16-bit PNG data in some Pillow versions and 8-bit data in others.
-            full = 255.0 if peak <= 255 else (65535.0 if peak <= 65535 else peak)
-        scale = 255.0 / full
-    arr8 = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr8).convert("RGB")
-
-
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
-    """Convert any PIL mode to RGB; returns the image and whether a conversion happened."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img, False
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        return _high_depth_to_rgb(img), True
-    if _has_alpha(img):
-        # Transparent regions become white, which is what viewers show for most web images.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB"), True
-    return img.convert("RGB"), True
 
 
 def prepare_image(
@@ -204,64 +141,40 @@ def prepare_image(
     Raises:
         SampleSkip: with the reason the bytes cannot be used.
     """
-    if not data:
-        raise SampleSkip(EMPTY_FILE)
-    with _pixel_cap(max_pixels):
+    img = open_image(data, max_pixels)  # the header, the pixel cap, PNG checksums
+    with pixel_cap(max_pixels), img:
+        fmt = img.format
+        width, height = img.size
+        target = _target_size(width, height, max_side)
+        if target is not None and fmt == "JPEG":
+            # DCT-domain downscaling while decoding: large photos decode several times
+            # faster; the result stays at least as large as the target.
+            img.draft(None, target)
         try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise SampleSkip(TOO_MANY_PIXELS, str(exc)) from None
-        except UnidentifiedImageError:
-            raise SampleSkip(NOT_AN_IMAGE) from None
-        except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on corrupt headers
-            raise SampleSkip(CORRUPT_IMAGE, repr(exc)) from None
-        with img:
-            fmt = img.format
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise SampleSkip(CORRUPT_IMAGE, f"size {width}x{height}")
-            if width * height > max_pixels:
-                raise SampleSkip(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels}")
-            if fmt == "PNG":
-                # Pillow's PNG decoder ignores chunk checksums, so corrupted pixel data would
-                # decode to garbage silently; verify() checks every chunk's CRC.
-                try:
-                    with Image.open(io.BytesIO(data)) as check:
-                        check.verify()
-                except Exception as exc:  # noqa: BLE001 - verify raises SyntaxError, OSError...
-                    raise SampleSkip(CORRUPT_IMAGE, repr(exc)) from None
-            target = _target_size(width, height, max_side)
-            if target is not None and fmt == "JPEG":
-                # DCT-domain downscaling while decoding: large photos decode several times
-                # faster; the result stays at least as large as the target.
-                img.draft(None, target)
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not worth dropping the image
+            orientation = 1
+        try:
+            img.load()
+        except Exception as exc:  # noqa: BLE001 - truncated/corrupt data: OSError, SyntaxError...
+            raise decode_error(exc) from None
+        drafted = img.size != (width, height)
+        out = img
+        transposed = orientation not in (None, 1)
+        if transposed:
             try:
-                orientation = img.getexif().get(0x0112, 1)
-            except Exception:  # noqa: BLE001 - a broken EXIF block is not worth dropping the image
-                orientation = 1
-            try:
-                img.load()
-            except Image.DecompressionBombError as exc:
-                raise SampleSkip(TOO_MANY_PIXELS, str(exc)) from None
-            except Exception as exc:  # noqa: BLE001 - truncated/corrupt data: OSError, SyntaxError...
-                raise SampleSkip(CORRUPT_IMAGE, repr(exc)) from None
-            drafted = img.size != (width, height)
-            try:
-                out = img
-                transposed = orientation not in (None, 1)
-                if transposed:
-                    out = ImageOps.exif_transpose(out)
-                out, converted = _to_rgb(out)
-            except Exception as exc:  # noqa: BLE001 - exotic modes PIL cannot convert
+                out = ImageOps.exif_transpose(out)
+            except (ValueError, OSError) as exc:  # as to_rgb: what PIL raises for modes it cannot handle
                 raise SampleSkip(UNSUPPORTED_MODE, f"{img.mode}: {exc!r}") from None
-            resize_to = _target_size(out.width, out.height, max_side)
-            if resize_to is not None:
-                out = out.resize(resize_to, Image.Resampling.LANCZOS)
-            if fmt == "JPEG" and not (converted or transposed or drafted or resize_to is not None):
-                return PreparedImage(data, width, height, reencoded=False)
-            buffer = io.BytesIO()
-            out.save(buffer, format="JPEG", quality=quality)
-            return PreparedImage(buffer.getvalue(), out.width, out.height, reencoded=True)
+        out, converted = to_rgb(out)
+        resize_to = _target_size(out.width, out.height, max_side)
+        if resize_to is not None:
+            out = out.resize(resize_to, Image.Resampling.LANCZOS)
+        if fmt == "JPEG" and not (converted or transposed or drafted or resize_to is not None):
+            return PreparedImage(data, width, height, reencoded=False)
+        buffer = io.BytesIO()
+        out.save(buffer, format="JPEG", quality=quality)
+        return PreparedImage(buffer.getvalue(), out.width, out.height, reencoded=True)
 
 
 def _read_image_ref(ref: bytes | str) -> bytes:
@@ -484,20 +397,45 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def load_index(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and sanity-check ``index.json`` of a shard directory.
+class ShardIndexError(UserError, ValueError):
+    """An ``index.json`` that is not a readable ``slip-shards/1`` index; the message names the file."""
+
+
+def load_index(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a ``slip-shards/1`` index: ``path`` is the file or a directory holding
+    ``index.json``. The one reader for shard writing and the training loader.
+
+    Checked: a JSON object with the format tag and a list of shards (names as strings or
+    ``{"name": ..., "samples": n}``); ``total_samples`` and ``skipped`` when present (written by
+    ``make-shards``, optional in a hand-written index listing existing shards) must be a count
+    and a mapping of counts.
 
     Raises:
-        ValueError: naming the file when it is not a ``slip-shards/1`` index.
+        ShardIndexError: naming the file and what is wrong.
+        FileNotFoundError: no such file.
     """
-    path = Path(out_dir) / INDEX_NAME
-    with open(path, encoding="utf-8") as f:
-        index = json.load(f)
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardIndexError(f"{path}: not a {INDEX_FORMAT} index (invalid JSON: {exc})") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: not a {INDEX_FORMAT} index")
-    for field in ("shards", "total_samples", "skipped"):
-        if field not in index:
-            raise ValueError(f"{path}: missing field {field!r}")
+        raise ShardIndexError(f"{path}: not a {INDEX_FORMAT} index (its \"format\" must be {INDEX_FORMAT!r})")
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        raise ShardIndexError(f"{path}: \"shards\" must be a list of shard names")
+    for i, entry in enumerate(shards):
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if not isinstance(name, str) or not name:
+            raise ShardIndexError(f"{path}: shards[{i}] must be a file name or an object with a \"name\"")
+    total = index.get("total_samples")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
+        raise ShardIndexError(f"{path}: \"total_samples\" must be a count, got {total!r}")
+    skipped = index.get("skipped")
+    if skipped is not None and not (isinstance(skipped, dict) and all(isinstance(v, int) for v in skipped.values())):
+        raise ShardIndexError(f"{path}: \"skipped\" must map reasons to counts")
     return index
 
 

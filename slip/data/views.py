@@ -36,7 +36,6 @@ in [0, 1]); tests compare them op by op.
 """
 from __future__ import annotations
 
-import io
 import math
 import random
 import warnings
@@ -49,18 +48,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from slip.data.errors import SampleSkip
+from slip.data.images import DEFAULT_MAX_PIXELS, decode_error, open_image, to_rgb
 from slip.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-# Same default as slip.data.shards and PIL: larger images are treated as decompression bombs.
-DEFAULT_MAX_PIXELS = 89_478_485
-
-# Reasons a sample's image is rejected (the names match slip.data.shards where they overlap).
-EMPTY_FILE = "empty_file"
-NOT_AN_IMAGE = "not_an_image"
-CORRUPT_IMAGE = "corrupt_image"
-TRUNCATED_IMAGE = "truncated_image"
-TOO_MANY_PIXELS = "too_many_pixels"
 
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -306,69 +295,11 @@ def draft_factor(
     return 1
 
 
-def _open_header(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse only the image header (PIL opens lazily) and enforce the pixel cap before any
-    pixel is decoded, so a decompression bomb costs a few microseconds."""
-    if not data:
-        raise SampleSkip(EMPTY_FILE)
-    try:
-        with warnings.catch_warnings():
-            # Our own cap decides; PIL's warning for its (higher) threshold would just be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise SampleSkip(TOO_MANY_PIXELS, str(exc)) from None
-    except Image.UnidentifiedImageError:
-        raise SampleSkip(NOT_AN_IMAGE, f"{len(data)} bytes, starts with {data[:8]!r}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _classify_decode_error(exc) from None
-    width, height = im.size
-    if width < 1 or height < 1:
-        raise SampleSkip(CORRUPT_IMAGE, f"size {width}x{height}")
-    if width * height > max_pixels:
-        raise SampleSkip(TOO_MANY_PIXELS, f"{width}x{height} > {max_pixels} pixels")
-    return im
-
-
 def _ends_with_eoi(data: bytes) -> bool:
     """True when a JPEG stream ends with its End-Of-Image marker (ignoring trailing padding):
     a cheap truncation check that lets complete files take the fast decoder."""
     tail = data[-64:].rstrip(b"\x00\r\n ")
     return tail.endswith(b"\xff\xd9")
-
-
-def _pil_to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (or keep L), repairing what is obviously safe.
-
-    Transparent images are composited over white (transparent pixels' colours are arbitrary);
-    16-bit and 32-bit integer images are rescaled from 0..65535 rather than clipped at 255
-    (PIL's plain ``convert`` would turn most of a 16-bit image white).
-    """
-    mode = im.mode
-    if mode in ("RGB", "L"):
-        return im
-    if mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(im).astype(np.float32)
-        return Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if mode == "F":
-        arr = np.asarray(im)
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
-    # CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, LAB, HSV, 1, P without transparency.
-    return im.convert("RGB")
-
-
-def _classify_decode_error(exc: BaseException) -> SampleSkip:
-    message = str(exc)
-    if "truncated" in message.lower() or "incomplete" in message.lower():
-        return SampleSkip(TRUNCATED_IMAGE, message[:200])
-    return SampleSkip(CORRUPT_IMAGE, f"{type(exc).__name__}: {message[:200]}")
 
 
 try:  # libjpeg-turbo straight into a tensor; optional (removed in some future torchvision)
@@ -403,14 +334,14 @@ def _decode_pixels(data: bytes, im: Image.Image, factor: int) -> torch.Tensor:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return _TV_DECODE_JPEG(raw, mode=_TV_RGB)
         except RuntimeError as exc:
-            raise _classify_decode_error(exc) from None
+            raise decode_error(exc) from None
     try:
         if factor > 1:
             im.draft("RGB", (im.width // factor, im.height // factor))
         im.load()
-        im = _pil_to_rgb(im)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise _classify_decode_error(exc) from None
+    except Exception as exc:  # noqa: BLE001 -- PIL's plugins raise many types on broken data
+        raise decode_error(exc) from None
+    im, _ = to_rgb(im, keep_gray=True)
     arr = np.asarray(im)
     with warnings.catch_warnings():
         # The array is read-only and never written through this tensor.
@@ -512,7 +443,7 @@ def decode_views(
     Raises:
         SampleSkip: the bytes are empty, not an image, corrupt, truncated or too large.
     """
-    im = _open_header(data, max_pixels)
+    im = open_image(data, max_pixels)
     width, height = im.size
     factor, boxes = plan_crops(width, height, views, rng, allow_draft=allow_draft and im.format == "JPEG")
     pixels = _decode_pixels(data, im, factor)
