@@ -1,29 +1,42 @@
 """Loading and saving checkpoints, safely.
 
-Two formats are read:
+These formats are read:
 
 * the project's own: ``{"format": "slip/1", "arch": {...}, "state_dict": {...}, ...}`` written
   with ``torch.save``, or a ``.safetensors`` file whose metadata holds ``format`` and ``arch``;
 * the checkpoints SLIP's authors released: ``{"epoch", "args": argparse.Namespace,
   "state_dict"}`` with DDP's ``module.`` prefix on every key;
 * open_clip model folders (``open_clip_config.json`` + ``open_clip_model.safetensors`` or a
-  ``.bin``), written by open_clip or ``slip export --format open_clip``, whose image tower is a
-  timm ViT that slip has a preset for (``visual.trunk.X -> visual.X``, ``visual.head.proj.weight``
-  transposed -> ``image_projection``; text keys as they are).
+  ``.bin``), written by open_clip or ``slip export --format open_clip``, whose image tower is
+  either a timm ViT that slip has a preset for (``visual.trunk.X -> visual.X``,
+  ``visual.head.proj.weight`` transposed -> ``image_projection``) or open_clip's own ViT, which
+  is OpenAI CLIP's (see below); text keys as they are, QuickGELU or GELU as ``quick_gelu`` says;
+* OpenAI CLIP's state dicts (``visual.conv1.weight``, ``visual.class_embedding``,
+  ``visual.ln_pre.*``, ``visual.transformer.resblocks.N.*``, ``visual.proj`` ...; open_clip's
+  own ViT has the same names) in a ``.pt``/``.bin``/``.safetensors`` file, bare or under
+  ``state_dict``. The tower becomes slip's timm ViT with ``pre_norm`` (``ln_pre``), QuickGELU
+  and LayerNorm eps 1e-5; sizes come from the shapes and, as in OpenAI's code, heads are
+  64 wide. Such a file holds no config, so it is read as OpenAI's CLIP (QuickGELU in both
+  towers, OpenAI's image statistics and bicubic resizing); open_clip models trained with GELU
+  load from their folder, whose config says so.
 
 Nothing in a file is ever executed: pickles are opened with ``torch.load(weights_only=True)``,
 which rebuilds only tensors and plain containers, plus ``argparse.Namespace`` for the released
-``args``. Anything else is refused with an error naming the file.
+``args``. Anything else is refused with an error naming the file, as are OpenAI's TorchScript
+archives (load those with open_clip, which can save their state dict).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +45,8 @@ import torch
 from .errors import UserError
 from .fileio import atomic_path
 from .models import Architecture, SLIPModel, SSLHeadConfig, TextConfig, VisionConfig, get_architecture
-from .transforms import eval_transform
+from .models.presets import OPENAI_NORM_EPS
+from .transforms import INTERPOLATIONS, OPENAI_PREPROCESS, eval_transform
 
 FORMAT = "slip/1"
 
@@ -55,7 +69,9 @@ class LoadedCheckpoint:
     arch: Architecture
     state_dict: dict[str, torch.Tensor]
     meta: dict  # everything else in the file (epoch, args as a dict, training state ...)
-    source: str  # "slip", "released" or "open_clip"
+    source: str  # "slip", "released", "open_clip" or "openai"
+    # eval_transform's mean, std and interpolation where the model was trained with others than slip's
+    preprocess: dict = field(default_factory=dict)
 
 
 def _strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
@@ -78,6 +94,11 @@ def _torch_load(path: Path) -> object:
     if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle, "
                               "nor safetensors)")
+    if head.startswith(_ZIP_MAGIC) and _is_torchscript(path):
+        raise CheckpointError(
+            f"{path}: a TorchScript archive (as OpenAI's released CLIP files are), which holds code; slip loads no "
+            "code. Save its weights with open_clip: torch.save(open_clip.load_openai_model(PATH, device='cpu')"
+            ".state_dict(), 'weights.pt'), then load that file")
     with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
         try:
@@ -91,6 +112,15 @@ def _torch_load(path: Path) -> object:
         except Exception as e:  # noqa: BLE001 -- whatever the reader trips on, the file is at fault
             first = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{path}: a damaged or truncated PyTorch checkpoint ({first})") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip written by ``torch.jit.save`` (its ``constants.pkl`` is what torch.load looks for)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # torch.load then reports the damage
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -122,17 +152,24 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         meta = {k: v for k, v in obj.items() if k not in ("arch", "state_dict")}
         return LoadedCheckpoint(arch, _state_dict_of(obj, path), meta, "slip")
     if "state_dict" in obj or "model" in obj:
-        state_dict = _strip_prefix(_state_dict_of(obj, path))
         args = obj.get("args")
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-        arch = infer_architecture(state_dict, args.get("model"), path)
         meta = {k: v for k, v in obj.items() if k not in ("args", "state_dict", "model")}
         meta["args"] = args
-        return LoadedCheckpoint(arch, _released_names(state_dict), meta, "released")
+        return _from_state_dict(_state_dict_of(obj, path), path, meta, args.get("model"))
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state_dict = _strip_prefix(obj)
-        return LoadedCheckpoint(infer_architecture(state_dict, None, path), _released_names(state_dict), {}, "released")
+        return _from_state_dict(obj, path, {})
     raise CheckpointError(f"{path}: no 'state_dict' entry; top-level keys: {sorted(map(str, obj))[:20]}")
+
+
+def _from_state_dict(state_dict: dict, path: Path, meta: dict, released_name: str | None = None) -> LoadedCheckpoint:
+    """A state dict without slip's architecture record: OpenAI CLIP's layout, or SLIP's (whose
+    ``args.model``, when the file has one, names the architecture)."""
+    state_dict = _strip_prefix(state_dict)
+    if any(k in state_dict for k in _OPENAI_MARKS):
+        return read_openai_state_dict(state_dict, path, meta)
+    arch = infer_architecture(state_dict, released_name, path)
+    return LoadedCheckpoint(arch, _released_names(state_dict), meta, "released")
 
 
 def _released_names(state_dict: dict) -> dict:
@@ -154,8 +191,7 @@ def _read_safetensors(path: Path) -> LoadedCheckpoint:
         meta = dict(f.metadata() or {})
         state_dict = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT:
-        state_dict = _strip_prefix(state_dict)
-        return LoadedCheckpoint(infer_architecture(state_dict, None, path), _released_names(state_dict), meta, "released")
+        return _from_state_dict(state_dict, path, meta)
     try:
         arch = Architecture.from_dict(json.loads(meta.pop("arch")))
     except (KeyError, TypeError, ValueError) as e:
@@ -246,14 +282,16 @@ def build_from_checkpoint(ckpt: LoadedCheckpoint, path: object, device: str | to
 def load_pretrained(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[SLIPModel, Callable]:
-    """Load a checkpoint (released by SLIP's authors or written by slip) for inference.
+    """Load a checkpoint (any format :func:`read_checkpoint` reads) for inference.
 
-    Returns the model in eval mode on ``device`` and its evaluation transform
-    (resize, centre crop, ImageNet normalisation at the model's image size).
+    Returns the model in eval mode on ``device`` and its evaluation transform (resize, centre
+    crop at the model's image size, normalisation): ImageNet's statistics and bilinear resizing
+    for slip's and SLIP's models, what an open_clip folder's ``preprocess_cfg`` says for those,
+    OpenAI's statistics and bicubic resizing for OpenAI CLIP's state dicts.
     """
     ckpt = read_checkpoint(path)
     model = build_from_checkpoint(ckpt, path, device).eval()
-    return model, eval_transform(ckpt.arch.vision.image_size)
+    return model, eval_transform(ckpt.arch.vision.image_size, **ckpt.preprocess)
 
 
 def save_checkpoint(model: SLIPModel, path: str | os.PathLike, **extra) -> None:
@@ -280,17 +318,45 @@ def save_checkpoint(model: SLIPModel, path: str | os.PathLike, **extra) -> None:
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.bin")
 _NULL = object()  # a field that must be absent or null
-# Config fields that change nothing at inference, or that must hold the value slip's model has.
-_OC_MODEL_FIELDS = {"embed_dim": None, "vision_cfg": None, "text_cfg": None, "quick_gelu": True,
+# Config fields slip reads: None, anything (it changes nothing at inference, or is read below);
+# _NULL, absent or null; a tuple, one of these values; any other value, the one slip's model has.
+_OC_BLOCK_FIELDS = {"block_type": (None, "default"), "qk_norm": False, "scaled_cosine_attn": False,
+                    "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
+                    "act_kwargs": _NULL}
+_OC_MODEL_FIELDS = {"embed_dim": None, "vision_cfg": None, "text_cfg": None, "quick_gelu": None,
                     "custom_text": False, "init_logit_scale": None, "cast_dtype": None}
 _OC_VISION_FIELDS = {"image_size": None, "timm_model_name": None, "timm_model_pretrained": None,
                      "timm_pool": "token", "timm_proj": "linear", "timm_proj_bias": False,
                      "timm_drop": None, "timm_drop_path": None, "patch_dropout": None}
+# open_clip's own ViT (OpenAI CLIP's layout); its timm_* fields are unused without a timm_model_name.
+_OC_NATIVE_VISION_FIELDS = {
+    "layers": None, "width": None, "head_width": None, "patch_size": None, "image_size": None, "mlp_ratio": 4.0,
+    "ls_init_value": _NULL, "patch_dropout": None, "attentional_pool": False, "attn_pooler_queries": None,
+    "attn_pooler_heads": None, "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
+    "pool_type": "tok", "output_tokens": None, "norm_kwargs": None, "timm_model_name": _NULL,
+    "timm_model_pretrained": None, "timm_pool": None, "timm_proj": None, "timm_proj_bias": None, "timm_drop": None,
+    "timm_drop_path": None, **_OC_BLOCK_FIELDS}
 _OC_TEXT_FIELDS = {"context_length": None, "vocab_size": None, "width": None, "heads": None, "layers": None,
                    "mlp_ratio": 4.0, "ls_init_value": _NULL, "pool_type": "argmax", "proj_type": "linear",
-                   "proj_bias": False, "no_causal_mask": False, "embed_cls": False}
+                   "proj_bias": False, "no_causal_mask": False, "embed_cls": False, "final_ln_after_pool": False,
+                   "norm_kwargs": _NULL, "hf_tokenizer_name": _NULL, "tokenizer_mode": _NULL,
+                   "tokenizer_kwargs": _NULL, "pad_id": None, "eos_id": None, "output_tokens": None, **_OC_BLOCK_FIELDS}
+_OC_PREPROCESS_FIELDS = {"size": None, "mode": "RGB", "mean": None, "std": None, "interpolation": tuple(INTERPOLATIONS),
+                         "resize_mode": "shortest", "fill_color": None}
 # open_clip's defaults where a field is absent (its timm tower pools by "avg" unless told).
-_OC_DEFAULTS = {"quick_gelu": False, "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False}
+_OC_DEFAULTS = {"timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False}
+_OC_NATIVE_VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "patch_size": 16, "image_size": 224}
+_OC_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+
+
+def _accepts(want: object, value: object) -> bool:
+    if want is None:
+        return True
+    if want is _NULL:
+        return value is None
+    if isinstance(want, tuple):
+        return value in want
+    return value == want
 
 
 def _check_fields(cfg: dict, allowed: dict, where: str, path: Path) -> None:
@@ -299,13 +365,14 @@ def _check_fields(cfg: dict, allowed: dict, where: str, path: Path) -> None:
             raise CheckpointError(f"{path}: {where}.{key}={value!r} is not something slip's model has "
                                   f"(an open_clip model slip cannot load)")
         want = allowed[key]
+        if _accepts(want, value):
+            continue
         if want is _NULL:
-            if value is not None:
-                raise CheckpointError(f"{path}: {where}.{key}={value!r}: slip's model has no such option")
-        elif want is not None and value != want:
-            raise CheckpointError(f"{path}: {where}.{key}={value!r}, slip's model needs {want!r}")
+            raise CheckpointError(f"{path}: {where}.{key}={value!r}: slip's model has no such option")
+        need = f"one of {list(want)}" if isinstance(want, tuple) else repr(want)
+        raise CheckpointError(f"{path}: {where}.{key}={value!r}, slip's model needs {need}")
     for key, default in _OC_DEFAULTS.items():
-        if key in allowed and key not in cfg and allowed[key] is not None and default != allowed[key]:
+        if key in allowed and key not in cfg and not _accepts(allowed[key], default):
             raise CheckpointError(f"{path}: {where}.{key} is absent (open_clip's default {default!r}), "
                                   f"slip's model needs {allowed[key]!r}")
 
@@ -356,12 +423,9 @@ def _open_clip_trunk(path: Path, name: str):
 
 
 def read_open_clip_folder(path: str | os.PathLike) -> LoadedCheckpoint:
-    """An open_clip folder with a timm ViT image tower slip has a preset for, in slip's names."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    from .export import _tower_signature
-    from .models.presets import VISION_PRESETS
-
+    """An open_clip folder in slip's names: its image tower a timm ViT slip has a preset for, or
+    open_clip's own ViT (OpenAI CLIP's layout, any size); text tower and preprocessing as its
+    config says (open_clip's defaults for absent fields)."""
     path = Path(path)
     try:
         cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
@@ -372,62 +436,255 @@ def read_open_clip_folder(path: str | os.PathLike) -> LoadedCheckpoint:
         raise CheckpointError(f"{path / OPEN_CLIP_CONFIG}: no model_cfg.vision_cfg")
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg.get("text_cfg") or {}
     sd = _open_clip_weights(path)
-    if "timm_model_name" not in vision_cfg or any(k.startswith("visual.conv1.") for k in sd):
-        bad = next((k for k in ("visual.ln_pre.weight", "visual.conv1.weight") if k in sd), "vision_cfg.timm_model_name")
-        raise CheckpointError(f"{path}: open_clip's own VisionTransformer image tower ({bad!r}) is not slip's "
-                              "timm ViT (its ln_pre has no place there); only timm-tower folders "
-                              "(vision_cfg.timm_model_name) load")
     _check_fields(model_cfg, _OC_MODEL_FIELDS, "model_cfg", path)
-    _check_fields(vision_cfg, _OC_VISION_FIELDS, "model_cfg.vision_cfg", path)
     _check_fields(text_cfg, _OC_TEXT_FIELDS, "model_cfg.text_cfg", path)
+    # open_clip's quick_gelu: QuickGELU in the text tower and its own ViT (never in a timm tower)
+    act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    if vision_cfg.get("timm_model_name"):
+        vision, layout = _timm_tower(path, vision_cfg, sd), timm_tower_layout
+    else:
+        vision, layout = _native_tower(path, vision_cfg, act), openai_layout
+    t = {**_OC_TEXT_DEFAULTS, **{k: text_cfg[k] for k in _OC_TEXT_DEFAULTS if k in text_cfg}}
+    if t["width"] % t["heads"]:
+        raise CheckpointError(f"{path}: model_cfg.text_cfg.width={t['width']} is not divisible by heads={t['heads']}")
+    text = TextConfig(width=t["width"], heads=t["heads"], layers=t["layers"], context_length=t["context_length"],
+                      vocab_size=t["vocab_size"], act=act)
+    arch = Architecture(vision=vision, text=text, embed_dim=model_cfg.get("embed_dim", 512))
+    state_dict, names = _in_slip_names(sd, layout)
+    _check_fits(path, arch, state_dict, names, layout, "the config says")
+    preprocess = _open_clip_preprocess(cfg.get("preprocess_cfg") or {}, vision.image_size, path)
+    return LoadedCheckpoint(arch, state_dict, {"open_clip_config": cfg}, "open_clip", preprocess)
+
+
+def _timm_tower(path: Path, vision_cfg: dict, sd: dict) -> VisionConfig:
+    """The preset tower an open_clip timm image tower is, checked against what timm builds."""
+    from timm.layers import QuickGELU
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .export import _tower_signature
+    from .models.model import build_vit
+    from .models.presets import TIMM_NORM_EPS, VISION_PRESETS
+
+    _check_fields(vision_cfg, _OC_VISION_FIELDS, "model_cfg.vision_cfg", path)
     if "visual.head.proj.weight" not in sd:
         raise CheckpointError(f"{path}: missing tensor 'visual.head.proj.weight' (the image projection)")
-
-    trunk = _open_clip_trunk(path, vision_cfg["timm_model_name"])
+    name = vision_cfg["timm_model_name"]
+    trunk = _open_clip_trunk(path, name)
     if not isinstance(trunk, VisionTransformer):
-        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={vision_cfg['timm_model_name']!r} is a "
+        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r} is a "
                               f"{type(trunk).__name__}, not a ViT slip has a preset for")
     vision = VisionConfig(width=trunk.embed_dim, depth=len(trunk.blocks), heads=trunk.blocks[0].attn.num_heads,
-                          patch_size=trunk.patch_embed.patch_size[0], image_size=trunk.patch_embed.img_size[0])
+                          patch_size=trunk.patch_embed.patch_size[0], image_size=trunk.patch_embed.img_size[0],
+                          pre_norm=not isinstance(trunk.norm_pre, torch.nn.Identity),
+                          act="quick_gelu" if isinstance(trunk.blocks[0].mlp.act, QuickGELU) else "gelu",
+                          norm_eps=getattr(trunk.norm, "eps", TIMM_NORM_EPS))
     with torch.device("meta"):
-        ours = VisionTransformer(img_size=vision.image_size, patch_size=vision.patch_size, embed_dim=vision.width,
-                                 depth=vision.depth, num_heads=vision.heads, num_classes=0)
-    if vision not in VISION_PRESETS.values() or _tower_signature(trunk) != _tower_signature(ours) \
-            or repr(trunk) != repr(ours):
-        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={vision_cfg['timm_model_name']!r} builds a "
+        ours = build_vit(vision)
+    if vision not in VISION_PRESETS.values() or _tower_signature(trunk) != _tower_signature(ours):
+        raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r} builds a "
                               f"tower ({vision}) that is none of slip's ViT presets")
+    return vision
 
-    state_dict, oc_names = {}, {}  # slip's names -> tensors, and -> open_clip's names (for messages)
+
+def _square(value: object, where: str, path: Path) -> int:
+    """An open_clip size given as an int or as an (h, w) pair, which slip's towers need square."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(f"{path}: {where}={value!r}: slip's ViT needs one square size")
+    return value
+
+
+def _native_tower(path: Path, vision_cfg: dict, act: str) -> VisionConfig:
+    """open_clip's own ViT (OpenAI CLIP's layout) as slip's tower: ``ln_pre`` is timm's
+    ``pre_norm``, its LayerNorms have torch's eps 1e-5 unless ``norm_kwargs`` say."""
+    where = "model_cfg.vision_cfg"
+    _check_fields(vision_cfg, _OC_NATIVE_VISION_FIELDS, where, path)
+    v = {**_OC_NATIVE_VISION_DEFAULTS, **{k: vision_cfg[k] for k in _OC_NATIVE_VISION_DEFAULTS if k in vision_cfg}}
+    if not isinstance(v["layers"], int):
+        raise CheckpointError(f"{path}: {where}.layers={v['layers']!r}: a ResNet image tower, not a ViT")
+    if v["width"] % v["head_width"]:
+        raise CheckpointError(f"{path}: {where}.width={v['width']} is not a multiple of head_width={v['head_width']}")
+    norm_kwargs = vision_cfg.get("norm_kwargs") or {}
+    if set(norm_kwargs) - {"eps"}:
+        raise CheckpointError(f"{path}: {where}.norm_kwargs={norm_kwargs!r}: slip's tower takes only an eps")
+    return VisionConfig(width=v["width"], depth=v["layers"], heads=v["width"] // v["head_width"],
+                        patch_size=_square(v["patch_size"], f"{where}.patch_size", path),
+                        image_size=_square(v["image_size"], f"{where}.image_size", path),
+                        pre_norm=True, act=act, norm_eps=float(norm_kwargs.get("eps", OPENAI_NORM_EPS)))
+
+
+def _open_clip_preprocess(pp: dict, image_size: int, path: Path) -> dict:
+    """eval_transform's arguments for an open_clip ``preprocess_cfg`` (open_clip's defaults,
+    OpenAI's statistics and bicubic resizing, for absent fields)."""
+    if not isinstance(pp, dict):
+        raise CheckpointError(f"{path / OPEN_CLIP_CONFIG}: preprocess_cfg is not a JSON object")
+    _check_fields(pp, _OC_PREPROCESS_FIELDS, "preprocess_cfg", path)
+    if "size" in pp and _square(pp["size"], "preprocess_cfg.size", path) != image_size:
+        raise CheckpointError(f"{path}: preprocess_cfg.size={pp['size']!r}, the image tower takes {image_size} px images")
+    out = {**OPENAI_PREPROCESS, **{k: pp[k] for k in OPENAI_PREPROCESS if k in pp}}
+    for key in ("mean", "std"):
+        if not (isinstance(out[key], (list, tuple)) and len(out[key]) == 3):
+            raise CheckpointError(f"{path}: preprocess_cfg.{key}={out[key]!r}: three numbers (R, G, B) needed")
+        out[key] = tuple(float(x) for x in out[key])
+    return out
+
+
+# --------------------------------------------------------------------------- tensor layouts
+
+Layout = Callable[[str, torch.Tensor, bool], "tuple[str | None, torch.Tensor]"]
+
+# OpenAI CLIP's image tower in slip's (timm's) names, by prefix; a block's parts after
+# ``transformer.resblocks.N.`` <-> ``blocks.N.``.
+_OPENAI_TOWER = (("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"),
+                 ("positional_embedding", "pos_embed"), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."))
+_OPENAI_BLOCK = (("ln_1.", "norm1."), ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+                 ("attn.out_proj.", "attn.proj."), ("ln_2.", "norm2."), ("mlp.c_fc.", "mlp.fc1."),
+                 ("mlp.c_proj.", "mlp.fc2."))
+_OPENAI_MARKS = ("visual.class_embedding", "visual.conv1.weight")  # a state dict in OpenAI CLIP's layout
+_OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")  # numbers OpenAI's files also record
+_OPENAI_HEAD_WIDTH = 64  # OpenAI's CLIP: heads = width // 64 in both towers
+
+
+def openai_layout(name: str, tensor: torch.Tensor, to_slip: bool) -> tuple[str | None, torch.Tensor]:
+    """One tensor between OpenAI CLIP's layout (open_clip's own ViT) and slip's, in the direction
+    ``to_slip`` says: ``visual.conv1`` <-> ``visual.patch_embed.proj``, ``visual.class_embedding``
+    (W,) <-> ``visual.cls_token`` (1, 1, W), ``visual.positional_embedding`` (L, W) <->
+    ``visual.pos_embed`` (1, L, W), ``visual.ln_pre`` <-> ``visual.norm_pre``,
+    ``visual.transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``
+    <-> ``visual.blocks.N.{norm1, attn.qkv.*, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``visual.ln_post``
+    <-> ``visual.norm``, ``visual.proj`` <-> ``image_projection`` (both (W, E), applied as x @ P).
+    Text tensors keep their names. The name is None for a tensor with no counterpart."""
+    proj = ("visual.proj", "image_projection")
+    if name == proj[not to_slip]:
+        return proj[to_slip], tensor
+    if not name.startswith("visual."):
+        return name, tensor
+    rest = name[len("visual."):]
+    block = re.match(r"transformer\.resblocks\.(\d+)\." if to_slip else r"blocks\.(\d+)\.", rest)
+    pairs = _OPENAI_BLOCK if block else _OPENAI_TOWER
+    prefix = ((f"blocks.{block.group(1)}." if to_slip else f"transformer.resblocks.{block.group(1)}.")
+              if block else "")
+    rest = rest[block.end():] if block else rest
+    for theirs, ours in pairs:
+        src, dst = (theirs, ours) if to_slip else (ours, theirs)
+        if rest == src or (src.endswith(".") and rest.startswith(src)):
+            out = "visual." + prefix + dst + rest[len(src):]
+            slip_name = out if to_slip else name
+            if slip_name == "visual.cls_token":
+                tensor = tensor.reshape(1, 1, -1) if to_slip else tensor.reshape(-1)
+            elif slip_name == "visual.pos_embed":
+                tensor = tensor.unsqueeze(0) if to_slip else tensor.squeeze(0)
+            return out, tensor
+    return None, tensor
+
+
+def timm_tower_layout(name: str, tensor: torch.Tensor, to_slip: bool) -> tuple[str | None, torch.Tensor]:
+    """One tensor between an open_clip timm image tower's layout and slip's: ``visual.trunk.X`` <->
+    ``visual.X``, ``visual.head.proj.weight`` (E, W) <-> ``image_projection`` (W, E); text tensors
+    keep their names. The name is None for a tensor with no counterpart (another head part)."""
+    head = ("visual.head.proj.weight", "image_projection")
+    if name == head[not to_slip]:
+        return head[to_slip], tensor.t().contiguous()
+    trunk = ("visual.trunk.", "visual.")
+    if name.startswith(trunk[not to_slip]):
+        return trunk[to_slip] + name[len(trunk[not to_slip]):], tensor
+    return (None if name.startswith("visual.") else name), tensor
+
+
+def _in_slip_names(sd: dict, layout: Layout) -> tuple[dict, dict]:
+    """A file's tensors in slip's names and shapes, and slip's names -> (the file's name, shape);
+    a tensor with no place in slip's model keeps the file's name behind a ``?`` (refused by
+    :func:`_check_fits`, which names it)."""
+    state_dict, names = {}, {}
     for k, v in sd.items():
-        if k.startswith("visual.trunk."):
-            ours = "visual." + k[len("visual.trunk."):]
-        elif k == "visual.head.proj.weight":
-            ours, v = "image_projection", v.t().contiguous()
-        elif k.startswith("visual."):
-            ours = "open_clip:" + k  # a head part slip has no place for (refused below)
-        else:
-            ours = k
-        state_dict[ours], oc_names[ours] = v, k
-    t_width = tuple(state_dict["token_embedding.weight"].shape)[1] if "token_embedding.weight" in state_dict else 0
-    text = TextConfig(
-        width=text_cfg.get("width", t_width), heads=text_cfg.get("heads", t_width // _TEXT_HEAD_WIDTH),
-        layers=text_cfg.get("layers", _count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.")),
-        context_length=text_cfg.get("context_length", 77), vocab_size=text_cfg.get("vocab_size", 49408))
-    arch = Architecture(vision=vision, text=text, embed_dim=model_cfg.get("embed_dim", 512))
+        ours, w = layout(k, v, True)
+        if ours is None:
+            ours, w = "?" + k, v
+        state_dict[ours], names[ours] = w, (k, tuple(v.shape))
+    return state_dict, names
+
+
+def _check_fits(path: object, arch: Architecture, state_dict: dict, names: dict, layout: Layout, says: str) -> None:
+    """Every tensor of the file has its place and shape in slip's model of ``arch``, and every
+    tensor of the model is in the file; messages name the file's tensors, with both shapes."""
     with torch.device("meta"):
         want = SLIPModel(arch).state_dict()
-    for k, v in state_dict.items():
-        oc_name = oc_names[k]
+    wrong = []
+    for k in state_dict:
+        name, shape = names[k]
         if k not in want:
-            raise CheckpointError(f"{path}: tensor {oc_name!r} has no place in slip's {vision} CLIP model")
-        if tuple(v.shape) != tuple(want[k].shape):
-            shape = tuple(want[k].shape)
-            if k == "image_projection":
-                shape = shape[::-1]
-            raise CheckpointError(f"{path}: tensor {oc_name!r} has shape {tuple(v.shape)}, the config says {shape}")
-    missing = [k for k in want if k not in state_dict]
+            raise CheckpointError(f"{path}: tensor {name!r} has no place in slip's {arch.vision} CLIP model")
+        expected = tuple(layout(k, want[k], False)[1].shape)
+        if shape != expected:
+            wrong.append(f"tensor {name!r} has shape {shape}, {says} {expected}")
+    if wrong:
+        raise CheckpointError(f"{path}: " + "; ".join(wrong[:5]))
+    missing = [layout(k, want[k], False)[0] for k in want if k not in state_dict]
     if missing:
-        missing = ["visual.head.proj.weight" if k == "image_projection" else
-                   "visual.trunk." + k[len("visual."):] if k.startswith("visual.") else k for k in missing]
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}")
-    return LoadedCheckpoint(arch, state_dict, {"open_clip_config": cfg}, "open_clip")
+
+
+def read_openai_state_dict(state_dict: dict, path: object = "<state_dict>", meta: dict | None = None) -> LoadedCheckpoint:
+    """An OpenAI CLIP state dict (names without ``module.``) in slip's names, its architecture from
+    the shapes as OpenAI's code reads them: widths, depths, patch and grid, context length,
+    vocabulary, 64-wide heads; QuickGELU, LayerNorm eps 1e-5, OpenAI's preprocessing."""
+    sd = dict(state_dict)
+    scalars = {k: sd.pop(k) for k in _OPENAI_SCALARS if k in sd}
+
+    def need(key: str, ndim: int) -> torch.Tensor:
+        if key not in sd:
+            raise CheckpointError(f"{path}: an incomplete OpenAI CLIP state dict: missing tensor {key!r}")
+        if sd[key].ndim != ndim:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(sd[key].shape)}, not {ndim}-dimensional")
+        return sd[key]
+
+    width, _, _, patch = need("visual.conv1.weight", 4).shape
+    t_width = need("ln_final.weight", 1).shape[0]
+    for key, w in (("visual.conv1.weight", width), ("ln_final.weight", t_width)):
+        if w % _OPENAI_HEAD_WIDTH:
+            raise CheckpointError(f"{path}: tensor {key!r} gives a width of {w}, not a multiple of OpenAI CLIP's "
+                                  f"{_OPENAI_HEAD_WIDTH}-wide attention heads (the file names no head count)")
+    positions = need("visual.positional_embedding", 2).shape[0] - 1
+    grid = math.isqrt(max(positions, 0))
+    if grid * grid != positions or grid == 0:
+        raise CheckpointError(f"{path}: tensor 'visual.positional_embedding' has {positions + 1} rows, not a class "
+                              "token and a square grid of patches")
+    vision = VisionConfig(width=width, depth=_count_blocks(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
+                          heads=width // _OPENAI_HEAD_WIDTH, patch_size=patch, image_size=grid * patch,
+                          pre_norm=True, act="quick_gelu", norm_eps=OPENAI_NORM_EPS)
+    text = TextConfig(width=t_width, heads=t_width // _OPENAI_HEAD_WIDTH,
+                      layers=_count_blocks(sd, r"transformer\.resblocks\.(\d+)\."),
+                      context_length=need("positional_embedding", 2).shape[0],
+                      vocab_size=need("token_embedding.weight", 2).shape[0], act="quick_gelu")
+    arch = Architecture(vision=vision, text=text, embed_dim=need("text_projection", 2).shape[1])
+    recorded = {"input_resolution": vision.image_size, "context_length": text.context_length,
+                "vocab_size": text.vocab_size}
+    for key, value in scalars.items():
+        if value.numel() != 1 or int(value) != recorded[key]:
+            raise CheckpointError(f"{path}: entry {key!r} is {value.tolist()}, the tensors give {recorded[key]}")
+    state_dict, names = _in_slip_names(sd, openai_layout)
+    _check_fits(path, arch, state_dict, names, openai_layout,
+                f"the architecture the other tensors give ({vision.width} wide, patch {patch}) needs")
+    return LoadedCheckpoint(arch, state_dict, dict(meta or {}), "openai", dict(OPENAI_PREPROCESS))
+
+
+# ------------------------------------------------------------------------ architecture checks
+
+
+def tower_differences(theirs: Architecture, ours: Architecture) -> list[str]:
+    """The tower settings in which a checkpoint's architecture (``theirs``) differs from a
+    model's (``ours``), as ``"vision.act: 'gelu' in the checkpoint, 'quick_gelu' in the model"``:
+    the image tower's, and the text tower's where both have one. Weights of a checkpoint load
+    into a model only where this is empty; settings without tensors (heads, activation, LayerNorm
+    eps) are the ones loading by shape alone would miss."""
+    pairs = [("vision", theirs.vision, ours.vision)]
+    if theirs.text is not None and ours.text is not None:
+        pairs.append(("text", theirs.text, ours.text))
+    out = []
+    for where, a, b in pairs:
+        for f in dataclasses.fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if x != y:
+                out.append(f"{where}.{f.name}: {x!r} in the checkpoint, {y!r} in the model")
+    return out

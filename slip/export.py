@@ -7,7 +7,14 @@ open_clip: ``open_clip_config.json`` + ``open_clip_model.safetensors`` + ``READM
 layout the Hugging Face hub expects). The image tower is open_clip's timm tower with class-token
 pooling (``timm_pool: "token"``; open_clip's default ``"avg"`` would change every embedding) and
 a bias-free linear head holding ``image_projection`` transposed; the text tower keeps its CLIP
-names, with QuickGELU. Image and text embeddings equal slip's to float32 rounding.
+names, with QuickGELU (``quick_gelu: true``) or GELU as the model has. A tower in OpenAI CLIP's
+layout (``pre_norm``: imported from OpenAI or open_clip, or trained from such weights) becomes
+open_clip's own ViT instead, in OpenAI's names (``visual.conv1``, ``visual.ln_pre`` ...,
+``visual.proj``), which needs no timm config; open_clip's ``quick_gelu`` then sets both towers'
+activation, so they must have the same one. Image and text embeddings equal slip's to float32
+rounding. ``preprocess_cfg`` is the model's evaluation transform: slip's (ImageNet statistics,
+bilinear) or, exported from an imported checkpoint, the one it came with (OpenAI's: OpenAI's
+statistics, bicubic).
 
 open_clip builds the timm trunk from ``timm_model_name`` alone (it passes no architecture
 arguments to timm), so a tower that matches a registered timm model exactly (ViT-B/16 ->
@@ -20,14 +27,18 @@ timm fails with "Config file not found" instead of loading anything wrong. ``--h
 names ``hf-hub:ORG/NAME`` instead, for a folder that will be uploaded there (timm then reads the
 same ``config.json`` from the hub).
 
-timm: ``config.json`` (architecture, ``model_args``, ``pretrained_cfg`` with slip's evaluation
+timm: ``config.json`` (architecture, ``model_args``, ``pretrained_cfg`` with the model's evaluation
 preprocessing) + ``model.safetensors`` (the image tower alone, no classifier) + ``README.md``.
+A tower with LayerNorm eps 1e-5 (OpenAI CLIP's layout) names timm's ``vit_base_patch16_clip_224``,
+whose norm layer has that eps, with ``model_args`` ``pre_norm`` and ``act_layer: quick_gelu`` as the
+tower has them; timm has no plain argument for other eps values, which are refused.
 
 slip: SLIP's released layout, one ``.pt`` file ``{"epoch", "args": argparse.Namespace(model=
 "SLIP_VITB16", ssl_mlp_dim, ssl_emb_dim, ...), "state_dict": {"module." + key: tensor}}`` with SLIP's
 key names (its SimCLR head at ``image_mlp.*``), which SLIP's own ``eval_zeroshot.py`` and
 ``main_linear.py`` read. Only SLIP's architectures (CLIP/SimCLR/SLIP with ViT-S/16, B/16, L/16 and a
-SimCLR head) exist there; other SSL methods and the tiny preset are refused.
+SimCLR head) exist there; other SSL methods, the tiny preset and towers in OpenAI CLIP's layout
+(or with GELU in the text tower) are refused.
 
 Image-only models (SimCLR) have no text tower and cannot be open_clip CLIP models; their tower
 exports to timm. Folders are written atomically (a temporary sibling folder, then a rename) and
@@ -48,7 +59,8 @@ import torch
 
 from .errors import UserError, command
 from .fileio import _fsync_dir, _umask, atomic_path
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .models.presets import OPENAI_NORM_EPS, TIMM_NORM_EPS
+from .transforms import IMAGENET_MEAN, OPENAI_MEAN, SLIP_PREPROCESS
 
 FORMATS = ("open_clip", "timm", "slip")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -58,14 +70,18 @@ TIMM_WEIGHTS = "model.safetensors"
 
 # Registered timm ViTs whose default arguments build exactly slip's tower (checked at export).
 _TIMM_NAMES = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
+# The registered ViT whose norm layer has OpenAI CLIP's LayerNorm eps (timm's CLIP image towers).
+_TIMM_CLIP_BASE = "vit_base_patch16_clip_224"
 _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
 
 
 class _Source:
     """What an export needs: architecture, weights, run metadata, a name for messages."""
 
-    def __init__(self, arch, state_dict: dict, meta: dict, label: str):
+    def __init__(self, arch, state_dict: dict, meta: dict, label: str, preprocess: dict | None = None):
         self.arch, self.state_dict, self.meta, self.label = arch, state_dict, meta, label
+        # eval_transform's mean, std and interpolation, where not slip's (an imported model's own)
+        self.preprocess = {**SLIP_PREPROCESS, **(preprocess or {})}
 
     @property
     def name(self) -> str:
@@ -93,47 +109,60 @@ def _source(model_or_checkpoint) -> _Source:
     needed = [k for k in ("visual.cls_token", "visual.pos_embed") if k not in ckpt.state_dict]
     if needed:
         raise CheckpointError(f"{model_or_checkpoint}: no image tower (missing {needed})")
-    return _Source(ckpt.arch, ckpt.state_dict, ckpt.meta, str(model_or_checkpoint))
+    return _Source(ckpt.arch, ckpt.state_dict, ckpt.meta, str(model_or_checkpoint), ckpt.preprocess)
 
 
 # ---------------------------------------------------------------------------------------- timm
 
 
+def _base_architecture(vision) -> str:
+    """A registered ViT entrypoint to name in config.json; ``model_args`` fix every size and
+    option, the entrypoint the LayerNorm eps (which no plain argument sets)."""
+    if vision.norm_eps == OPENAI_NORM_EPS:
+        return _TIMM_CLIP_BASE
+    if vision.norm_eps != TIMM_NORM_EPS:
+        raise UserError(f"the image tower's LayerNorm eps {vision.norm_eps} is neither timm's {TIMM_NORM_EPS} nor "
+                        f"OpenAI CLIP's {OPENAI_NORM_EPS}; no timm config.json can name it")
+    return {384: "vit_small_patch16_224", 1024: "vit_large_patch16_224"}.get(vision.width, "vit_base_patch16_224")
+
+
 def timm_model_args(vision) -> dict:
-    """``timm.create_model`` arguments that build slip's tower (on top of any ViT entrypoint)."""
-    return {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.width,
-            "depth": vision.depth, "num_heads": vision.heads, "global_pool": "token"}
+    """``timm.create_model`` arguments that build slip's tower on top of :func:`_base_architecture`'s
+    entrypoint (whose own ``pre_norm`` is overridden where it is a CLIP tower's)."""
+    from .models.model import vit_args
+
+    args = vit_args(vision)
+    if _base_architecture(vision) == _TIMM_CLIP_BASE:
+        args["pre_norm"] = vision.pre_norm
+    return {**args, "global_pool": "token"}
 
 
 def _tower_signature(model) -> tuple:
+    # repr shows the layer types and settings (activation, LayerNorm eps, pre-norm) shapes do not
     return (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
             tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size), model.global_pool,
-            {k: tuple(v.shape) for k, v in model.state_dict().items()})
+            {k: tuple(v.shape) for k, v in model.state_dict().items()}, repr(model))
 
 
 def registered_timm_name(vision) -> str | None:
     """The registered timm model that builds exactly this tower (heads included), or None."""
     import timm
-    from timm.models.vision_transformer import VisionTransformer
+
+    from .models.model import build_vit
 
     with torch.device("meta"):
-        want = _tower_signature(VisionTransformer(
-            img_size=vision.image_size, patch_size=vision.patch_size, embed_dim=vision.width,
-            depth=vision.depth, num_heads=vision.heads, num_classes=0))
+        want = _tower_signature(build_vit(vision))
         for name in _TIMM_NAMES:
             if _tower_signature(timm.create_model(name, pretrained=False, num_classes=0)) == want:
                 return name
     return None
 
 
-def _base_architecture(vision) -> str:
-    """A registered ViT entrypoint to name in config.json; ``model_args`` fix every size."""
-    return {384: "vit_small_patch16_224", 1024: "vit_large_patch16_224"}.get(vision.width, "vit_base_patch16_224")
-
-
-def timm_config(vision) -> dict:
-    """timm's ``config.json`` for slip's tower: what ``timm.create_model("local-dir:...")`` reads."""
+def timm_config(vision, preprocess: dict | None = None) -> dict:
+    """timm's ``config.json`` for slip's tower: what ``timm.create_model("local-dir:...")`` reads.
+    ``preprocess``: the model's evaluation transform (:attr:`_Source.preprocess`; slip's if None)."""
     size = vision.image_size
+    pp = preprocess or SLIP_PREPROCESS
     return {
         "architecture": _base_architecture(vision),
         "num_classes": 0,
@@ -144,12 +173,12 @@ def timm_config(vision) -> dict:
             "tag": "slip",
             "input_size": [3, size, size],
             "fixed_input_size": True,
-            # slip's evaluation transform: shorter side to S (bilinear), centre crop S x S.
-            "interpolation": "bilinear",
+            # the evaluation transform: shorter side to S, centre crop S x S.
+            "interpolation": pp["interpolation"],
             "crop_pct": 1.0,
             "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(pp["mean"]),
+            "std": list(pp["std"]),
             "num_classes": 0,
             "pool_size": None,
             "first_conv": "patch_embed.proj",
@@ -165,47 +194,74 @@ def _tower_state_dict(src: _Source) -> dict:
 # ----------------------------------------------------------------------------------- open_clip
 
 
-def open_clip_config(arch, timm_model_name: str) -> dict:
-    """``open_clip_config.json``: ``model_cfg`` (timm image tower, CLIP text tower) and the
-    ``preprocess_cfg`` that reproduces :func:`slip.transforms.eval_transform`."""
+def native_open_clip(arch) -> bool:
+    """Whether the model becomes open_clip's own ViT (OpenAI CLIP's layout) rather than a timm
+    tower: its image tower has ``pre_norm`` and the text tower's activation (open_clip's one
+    ``quick_gelu`` flag sets both)."""
+    return arch.text is not None and arch.vision.pre_norm and arch.vision.act == arch.text.act
+
+
+def open_clip_config(arch, timm_model_name: str | None, preprocess: dict | None = None) -> dict:
+    """``open_clip_config.json``: ``model_cfg`` (the image tower as open_clip's timm tower named
+    ``timm_model_name``, or for None as open_clip's own ViT, see :func:`native_open_clip`; CLIP
+    text tower) and the ``preprocess_cfg`` that reproduces the model's evaluation transform
+    (``preprocess``: :attr:`_Source.preprocess`; :func:`slip.transforms.eval_transform` if None)."""
     if arch.text is None:
         raise UserError("an image-only model has no text tower for open_clip")
     v, t = arch.vision, arch.text
+    pp = preprocess or SLIP_PREPROCESS
+    if timm_model_name is None:
+        if not native_open_clip(arch):
+            raise UserError(f"open_clip's own ViT has a LayerNorm before the blocks and the text tower's activation; "
+                            f"this image tower ({v}) does not (text: {t.act})")
+        vision_cfg = {"image_size": v.image_size, "layers": v.depth, "width": v.width,
+                      "head_width": v.width // v.heads, "patch_size": v.patch_size}
+        if v.norm_eps != OPENAI_NORM_EPS:  # open_clip's LayerNorm: torch's eps 1e-5
+            vision_cfg["norm_kwargs"] = {"eps": v.norm_eps}
+    else:
+        vision_cfg = {
+            "image_size": v.image_size,
+            "timm_model_name": timm_model_name,
+            "timm_model_pretrained": False,
+            "timm_pool": "token",  # the class token, as slip; open_clip's default "avg" is not
+            "timm_proj": "linear",
+            "timm_proj_bias": False,
+        }
     return {
         "model_cfg": {
             "embed_dim": arch.embed_dim,
-            "quick_gelu": True,
-            "vision_cfg": {
-                "image_size": v.image_size,
-                "timm_model_name": timm_model_name,
-                "timm_model_pretrained": False,
-                "timm_pool": "token",  # the class token, as slip; open_clip's default "avg" is not
-                "timm_proj": "linear",
-                "timm_proj_bias": False,
-            },
+            "quick_gelu": t.act == "quick_gelu",
+            "vision_cfg": vision_cfg,
             "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size,
                          "width": t.width, "heads": t.heads, "layers": t.layers},
         },
         "preprocess_cfg": {
             "size": v.image_size,
             "mode": "RGB",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "interpolation": "bilinear",
+            "mean": list(pp["mean"]),
+            "std": list(pp["std"]),
+            "interpolation": pp["interpolation"],
             "resize_mode": "shortest",
             "fill_color": 0,
         },
     }
 
 
-def open_clip_state_dict(src: _Source) -> dict:
-    """slip's names -> open_clip's: ``visual.X -> visual.trunk.X``, ``image_projection`` (in, out)
-    -> ``visual.head.proj.weight`` (out, in); the text tower's names are open_clip's already."""
-    sd = {f"visual.trunk.{k}": v for k, v in _tower_state_dict(src).items()}
-    sd["visual.head.proj.weight"] = src.state_dict["image_projection"].t().contiguous()
+def open_clip_state_dict(src: _Source, native: bool = False) -> dict:
+    """slip's names -> open_clip's: for a timm tower ``visual.X -> visual.trunk.X``,
+    ``image_projection`` (in, out) -> ``visual.head.proj.weight`` (out, in); for open_clip's own
+    ViT (``native``) OpenAI CLIP's names (:func:`slip.checkpoint.openai_layout`). The text tower's
+    names are open_clip's already."""
+    from .checkpoint import openai_layout, timm_tower_layout
+
+    layout = openai_layout if native else timm_tower_layout
+    sd = {}
     for k, v in src.state_dict.items():
-        if k.startswith(_TEXT_KEYS):
-            sd[k] = v.contiguous()
+        if k.startswith(("visual.", "image_projection")) or k.startswith(_TEXT_KEYS):
+            name, tensor = layout(k, v, False)
+            if name is None:
+                raise UserError(f"{src.name}: tensor {k!r} has no place in open_clip's {'ViT' if native else 'timm tower'}")
+            sd[name] = tensor.contiguous()
     return sd
 
 
@@ -277,23 +333,29 @@ def _model_card(src: _Source, fmt: str, out: Path, results: dict | None, load: s
     kind = "SLIP (CLIP + self-supervised learning)" if a.text and a.ssl_head else \
         "CLIP" if a.text else "image-only self-supervised (SimCLR-style)"
     v = a.vision
+    traits = [t for t, on in (("a LayerNorm before the blocks", v.pre_norm), ("QuickGELU", v.act == "quick_gelu"),
+                              (f"LayerNorm eps {v.norm_eps:g}", v.norm_eps != TIMM_NORM_EPS)) if on]
     lines = ["---", f"library_name: {fmt}", "tags:", "  - slip", "  - clip" if a.text else "  - self-supervised",
              "  - image-feature-extraction" if fmt == "timm" else "  - zero-shot-image-classification", "---", "",
              f"# {src.name} ({fmt} export)", "",
              f"A {kind} model trained with slip, exported with `slip export --format {fmt}`.", "",
              "## Model", "",
              (f"- Image tower: ViT, width {v.width}, depth {v.depth}, {v.heads} heads, patch {v.patch_size}, "
-              f"{v.image_size} px images, class-token features.")]
+              f"{v.image_size} px images, class-token features{' (' + ', '.join(traits) + ')' if traits else ''}.")]
     if a.text is not None and fmt == "open_clip":
         t = a.text
         lines.append(f"- Text tower: CLIP transformer, width {t.width}, {t.layers} layers, {t.heads} heads, "
-                     f"context {t.context_length}, vocabulary {t.vocab_size} (CLIP BPE), QuickGELU.")
+                     f"context {t.context_length}, vocabulary {t.vocab_size} (CLIP BPE), "
+                     f"{'QuickGELU' if t.act == 'quick_gelu' else 'GELU'}.")
         lines.append(f"- Joint embedding: {a.embed_dim}.")
     if a.ssl_head is not None:
         lines.append(f"- Trained with the self-supervised objective `{a.ssl_head.method}` "
                      "(its head is not part of this export).")
-    lines.append(f"- Preprocessing: shorter side resized to {v.image_size} (bilinear), centre crop, "
-                 "ImageNet mean/std.")
+    pp = src.preprocess
+    stats = {IMAGENET_MEAN: "ImageNet", OPENAI_MEAN: "OpenAI CLIP's"}.get(tuple(pp["mean"]))
+    stats = f"{stats} mean/std" if stats else f"mean {list(pp['mean'])}, std {list(pp['std'])}"
+    lines.append(f"- Preprocessing: shorter side resized to {v.image_size} ({pp['interpolation']}), centre crop, "
+                 f"{stats}.")
     if fmt == "timm":
         lines.append("- Only the image tower is exported (no projection, no text tower, no classifier).")
     lines += ["", "## Usage", "", "```python", load, "```", ""]
@@ -334,8 +396,9 @@ def export_open_clip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: 
     if src.arch.text is None:
         raise UserError(f"{src.name}: an image-only model (no text tower) cannot become an open_clip CLIP model; "
                         "export its image tower with --format timm")
-    registered = registered_timm_name(src.arch.vision)
-    if registered:
+    native = native_open_clip(src.arch)  # OpenAI CLIP's layout: open_clip's own ViT, no timm config
+    registered = None if native else registered_timm_name(src.arch.vision)
+    if native or registered:
         timm_name, note = registered, ""
     elif hub_id:
         timm_name = f"hf-hub:{hub_id}"
@@ -351,10 +414,10 @@ def export_open_clip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: 
             f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{out}\")\n"
             f"tokenizer = open_clip.get_tokenizer(\"local-dir:{out}\")")
     with _atomic_folder(out, overwrite) as folder:
-        folder.write_json(OPEN_CLIP_CONFIG, open_clip_config(src.arch, timm_name))
-        if not registered:
-            folder.write_json(TIMM_CONFIG, timm_config(src.arch.vision))
-        folder.write_safetensors(OPEN_CLIP_WEIGHTS, open_clip_state_dict(src))
+        folder.write_json(OPEN_CLIP_CONFIG, open_clip_config(src.arch, timm_name, src.preprocess))
+        if not native and not registered:
+            folder.write_json(TIMM_CONFIG, timm_config(src.arch.vision, src.preprocess))
+        folder.write_safetensors(OPEN_CLIP_WEIGHTS, open_clip_state_dict(src, native))
         folder.write_text("README.md", _model_card(src, "open_clip", out, results, load, note))
     return out
 
@@ -365,7 +428,7 @@ def export_timm(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool 
     out = Path(out)
     _check_out(out, overwrite)
     src = _source(model_or_checkpoint)
-    cfg = timm_config(src.arch.vision)
+    cfg = timm_config(src.arch.vision, src.preprocess)
     args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
     load = ("import timm\n"
             f"model = timm.create_model(\"local-dir:{out}\", pretrained=True)\n"
@@ -398,6 +461,20 @@ def released_model_name(arch) -> str | None:
     return None
 
 
+def _slip_lacks(arch) -> list[str]:
+    """What the model's towers have that SLIP's cannot build (timm's plain ViT, CLIP's QuickGELU text tower)."""
+    v, lacks = arch.vision, []
+    if v.pre_norm:
+        lacks.append("a LayerNorm before the image blocks (pre_norm)")
+    if v.act != "gelu":
+        lacks.append(f"{v.act} in the image tower")
+    if v.norm_eps != TIMM_NORM_EPS:
+        lacks.append(f"image LayerNorm eps {v.norm_eps:g}")
+    if arch.text is not None and arch.text.act != "quick_gelu":
+        lacks.append(f"{arch.text.act} in the text tower")
+    return lacks
+
+
 def slip_state_dict(src: _Source) -> dict:
     """slip's names -> SLIP's (``ssl.image_mlp.* -> image_mlp.*``), with DDP's ``module.`` prefix."""
     out = {}
@@ -419,8 +496,11 @@ def export_slip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool 
     released = released_model_name(src.arch)
     if released is None:
         head = src.arch.ssl_head
+        lacks = _slip_lacks(src.arch)
         if head is not None and head.method != "simclr":
             why = f"its SSL method {head.method!r} has no counterpart in SLIP's code (SimCLR only)"
+        elif lacks:
+            why = f"its towers have what SLIP's code lacks: {', '.join(lacks)}"
         else:
             why = f"its architecture ({src.arch.vision}) is none of SLIP's ViT-S/16, B/16, L/16 models"
         raise UserError(f"{src.name}: cannot be exported in SLIP's layout: {why}; use --format open_clip or timm")

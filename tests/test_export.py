@@ -390,7 +390,7 @@ def test_open_clip_folders_slip_cannot_load_are_refused_naming_why(tmp_path):
     cases = [
         (lambda c: c["vision_cfg"].update(timm_pool="avg"), None, r"model_cfg\.vision_cfg\.timm_pool='avg'"),
         (lambda c: c["vision_cfg"].pop("timm_pool"), None, r"vision_cfg\.timm_pool is absent"),
-        (lambda c: c.update(quick_gelu=False), None, r"model_cfg\.quick_gelu=False"),
+        (lambda c: c.update(init_logit_bias=-10.0), None, r"model_cfg\.init_logit_bias=-10\.0 is not something"),
         (None, lambda sd: sd.update(logit_bias=torch.zeros(1)), r"tensor 'logit_bias' has no place"),
         (None, lambda sd: sd.update({"token_embedding.weight": torch.zeros(100, 64)}),
          r"tensor 'token_embedding.weight' has shape \(100, 64\)"),
@@ -404,19 +404,23 @@ def test_open_clip_folders_slip_cannot_load_are_refused_naming_why(tmp_path):
         assert "\n" not in str(info.value)
 
 
-def test_open_clips_own_vit_tower_is_refused_naming_the_tensor(tmp_path):
+def test_open_clips_own_vit_tower_with_what_slip_lacks_is_refused_naming_the_field(tmp_path):
+    # open_clip's own ViT loads (tests/test_import_openai_clip.py); its options slip's tower lacks do not.
     cfg = {"embed_dim": 32, "quick_gelu": True,
            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
     oc = open_clip.model.CLIP(**cfg)
-    out = tmp_path / "native"
-    out.mkdir()
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"open_clip's own VisionTransformer .*'visual.ln_pre.weight'"):
-        slip.load_pretrained(out)
+    for i, (option, message) in enumerate([({"ls_init_value": 0.1}, r"vision_cfg\.ls_init_value=0\.1: slip's model has no such option"),
+                                           ({"pool_type": "avg"}, r"vision_cfg\.pool_type='avg', slip's model needs 'tok'"),
+                                           ({"no_ln_pre": True}, r"vision_cfg\.no_ln_pre=True")]):
+        out = tmp_path / f"native{i}"
+        out.mkdir()
+        (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**cfg, "vision_cfg": {**cfg["vision_cfg"], **option}}}))
+        save_file({k: v.contiguous() for k, v in oc.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+        with pytest.raises(CheckpointError, match=message):
+            slip.load_pretrained(out)
 
 
 def test_training_starts_from_exported_clip_weights_with_a_fresh_ssl_branch(tmp_path):

@@ -36,7 +36,11 @@ A fine-tuned checkpoint (``OUTPUT/finetuned.pt``, and every step checkpoint) is 
     model = timm.models.vision_transformer.VisionTransformer(**ckpt["model"]["timm_kwargs"])
     model.load_state_dict(ckpt["state_dict"])
 
-or simply ``model, transform = load_finetuned("finetuned.pt")``.
+or simply ``model, transform = load_finetuned("finetuned.pt")``. A tower in OpenAI CLIP's layout
+(imported from OpenAI or open_clip) keeps it: ``timm_kwargs`` hold ``pre_norm`` and
+``act_layer="quick_gelu"``; its LayerNorm eps (1e-5; ``ckpt["model"]["vision"]["norm_eps"]``) is no
+plain value, so plain timm needs ``norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-5)``
+added, which ``load_finetuned`` does.
 """
 from __future__ import annotations
 
@@ -254,22 +258,25 @@ def _run_defining_changes(saved: dict, current: dict) -> list[str]:
 
 def timm_kwargs(vision: VisionConfig, num_classes: int, drop_path_rate: float = 0.0,
                 global_pool: str = "token") -> dict:
-    """Keyword arguments of timm's ``VisionTransformer`` for a slip tower with a classifier.
+    """Keyword arguments of timm's ``VisionTransformer`` for a slip tower with a classifier, all
+    plain values (:func:`slip.models.model.vit_args`; a LayerNorm eps other than timm's is not
+    among them, see the module doc).
 
     The other arguments keep timm's defaults, which are what slip's towers are built with
     (``SLIPModel``), so the tower's state dict loads without renaming.
     """
-    return {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.width,
-            "depth": vision.depth, "num_heads": vision.heads, "num_classes": num_classes,
-            "global_pool": global_pool, "drop_path_rate": drop_path_rate}
+    from ..models.model import vit_args
+
+    return {**vit_args(vision), "num_classes": num_classes, "global_pool": global_pool,
+            "drop_path_rate": drop_path_rate}
 
 
 def build_classifier(vision: VisionConfig, num_classes: int, drop_path_rate: float = 0.0,
                      global_pool: str = "token") -> nn.Module:
-    """A freshly initialised timm ViT classifier (see :func:`timm_kwargs`)."""
-    from timm.models.vision_transformer import VisionTransformer
+    """A freshly initialised timm ViT classifier (see :func:`timm_kwargs`), with the tower's LayerNorm eps."""
+    from ..models.model import build_vit
 
-    return VisionTransformer(**timm_kwargs(vision, num_classes, drop_path_rate, global_pool))
+    return build_vit(vision, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate)
 
 
 def _init_head(model: nn.Module, std: float) -> None:
@@ -340,9 +347,8 @@ def read_finetuned(path: str | os.PathLike) -> dict:
 def load_finetuned(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
     """A fine-tuned classifier in eval mode on ``device`` and its evaluation transform."""
     ckpt = read_finetuned(path)
-    from timm.models.vision_transformer import VisionTransformer
-
-    model = VisionTransformer(**ckpt["model"]["timm_kwargs"])
+    info = ckpt["model"]
+    model = build_classifier(VisionConfig(**info["vision"]), info["num_classes"], 0.0, info.get("global_pool", "token"))
     model.load_state_dict(ckpt["state_dict"])
     cfg = ckpt.get("config", {})
     transform = build_eval_transform(ckpt["model"]["vision"]["image_size"], cfg.get("crop_pct", 224 / 256),

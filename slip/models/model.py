@@ -8,17 +8,42 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..ssl.base import MASKED, TARGET
-from .presets import Architecture, get_architecture
+from .presets import TIMM_NORM_EPS, Architecture, VisionConfig, get_architecture
 from .text import TextTransformer
+
+
+def vit_args(vision: VisionConfig) -> dict:
+    """timm ``VisionTransformer`` keyword arguments for the tower, all plain values (what timm's
+    ``config.json`` and fine-tuned checkpoints store): its sizes, and ``pre_norm`` / ``act_layer``
+    where they are not timm's defaults. A LayerNorm eps other than timm's is no plain argument
+    to timm; :func:`build_vit` adds it."""
+    args = {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.width,
+            "depth": vision.depth, "num_heads": vision.heads}
+    if vision.pre_norm:
+        args["pre_norm"] = True
+    if vision.act != "gelu":
+        args["act_layer"] = vision.act  # a name timm's get_act_layer knows ("quick_gelu")
+    return args
+
+
+def build_vit(vision: VisionConfig, **kwargs) -> VisionTransformer:
+    """The tower as a timm ``VisionTransformer``: :func:`vit_args`, its LayerNorm eps, no
+    classifier; ``kwargs`` add or override timm arguments (``num_classes``, ``drop_path_rate`` ...)."""
+    args = {**vit_args(vision), "num_classes": 0}
+    if vision.norm_eps != TIMM_NORM_EPS:
+        args["norm_layer"] = partial(LayerNorm, eps=vision.norm_eps)
+    return VisionTransformer(**{**args, **kwargs})
 
 
 class SLIPModel(nn.Module):
@@ -35,17 +60,14 @@ class SLIPModel(nn.Module):
         super().__init__()
         self.arch = arch
         v = arch.vision
-        self.visual = VisionTransformer(
-            img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth,
-            num_heads=v.heads, num_classes=0,
-        )
+        self.visual = build_vit(v)
         self.vision_width = v.width
         if arch.text is not None:
             t = arch.text
             self.context_length = t.context_length
             self.token_embedding = nn.Embedding(t.vocab_size, t.width)
             self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
-            self.transformer = TextTransformer(t.width, t.layers, t.heads)
+            self.transformer = TextTransformer(t.width, t.layers, t.heads, t.act)
             self.ln_final = nn.LayerNorm(t.width)
             # Bias-free projections stored as (in, out) matrices, applied as x @ W (CLIP's layout).
             self.image_projection = nn.Parameter(torch.empty(v.width, arch.embed_dim))

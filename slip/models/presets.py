@@ -3,34 +3,60 @@
 A model name maps to an :class:`Architecture`: a vision preset, an optional text tower and
 an optional SSL projection head. Every number lives here once; the builders read nothing else.
 The released SLIP checkpoints use these exact shapes (SLIP ``models.py``), with one quirk kept:
-their ViT-S/16 has 12 attention heads, not timm's 6 (MoCo v3's small ViT).
+their ViT-S/16 has 12 attention heads, not timm's 6 (MoCo v3's small ViT). The ``*_openai``
+presets have the towers of OpenAI's CLIP (and open_clip's own ViT): the same sizes with a
+LayerNorm before the blocks, QuickGELU and LayerNorm eps 1e-5, so OpenAI's ViT-B/16 weights load
+into ``clip_vit_b16_openai`` and training can start from them.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+ACTIVATIONS = ("gelu", "quick_gelu")  # MLP activations: exact GELU, or QuickGELU x * sigmoid(1.702 x) (OpenAI's CLIP)
+TIMM_NORM_EPS = 1e-6  # the eps of timm's ViT LayerNorms
+OPENAI_NORM_EPS = 1e-5  # OpenAI CLIP's (PyTorch's default, open_clip's)
+
+
+def _check_act(where: str, act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{where}.act={act!r} is not one of {list(ACTIVATIONS)}")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A timm VisionTransformer with a class token and no classifier (``num_classes=0``)."""
+    """A timm VisionTransformer with a class token and no classifier (``num_classes=0``).
+
+    The last three fields keep timm's defaults except for towers in OpenAI CLIP's layout
+    (open_clip's own ViT): ``pre_norm`` (OpenAI's ``ln_pre``), ``act="quick_gelu"``, ``norm_eps=1e-5``.
+    """
 
     width: int  # embed_dim of the ViT, also the feature size fed to the projections
     depth: int
     heads: int
     patch_size: int = 16
     image_size: int = 224
+    pre_norm: bool = False  # a LayerNorm after the embeddings (timm's norm_pre); the patch embedding has no bias
+    act: str = "gelu"  # the MLPs' activation, one of ACTIVATIONS
+    norm_eps: float = TIMM_NORM_EPS  # eps of every LayerNorm of the tower
+
+    def __post_init__(self) -> None:
+        _check_act("vision", self.act)
 
 
 @dataclass(frozen=True)
 class TextConfig:
-    """CLIP's causal text transformer (pre-LN, QuickGELU, features at the EOT token)."""
+    """CLIP's causal text transformer (pre-LN, QuickGELU unless ``act`` says, features at the EOT token)."""
 
     width: int = 512
     heads: int = 8
     layers: int = 12
     context_length: int = 77
     vocab_size: int = 49408  # CLIP BPE vocabulary, SOT=49406, EOT=49407
+    act: str = "quick_gelu"  # the MLPs' activation, one of ACTIVATIONS (open_clip's models without quick_gelu: gelu)
+
+    def __post_init__(self) -> None:
+        _check_act("text", self.act)
 
 
 @dataclass(frozen=True)
@@ -84,12 +110,16 @@ class Architecture:
         )
 
 
+_OPENAI_LAYOUT = {"pre_norm": True, "act": "quick_gelu", "norm_eps": OPENAI_NORM_EPS}
 VISION_PRESETS: dict[str, VisionConfig] = {
     "vit_s16": VisionConfig(width=384, depth=12, heads=12),
     "vit_b16": VisionConfig(width=768, depth=12, heads=12),
     "vit_l16": VisionConfig(width=1024, depth=24, heads=16),
     # For tests and the CPU demo: 32 px images in 8 px patches, two blocks.
     "vit_tiny": VisionConfig(width=64, depth=2, heads=2, patch_size=8, image_size=32),
+    # OpenAI CLIP's layout (see the module doc), at ViT-B/16 and at the tiny test size.
+    "vit_b16_openai": VisionConfig(width=768, depth=12, heads=12, **_OPENAI_LAYOUT),
+    "vit_tiny_openai": VisionConfig(width=64, depth=2, heads=2, patch_size=8, image_size=32, **_OPENAI_LAYOUT),
 }
 
 TEXT_PRESETS: dict[str, TextConfig] = {
@@ -103,6 +133,8 @@ _SIZES = {
     "vit_b16": ("base", 512),
     "vit_l16": ("base", 512),
     "vit_tiny": ("tiny", 32),
+    "vit_b16_openai": ("base", 512),
+    "vit_tiny_openai": ("tiny", 32),
 }
 _SSL_HEADS = {"base": SSLHeadConfig(), "tiny": SSLHeadConfig(mlp_dim=128, out_dim=32)}
 

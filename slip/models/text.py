@@ -37,17 +37,26 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), MLP ratio 4 with QuickGELU."""
+def activation(name: str) -> nn.Module:
+    """An MLP activation by its config name (:data:`slip.models.presets.ACTIVATIONS`)."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r}: gelu or quick_gelu")
 
-    def __init__(self, width: int, heads: int):
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), MLP ratio 4 with ``act`` (CLIP: QuickGELU)."""
+
+    def __init__(self, width: int, heads: int, act: str = "quick_gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU()),
+            ("gelu", activation(act)),
             ("c_proj", nn.Linear(4 * width, width)),
         ]))
 
@@ -59,11 +68,11 @@ class ResidualAttentionBlock(nn.Module):
 class TextTransformer(nn.Module):
     """A stack of causal blocks under ``resblocks`` (CLIP's name). Input and output: (N, L, D)."""
 
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, act: str = "quick_gelu"):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

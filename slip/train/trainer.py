@@ -253,15 +253,21 @@ class Trainer:
     def _init_from(self, model, path: str) -> None:
         """Load ``train.init_from``'s weights: every tower tensor, with its shape; the heads the
         file holds; fresh heads for the rest (momentum copies start from the loaded tower)."""
-        from ..checkpoint import read_checkpoint
+        from ..checkpoint import read_checkpoint, tower_differences
         from ..ssl.base import MomentumMethod, ema_update
 
-        theirs = read_checkpoint(path).state_dict
+        ckpt = read_checkpoint(path)
+        theirs = ckpt.state_dict
         own = model.state_dict()
         for key, value in theirs.items():
             if key in own and value.shape != own[key].shape:
                 raise ConfigError(f"train.init_from: {path}: {key} has shape {tuple(value.shape)}, "
                                   f"{self.cfg.model.name} needs {tuple(own[key].shape)}")
+        # Settings without tensors (activation, LayerNorm eps, pre-norm) that shapes cannot catch.
+        differences = tower_differences(ckpt.arch, model.arch)
+        if differences:
+            raise ConfigError(f"train.init_from: {path}: its towers differ from {self.cfg.model.name}'s: "
+                              + "; ".join(differences))
         towers = [k for k in own if not k.startswith("ssl.")]
         missing = [k for k in towers if k not in theirs]
         if missing:
