@@ -114,7 +114,7 @@ def augment_milliseconds(shards: str, method: str, *, size: int, batch_size: int
     around it (device time, including any wait for the host between its kernels); on the CPU
     by the wall clock. The crops do not change the work, so one batch serves every iteration.
     """
-    from slip.data.views import method_views
+    from slip.ssl import method_views
 
     views = method_views(method, size)
     config = PipelineConfig(views=views, batch_size=batch_size, workers=workers, mode="resampled",
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--methods", default="slip-simclr",
-                    help="comma-separated views to measure the slip pipeline with (slip.data.views.METHODS), "
+                    help="comma-separated views to measure the slip pipeline with (slip.ssl.view_method_names()), "
                          "e.g. slip-simclr,slip-byol,slip-beit")
     args = ap.parse_args(argv)
 

@@ -22,7 +22,7 @@ throughput  benchmarks/bench_ssl_methods.py's measure_batches on every combinati
 data        ``slip bench-data`` (slip.data.bench) with the augmentation on the device, on
             synthetic shards the suite writes (``slip make-synthetic``'s code path) into a temp
             dir: end-to-end samples/s of the loader + augmentation; then, per method's views
-            (slip.data.views.METHODS), the milliseconds per batch of 256 of BatchAugment alone,
+            (slip.ssl.view_method_names()), the milliseconds per batch of 256 of BatchAugment alone,
             timed by CUDA events (bench_data_pipeline.augment_milliseconds; wall clock on CPU).
 zero_shot   images/s of slip.eval.zero_shot.zero_shot_eval (classifier from the prompts, eval
             loader, fp32 as evaluation runs) against bare ``model.encode_image`` on the same
@@ -66,10 +66,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]  # the sibling benchmarks, and slip from this checkout
 
-import torch  # noqa: E402
-
 import bench_data_pipeline as data_bench  # noqa: E402
 import bench_ssl_methods as ssl_bench  # noqa: E402
+import torch  # noqa: E402
 
 SECTIONS = ("throughput", "data", "zero_shot", "cuda_tests")
 BUDGET_S = 480  # what a full run on one H100/H200 must fit in
@@ -290,7 +289,7 @@ def throughput(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------------
 def data(ctx: Context) -> dict:
     from slip.data import bench as bench_data
-    from slip.data.views import METHODS
+    from slip.ssl import view_method_names
 
     device, plan = ctx.device, ctx.plan
     shards = str(ctx.corpus() / "train")
@@ -313,7 +312,7 @@ def data(ctx: Context) -> dict:
 
     out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the trainer hands views on
     augment = []
-    for method in METHODS:
+    for method in view_method_names():
         augment.append(data_bench.augment_milliseconds(
             shards, method, size=plan.data_size, batch_size=plan.data_batch, device=device,
             iterations=plan.augment_iterations, out_dtype=out_dtype))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from slip.data import errors as E
 from slip.data import views as V
+from slip.ssl import method_views
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,12 +42,12 @@ def _skip_reason(data: bytes, views, **kw) -> str:
     return info.value.reason
 
 
-SLIP32 = V.method_views("slip-simclr", 32)
+SLIP32 = method_views("slip-simclr", 32)
 
 
 # ------------------------------------------------------------------------------ declarations
 def test_method_views_declare_slip_three_views():
-    mv = V.method_views("slip-simclr", 224)
+    mv = method_views("slip-simclr", 224)
     assert mv.clip is not None and mv.clip.scale == (0.5, 1.0) and mv.clip.jitter is None
     assert mv.clip.hflip_p == 0.0 and mv.needs_text
     assert len(mv.ssl) == 2
@@ -54,10 +55,10 @@ def test_method_views_declare_slip_three_views():
         assert s.scale == (0.08, 1.0) and s.jitter == (0.4, 0.4, 0.4, 0.1)
         assert (s.jitter_p, s.grayscale_p, s.blur_p, s.hflip_p) == (0.8, 0.2, 0.5, 0.5)
         assert s.blur_sigma == (0.1, 2.0) and s.size == (224, 224)
-    assert V.method_views("clip", 64).ssl == () and V.method_views("clip", 64).clip.size == (64, 64)
-    assert V.method_views("simclr", 48).clip is None and not V.method_views("simclr", 48).needs_text
+    assert method_views("clip", 64).ssl == () and method_views("clip", 64).clip.size == (64, 64)
+    assert method_views("simclr", 48).clip is None and not method_views("simclr", 48).needs_text
     with pytest.raises(ValueError):
-        V.method_views("dino")
+        method_views("dino")
     with pytest.raises(ValueError):
         V.ViewSpec(name="bad", size=(32, 32), scale=(0.0, 1.0))
 
@@ -166,7 +167,7 @@ def test_draft_decode_is_close_to_full_decode(monkeypatch):
 
 
 def test_plan_crops_snaps_boxes_to_the_draft_grid():
-    views = V.method_views("slip-simclr", 128).all
+    views = method_views("slip-simclr", 128).all
     rng = random.Random(3)
     seen = set()
     for _ in range(300):
@@ -350,7 +351,7 @@ def test_batch_augment_applies_what_it_draws():
 
 def test_clip_view_is_only_normalised():
     x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    aug = V.BatchAugment(V.method_views("clip", 16))
+    aug = V.BatchAugment(method_views("clip", 16))
     expected = TF.normalize(x.float() / 255, V.IMAGENET_MEAN, V.IMAGENET_STD)
     torch.testing.assert_close(aug.augment(x, aug.views.clip), expected)
 
@@ -370,7 +371,7 @@ def test_cpu_chunking_and_seed_do_not_change_results():
 def test_masked_blends_give_the_same_views_as_per_sample_subsets(method):
     # The accelerator path (whole-batch ops kept with torch.where: no host sync) and the CPU
     # path (ops on the selected samples only) must produce the same views for the same draws.
-    views = V.method_views(method, 32)
+    views = method_views(method, 32)
     checked = 0
     for spec in views.all:
         x = torch.randint(0, 256, (24, 3, *spec.size), dtype=torch.uint8,
@@ -385,7 +386,7 @@ def test_masked_blends_give_the_same_views_as_per_sample_subsets(method):
 
 
 def test_forward_on_a_batch_dict():
-    mv = V.method_views("slip-simclr", 16)
+    mv = method_views("slip-simclr", 16)
     batch = {
         "image": torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8),
         "views": [torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8) for _ in range(2)],

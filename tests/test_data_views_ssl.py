@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from slip.data import pipeline as P
 from slip.data import views as V
 from slip.data.synthetic import generate_synthetic
+from slip.ssl import method_views
 from slip.ssl.masking import BlockMaskGenerator
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -456,7 +456,7 @@ def test_batch_augment_passes_the_patch_mask_through(corpus):
     ("beit", False, [224, 112], (14, 14)), ("slip-beit", True, [224, 112], (14, 14)),
 ])
 def test_method_views_by_name_for_the_data_tools(method, clip, ssl_sizes, mask):
-    views = V.method_views(method, 224)
+    views = method_views(method, 224)
     assert (views.clip is not None) == clip and [v.size[0] for v in views.ssl] == ssl_sizes
     assert (views.mask.grid if views.mask is not None else None) == mask
     if method.endswith("byol"):
@@ -467,4 +467,4 @@ def test_method_views_by_name_for_the_data_tools(method, clip, ssl_sizes, mask):
 
 def test_method_views_rejects_an_unknown_name():
     with pytest.raises(ValueError, match=r"unknown method 'dino'"):
-        V.method_views("dino")
+        method_views("dino")

@@ -274,7 +274,7 @@ def test_unshuffled_shards_of_one_rank_batch_give_every_rank_and_worker_count_th
     # matches one process step for step): no shuffle buffer, shards of exactly batch / ranks
     # samples (8 here), at most one worker in the single process, whatever the workers per rank.
     from slip.data.pipeline import PipelineConfig, SlipLoader
-    from slip.data.views import method_views
+    from slip.ssl import method_views
 
     def global_batches(ranks: int, workers: int) -> list[dict]:
         loaders = [SlipLoader(str(corpus / "train"), PipelineConfig(

@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from slip.data.pipeline import PipelineConfig, build_loader
 from slip.data.images import DEFAULT_MAX_PIXELS
-from slip.data.views import METHODS, BatchAugment
+from slip.data.pipeline import PipelineConfig, build_loader
+from slip.data.views import BatchAugment
 from slip.errors import UserError, command
 from slip.runtime import pick_device
+from slip.ssl import view_method_names
 
 
 def _cpu_seconds() -> float:
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure the training-data pipeline (decode, crops, tokenisation, batched augmentation).",
     )
     ap.add_argument("shards", help="shard spec: brace pattern, directory, index.json, or 'a::0.7,b::0.3'")
-    ap.add_argument("--method", choices=METHODS, default="slip-simclr")
+    ap.add_argument("--method", choices=view_method_names(), default="slip-simclr")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (0: in process)")
     ap.add_argument("--seconds", type=float, default=30.0, help="measurement time after warm-up")
     ap.add_argument("--batch-size", type=int, default=64)

@@ -125,8 +125,9 @@ from slip.data.errors import (
 from slip.data.images import DEFAULT_MAX_PIXELS
 from slip.data.shards import INDEX_NAME, load_index
 from slip.data.tars import SHARD_DONE, ReadShards, fetch_samples
-from slip.data.views import MethodViews, decode_views, method_views
+from slip.data.views import MethodViews, decode_views
 from slip.errors import UserError
+from slip.ssl import method_views
 from slip.tokenizer import trim_padding
 
 logger = logging.getLogger(__name__)
@@ -772,8 +773,8 @@ class PipelineConfig:
     """Options of the training data pipeline (see the module docstring for the semantics).
 
     Attributes:
-        method: a name of :data:`slip.data.views.METHODS` (``clip``, ``slip-simclr``,
-            ``slip-beit`` ...); selects the views (see :func:`~slip.data.views.method_views`).
+        method: a name of :func:`slip.ssl.view_method_names` (``clip``, ``simclr``,
+            ``slip-simclr``, ``slip-beit`` ...); selects the views (see :func:`slip.ssl.method_views`).
         size: output size of every view (int or (height, width)).
         views: explicit view declaration; overrides ``method``/``size``.
         batch_size: samples per batch (per rank).

@@ -13,7 +13,7 @@ The work is split in two halves on purpose:
   per-sample random parameters, in plain tensor ops. The same code runs on CPU and GPU, so the
   distribution does not depend on the device.
 
-The views of a method are declared with :class:`ViewSpec` (see :func:`method_views`):
+The views of a method are declared with :class:`ViewSpec` (a method's set: :meth:`slip.ssl.SSLMethod.declare_views`; by name: :func:`slip.ssl.method_views`):
 
 * CLIP view (SLIP's ``train_transform``): ``RandomResizedCrop(size, scale=(0.5, 1))`` then
   ImageNet normalisation; no flip, no colour augmentation.
@@ -208,34 +208,6 @@ def beit_views(size: int | tuple[int, int] = 224, tokenizer_size: int | tuple[in
     common = dict(scale=(0.08, 1.0), hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0)
     return (ViewSpec(name="beit", size=_pair(size), **common),
             ViewSpec(name="beit_tokens", size=_pair(tokenizer_size), shares="beit", normalize=False, **common))
-
-
-METHODS = ("clip", "simclr", "slip-simclr", "byol", "slip-byol", "beit", "slip-beit")
-
-
-def method_views(method: str, size: int | tuple[int, int] = 224, patch_size: int = 16) -> MethodViews:
-    """Views by name, for the data tools (``slip bench-data``): ``clip`` (one CLIP view),
-    ``simclr`` (two SimCLR views), ``slip-simclr`` (SLIP's three views per image), ``byol``
-    (BYOL's asymmetric pair, also MoCo v3's), ``beit`` (BEiT's 224/112 pair and a blockwise mask
-    over the ``patch_size`` grid, as the DALL-E codebook sees it) and ``slip-byol`` /
-    ``slip-beit`` (each with the CLIP view). Training takes the views from the SSL method itself
-    (:meth:`slip.ssl.SSLMethod.data_views`), which builds them with the same functions."""
-    name = "slip-simclr" if method == "slip" else method
-    if name not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    ssl = name.removeprefix("slip-")
-    clip = clip_view(size) if ssl != name or ssl == "clip" else None
-    if ssl == "clip":
-        return MethodViews(clip=clip)
-    if ssl == "simclr":
-        return MethodViews(clip=clip, ssl=(simclr_view(size, "simclr1"), simclr_view(size, "simclr2")))
-    if ssl == "byol":
-        return MethodViews(clip=clip, ssl=byol_views(size))
-    from slip.ssl.masking import beit_mask_generator  # beit
-
-    height, width = _pair(size)
-    grid = (height // patch_size, width // patch_size)
-    return MethodViews(clip=clip, ssl=beit_views(size, (8 * grid[0], 8 * grid[1])), mask=beit_mask_generator(grid))
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,7 +624,7 @@ class BatchAugment(torch.nn.Module):
 
     Call it on a batch from the loader after moving it to the device::
 
-        augment = BatchAugment(method_views("slip-simclr", 224))
+        augment = BatchAugment(slip.ssl.method_views("slip-simclr", 224))
         batch = augment(move_to_device(batch))   # 'image' and 'views' become float
 
     Per view and per sample: horizontal flip (``hflip_p``), colour jitter (``jitter_p``, random

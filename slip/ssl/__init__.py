@@ -7,9 +7,17 @@ and its per-step hook. Adding one is a new file with a
 """
 from __future__ import annotations
 
-from .base import SSLMethod, build_method, method_class, method_names, register_method  # noqa: F401
-
 # Importing a method's module registers it.
-from . import simclr, mocov3, byol, beit  # noqa: E402,F401
+from . import beit, byol, mocov3, simclr  # noqa: E402,F401
+from .base import (  # noqa: F401
+    SSLMethod,
+    build_method,
+    method_class,
+    method_names,
+    method_views,
+    register_method,
+    view_method_names,
+)
 
-__all__ = ["SSLMethod", "build_method", "method_class", "method_names", "register_method"]
+__all__ = ["SSLMethod", "build_method", "method_class", "method_names", "method_views", "register_method",
+           "view_method_names"]

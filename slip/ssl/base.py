@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import math
 from collections import OrderedDict
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
+
+from ..data.views import MethodViews, byol_views, clip_view, simclr_view
 
 _METHODS: dict[str, type["SSLMethod"]] = {}
 
@@ -39,6 +42,29 @@ def method_class(name: str) -> type["SSLMethod"]:
         return _METHODS[name]
     except KeyError:
         raise ValueError(f"unknown SSL method {name!r}; known methods: {', '.join(method_names())}") from None
+
+
+def view_method_names() -> list[str]:
+    """The names :func:`method_views` knows: ``clip``, every SSL method alone, and each beside
+    CLIP as ``slip-<method>`` (``slip`` alone means ``slip-simclr``, the paper's SLIP)."""
+    names = method_names()
+    return ["clip", *names, *(f"slip-{n}" for n in names)]
+
+
+def method_views(method: str, size: int | tuple[int, int] = 224, patch_size: int = 16) -> MethodViews:
+    """The views a method needs from the data pipeline, by name, for the data tools
+    (``slip bench-data``, :class:`slip.data.pipeline.PipelineConfig`'s ``method``), from the
+    registry: ``clip`` is the CLIP view alone, a method's name its own views
+    (:meth:`SSLMethod.declare_views`), ``slip-<method>`` both. Training builds the same from the
+    model (:meth:`SSLMethod.data_views`)."""
+    name = "slip-simclr" if method == "slip" else method
+    if name not in view_method_names():
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(view_method_names())}")
+    if name == "clip":
+        return MethodViews(clip=clip_view(size))
+    ssl = name.removeprefix("slip-")
+    views = method_class(ssl).declare_views(size, patch_size=patch_size)
+    return dataclasses.replace(views, clip=clip_view(size)) if ssl != name else views
 
 
 # What the model does with each of a method's views (``SSLMethod.view_roles``):
@@ -75,13 +101,18 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     def has_targets(self) -> bool:
         return False
 
-    def data_views(self, image_size: int, mask_ratio: float = 0.4):
-        """The method's part of the data declaration: a :class:`~slip.data.views.MethodViews`
-        with its SSL views (and patch mask, if any) and no CLIP view. Default: SimCLR's two
-        views. ``mask_ratio`` is for methods that mask patches."""
-        from ..data.views import method_views
+    @classmethod
+    def declare_views(cls, image_size: int | tuple[int, int], *, patch_size: int = 16, mask_ratio: float = 0.4,
+                      tokenizer_size: int | None = None) -> MethodViews:
+        """The method's part of the data declaration, without building the method: its SSL
+        views (and patch mask, if any) and no CLIP view. Default: SimCLR's two views.
+        ``patch_size``, ``mask_ratio`` and ``tokenizer_size`` are for methods that mask patches
+        or feed a visual tokenizer."""
+        return MethodViews(clip=None, ssl=(simclr_view(image_size, "simclr1"), simclr_view(image_size, "simclr2")))
 
-        return method_views("simclr", image_size)
+    def data_views(self, image_size: int, mask_ratio: float = 0.4) -> MethodViews:
+        """:meth:`declare_views` for this instance (e.g. BEiT's patch grid and tokenizer)."""
+        return self.declare_views(image_size, mask_ratio=mask_ratio)
 
     def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Per view targets computed without gradient (all of ``views``, whatever their role);
@@ -114,11 +145,11 @@ class MomentumMethod(SSLMethod):
     (MoCo v3's keys, BYOL's targets). Subclasses build ``self.projector`` and call
     :meth:`_init_momentum_branch`; the copies start equal to the online weights."""
 
-    def data_views(self, image_size: int, mask_ratio: float = 0.4):
+    @classmethod
+    def declare_views(cls, image_size: int | tuple[int, int], *, patch_size: int = 16, mask_ratio: float = 0.4,
+                      tokenizer_size: int | None = None) -> MethodViews:
         """BYOL's asymmetric views (blur 1.0 / 0.1, solarisation 0.0 / 0.2), which MoCo v3 uses too."""
-        from ..data.views import method_views
-
-        return method_views("byol", image_size)
+        return MethodViews(clip=None, ssl=byol_views(image_size))
 
     def _init_momentum_branch(self, encoder: nn.Module) -> None:
         self.momentum_encoder = frozen_copy(encoder)

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
+from ..data.views import MethodViews, beit_views
 from .base import MASKED, TARGET, SSLMethod, register_method
+from .masking import beit_mask_generator
+
 
 @register_method("beit")
 class BEiT(SSLMethod):
@@ -67,12 +70,24 @@ class BEiT(SSLMethod):
         return self._tokenizer
 
     # -- data ------------------------------------------------------------------------------------
-    def data_views(self, image_size: int, mask_ratio: float = 0.4):
-        from ..data.views import MethodViews, beit_views
-        from .masking import beit_mask_generator
+    @classmethod
+    def declare_views(cls, image_size: int | tuple[int, int], *, patch_size: int = 16, mask_ratio: float = 0.4,
+                      tokenizer_size: int | tuple[int, int] | None = None) -> MethodViews:
+        """BEiT's two sizes of one crop (:func:`~slip.data.views.beit_views`) and a blockwise mask
+        over the ``patch_size`` grid; the tokenizer's view defaults to 8 px per patch, as the
+        DALL-E codebook sees it (112 px for 224 / 16)."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        grid = (height // patch_size, width // patch_size)
+        if tokenizer_size is None:
+            tokenizer_size = (8 * grid[0], 8 * grid[1])
+        return MethodViews(clip=None, ssl=beit_views(image_size, tokenizer_size), mask=beit_mask_generator(grid, mask_ratio))
 
-        mask = beit_mask_generator(self.grid, mask_ratio)
-        return MethodViews(clip=None, ssl=beit_views(image_size, self.visual_tokenizer.input_size), mask=mask)
+    def data_views(self, image_size: int, mask_ratio: float = 0.4) -> MethodViews:
+        views = self.declare_views(image_size, patch_size=image_size // self.grid[0], mask_ratio=mask_ratio,
+                                   tokenizer_size=self.visual_tokenizer.input_size)
+        if views.mask.grid != self.grid:
+            raise ValueError(f"{image_size} px views give a {views.mask.grid} patch grid; the tower has {self.grid}")
+        return views
 
     # -- model -----------------------------------------------------------------------------------
     def mask_patches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
