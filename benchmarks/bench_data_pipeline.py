@@ -47,8 +47,9 @@ from torchvision import transforms as T
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from slip.data.augment import BatchAugment  # noqa: E402
 from slip.data.pipeline import PipelineConfig, build_loader, default_tokenizer  # noqa: E402
-from slip.data.views import IMAGENET_MEAN, IMAGENET_STD, BatchAugment  # noqa: E402
+from slip.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def make_shards(image_dir: Path, out_dir: Path, per_shard: int = 100) -> int:
@@ -109,7 +110,7 @@ def augment_milliseconds(shards: str, method: str, *, size: int, batch_size: int
 
     One real batch of ``method``'s views comes from slip's loader on ``shards`` (uint8 crops,
     made on the CPU), is moved to ``device`` and augmented ``warmup + iterations`` times by
-    :class:`~slip.data.views.BatchAugment` with the trainer's call (a fresh generator of the
+    :class:`~slip.data.augment.BatchAugment` with the trainer's call (a fresh generator of the
     device per step, ``out_dtype`` out). On CUDA each call is timed by CUDA events recorded
     around it (device time, including any wait for the host between its kernels); on the CPU
     by the wall clock. The crops do not change the work, so one batch serves every iteration.

@@ -347,7 +347,7 @@ def _check_config(cfg: Any, args: argparse.Namespace) -> None:
             f"train.batch_size {t.batch_size} is not divisible by --nodes x --gpus-per-node x train.accum_steps = "
             f"{args.nodes} x {args.gpus_per_node} x {t.accum_steps} = {ranks * t.accum_steps} (every rank takes an "
             "equal share of each micro-batch); change train.batch_size, train.accum_steps or the GPUs")
-    from .data.pipeline import parse_shard_spec
+    from .data.specs import parse_shard_spec
 
     parse_shard_spec(cfg.data.train)  # shards that are not there fail now, not after the queue
 

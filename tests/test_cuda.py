@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 import slip
-from slip.data.views import IMAGENET_STD, BatchAugment, MethodViews, clip_view
+from slip.data.augment import BatchAugment
+from slip.data.views import MethodViews, clip_view
 from slip.losses import slip_objective
 from slip.models import get_architecture
 from slip.ssl import method_class, method_names, method_views, view_method_names
@@ -33,6 +34,7 @@ from slip.ssl.visual_tokenizers import KMeansPatchTokenizer
 from slip.train.config import OptimConfig
 from slip.train.optim import build_optimizer
 from slip.train.step import plain_step
+from slip.transforms import IMAGENET_STD
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from slip.data import augment as A
+from slip.data import decode as D
 from slip.data import errors as E
 from slip.data import pipeline as P
-from slip.data import views as V
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -196,7 +197,7 @@ def test_batch_layout_for_slip(tmp_path):
     assert b["text"].shape[0] == n and length % 8 == 0 and b["text"].dtype == torch.int64
     assert length - 8 < int(b["text"].argmax(dim=1).max()) + 1 <= length
     assert all(isinstance(k, str) for k in b["key"])
-    out = V.BatchAugment(loader.views, seed=0)(b)
+    out = A.BatchAugment(loader.views, seed=0)(b)
     assert out["image"].dtype == torch.float32 and len(out["views"]) == 2
     simclr = list(P.build_loader(d, _config(method="simclr", size=24)))[0]
     assert "image" not in simclr and "text" not in simclr and len(simclr["views"]) == 2
@@ -218,8 +219,8 @@ def test_custom_tokenizer_receives_the_chosen_captions(tmp_path):
 def test_one_decode_per_sample_in_the_pipeline(tmp_path, monkeypatch):
     d = _shard_dir(tmp_path, "s", shards=2, per_shard=5)
     calls = []
-    original = V._decode_pixels
-    monkeypatch.setattr(V, "_decode_pixels", lambda *a: (calls.append(1), original(*a))[1])
+    original = D._decode_pixels
+    monkeypatch.setattr(D, "_decode_pixels", lambda *a: (calls.append(1), original(*a))[1])
     keys = _keys(P.build_loader(d, _config(method="slip-simclr")))
     assert len(keys) == 10 and len(calls) == 10
 
@@ -255,11 +256,11 @@ def test_caption_fallbacks_and_errors():
             P.choose_caption(sample, rng)
         return info.value.reason
 
-    assert reason({}) == P.MISSING_CAPTION
-    assert reason({"txt": b"   "}) == P.EMPTY_CAPTION
-    assert reason({"txt": "caf\xe9".encode("latin-1")}) == P.CAPTION_NOT_UTF8
-    assert reason({"json": b"{not json", "txt": b"ok"}) == P.BAD_METADATA
-    assert reason({"json": b"[1, 2]", "txt": b"ok"}) == P.BAD_METADATA
+    assert reason({}) == E.MISSING_CAPTION
+    assert reason({"txt": b"   "}) == E.EMPTY_CAPTION
+    assert reason({"txt": "caf\xe9".encode("latin-1")}) == E.CAPTION_NOT_UTF8
+    assert reason({"json": b"{not json", "txt": b"ok"}) == E.BAD_METADATA
+    assert reason({"json": b"[1, 2]", "txt": b"ok"}) == E.BAD_METADATA
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -306,7 +307,7 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path, caplog):
     _write_tar(d / "shard-000003.tar", good("g100", 6) + good("g101", 7))
 
     spec = str(d / "shard-{000000..000004}.tar")  # shard 4 does not exist
-    with caplog.at_level("WARNING", logger="slip.data.pipeline"):
+    with caplog.at_level("WARNING", logger="slip.data"):
         loader = P.build_loader(spec, _config(method="slip-simclr", workers=2, max_pixels=1_000_000, shuffle_buffer=0))
         keys = _keys(loader)
     assert sorted(keys) == sorted(good_keys)
@@ -315,18 +316,18 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path, caplog):
     assert skipped.pop(E.NOT_AN_IMAGE) == 1
     assert skipped.pop(E.TRUNCATED_IMAGE) == 1
     assert skipped.pop(E.TOO_MANY_PIXELS) == 1
-    assert skipped.pop(P.MISSING_CAPTION) == 1
-    assert skipped.pop(P.EMPTY_CAPTION) == 1
-    assert skipped.pop(P.CAPTION_NOT_UTF8) == 1
-    assert skipped.pop(P.BAD_METADATA) == 1
-    assert skipped.pop(P.MISSING_IMAGE) == 1
-    assert skipped.pop(P.SHARD_UNREADABLE) == 1
-    assert skipped.pop(P.TAR_ERROR) == 2  # the truncated and the garbage shard, once each
+    assert skipped.pop(E.MISSING_CAPTION) == 1
+    assert skipped.pop(E.EMPTY_CAPTION) == 1
+    assert skipped.pop(E.CAPTION_NOT_UTF8) == 1
+    assert skipped.pop(E.BAD_METADATA) == 1
+    assert skipped.pop(E.MISSING_IMAGE) == 1
+    assert skipped.pop(E.SHARD_UNREADABLE) == 1
+    assert skipped.pop(E.TAR_ERROR) == 2  # the truncated and the garbage shard, once each
     assert skipped == {}
     # Never silent: the first skip of each reason was logged (from the worker processes
     # the records do not reach caplog, so check in-process as well).
     loader = P.build_loader(spec, _config(workers=0, max_pixels=1_000_000))
-    with caplog.at_level("WARNING", logger="slip.data.pipeline"):
+    with caplog.at_level("WARNING", logger="slip.data"):
         _keys(loader)
     assert any("truncated_image" in r.getMessage() for r in caplog.records)
     assert any("tar_error" in r.getMessage() for r in caplog.records)
@@ -343,14 +344,14 @@ def test_loader_counts_each_bad_input_exactly_across_workers(tmp_path, monkeypat
 
     # A decoder bug that only some images hit (no real input is known to raise anything but the
     # classified errors: fuzzing every PIL format found none), to check how such samples count.
-    original = V.plan_crops
+    original = D.plan_crops
 
     def buggy(width, height, *args, **kwargs):
         if (width, height) == (17, 13):
             raise ZeroDivisionError("a bug in the decoder")
         return original(width, height, *args, **kwargs)
 
-    monkeypatch.setattr(V, "plan_crops", buggy)  # forked workers inherit it
+    monkeypatch.setattr(D, "plan_crops", buggy)  # forked workers inherit it
     d = tmp_path / "shards"
     d.mkdir()
     jpg = _jpeg(3, 64, 64)
@@ -374,13 +375,13 @@ def test_loader_counts_each_bad_input_exactly_across_workers(tmp_path, monkeypat
     loader = P.build_loader(spec, _config(workers=2, shuffle_buffer=0, batch_size=3),
                             tokenizer=lambda texts: torch.zeros(len(texts), 8, dtype=torch.long))
     assert sorted(_keys(loader)) == sorted(good)
-    assert loader.skipped() == {E.CORRUPT_IMAGE: 2, E.UNSUPPORTED_MODE: 1, P.SAMPLE_ERROR: 2, P.TAR_ERROR: 3,
-                               P.SHARD_UNREADABLE: 1}
+    assert loader.skipped() == {E.CORRUPT_IMAGE: 2, E.UNSUPPORTED_MODE: 1, E.SAMPLE_ERROR: 2, E.TAR_ERROR: 3,
+                               E.SHARD_UNREADABLE: 1}
     # A second epoch counts them again, no more.
     loader.set_epoch(1)
     assert sorted(_keys(loader)) == sorted(good)
-    assert loader.skipped() == {E.CORRUPT_IMAGE: 4, E.UNSUPPORTED_MODE: 2, P.SAMPLE_ERROR: 4, P.TAR_ERROR: 6,
-                               P.SHARD_UNREADABLE: 2}
+    assert loader.skipped() == {E.CORRUPT_IMAGE: 4, E.UNSUPPORTED_MODE: 2, E.SAMPLE_ERROR: 4, E.TAR_ERROR: 6,
+                               E.SHARD_UNREADABLE: 2}
 
 
 def test_skip_counter_is_shared_between_processes():
@@ -391,9 +392,9 @@ def test_skip_counter_is_shared_between_processes():
         p.start()
     for p in procs:
         p.join()
-    counter.add(P.TAR_ERROR, "in the parent")
+    counter.add(E.TAR_ERROR, "in the parent")
     counter.add("some_new_reason", "unknown reasons are kept as sample_error")
-    assert counter.counts() == {E.CORRUPT_IMAGE: 10, P.TAR_ERROR: 1, P.SAMPLE_ERROR: 1}
+    assert counter.counts() == {E.CORRUPT_IMAGE: 10, E.TAR_ERROR: 1, E.SAMPLE_ERROR: 1}
     assert counter.total() == 12
     counter.reset()
     assert counter.counts() == {}

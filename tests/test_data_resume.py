@@ -16,7 +16,7 @@ import torch
 from test_data_pipeline import _config, _good, _shard_dir, _write_tar
 
 from slip.data import pipeline as P
-from slip.data import tars
+from slip.data import stages, tars
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,8 +65,8 @@ def test_resumed_epoch_does_not_decode_consumed_samples(tmp_path, monkeypatch):
     _batches(loader, 2)
     state = loader.state_dict()
     decoded = []
-    real = P.decode_views
-    monkeypatch.setattr(P, "decode_views", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    real = stages.decode_views
+    monkeypatch.setattr(stages, "decode_views", lambda *a, **k: decoded.append(1) or real(*a, **k))
     resumed = P.SlipLoader(str(shards), cfg)
     resumed.load_state_dict(state)
     assert len(_batches(resumed)) == 2
@@ -224,7 +224,7 @@ def test_mixed_and_resampled_sources_resume_exactly(tmp_path):
 
 @pytest.mark.parametrize("kind", ["pipe", "gzip"])
 def test_shards_that_cannot_seek_are_replayed_exactly_with_progress_lines(tmp_path, kind, bytes_read, caplog, monkeypatch):
-    monkeypatch.setattr(P, "RESUME_PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(stages, "RESUME_PROGRESS_INTERVAL_S", 0.0)
     plain = _shard_dir(tmp_path / "s", "s", shards=3, per_shard=6)
     if kind == "pipe":
         spec = f"pipe:cat {plain}/s-{{000000..000002}}.tar"
@@ -239,7 +239,7 @@ def test_shards_that_cannot_seek_are_replayed_exactly_with_progress_lines(tmp_pa
     epoch_bytes = bytes_read.value
     resumed, _ = _resume_from(spec, cfg, 3)
     bytes_read.value = 0
-    with caplog.at_level(logging.INFO, logger="slip.data.pipeline"):
+    with caplog.at_level(logging.INFO, logger="slip.data"):
         rest = _batches(resumed)
     assert [x["key"] for x in rest] == [x["key"] for x in full[3:]]
     assert bytes_read.value == epoch_bytes  # replayed from the epoch's start

@@ -13,8 +13,14 @@ import torch
 from PIL import Image
 
 from slip.data import shards
-from slip.data.shards import Sample, SampleSkip, clean_key, load_index, prepare_image, write_shards
-
+from slip.data.shards import (
+    Sample,
+    SampleSkip,
+    clean_key,
+    load_index,
+    prepare_image,
+    write_shards,
+)
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -435,8 +441,8 @@ def _in_mode(mode: str) -> tuple[bytes, np.ndarray]:
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "CMYK"])
 def test_make_shards_and_the_loader_see_the_same_pixels_in_every_mode(mode: str) -> None:
+    from slip.data.decode import _decode_pixels
     from slip.data.images import open_image
-    from slip.data.views import _decode_pixels
 
     data, want = _in_mode(mode)
     stored = prepare_image(data)  # what make-shards writes (JPEG, quality 95)

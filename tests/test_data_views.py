@@ -11,6 +11,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from slip import transforms as T
+from slip.data import augment as A
+from slip.data import decode as D
 from slip.data import errors as E
 from slip.data import views as V
 from slip.ssl import method_views
@@ -38,7 +41,7 @@ def _jpeg(width: int = 64, height: int = 48, seed: int = 0, quality: int = 90) -
 
 def _skip_reason(data: bytes, views, **kw) -> str:
     with pytest.raises(E.SampleSkip) as info:
-        V.decode_views(data, views, random.Random(0), **kw)
+        D.decode_views(data, views, random.Random(0), **kw)
     return info.value.reason
 
 
@@ -68,7 +71,7 @@ def test_sample_crop_stays_inside_and_respects_scale_and_ratio():
     rng = random.Random(0)
     for _ in range(500):
         w, h = rng.randint(20, 900), rng.randint(20, 900)
-        left, top, cw, ch = V.sample_crop(rng, w, h, (0.08, 1.0), (3 / 4, 4 / 3))
+        left, top, cw, ch = D.sample_crop(rng, w, h, (0.08, 1.0), (3 / 4, 4 / 3))
         assert 0 <= left and 0 <= top and left + cw <= w and top + ch <= h and cw > 0 and ch > 0
 
 
@@ -79,7 +82,7 @@ def test_sample_crop_area_distribution_matches_torchvision():
     img = torch.zeros(3, 300, 400)
     ours, theirs = [], []
     for _ in range(3000):
-        _, _, cw, ch = V.sample_crop(rng, 400, 300, (0.08, 1.0), (3 / 4, 4 / 3))
+        _, _, cw, ch = D.sample_crop(rng, 400, 300, (0.08, 1.0), (3 / 4, 4 / 3))
         ours.append(cw * ch / 120000)
         _, _, th, tw = torch_rrc_params(img)
         theirs.append(tw * th / 120000)
@@ -94,43 +97,43 @@ def torch_rrc_params(img):
 
 
 def test_sample_crop_falls_back_to_central_crop_for_extreme_aspect():
-    left, top, cw, ch = V.sample_crop(random.Random(0), 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3))
+    left, top, cw, ch = D.sample_crop(random.Random(0), 1000, 10, (0.9, 1.0), (3 / 4, 4 / 3))
     # No 90%-area crop with aspect <= 4/3 fits a 100:1 image: central crop of height 10.
     assert ch == 10 and cw == round(10 * 4 / 3) and left == (1000 - cw) // 2 and top == 0
 
 
 def test_draft_factor_keeps_every_crop_at_output_resolution():
     sizes = [(32, 32), (32, 32)]
-    assert V.draft_factor([(0, 0, 300, 300), (0, 0, 300, 300)], sizes) == 8
-    assert V.draft_factor([(0, 0, 300, 300), (0, 0, 140, 300)], sizes) == 4
-    assert V.draft_factor([(0, 0, 300, 300), (0, 0, 70, 70)], sizes) == 2
-    assert V.draft_factor([(0, 0, 300, 300), (0, 0, 40, 300)], sizes) == 1
-    assert V.draft_factor([(0, 0, 20, 20)], sizes[:1]) == 1
+    assert D.draft_factor([(0, 0, 300, 300), (0, 0, 300, 300)], sizes) == 8
+    assert D.draft_factor([(0, 0, 300, 300), (0, 0, 140, 300)], sizes) == 4
+    assert D.draft_factor([(0, 0, 300, 300), (0, 0, 70, 70)], sizes) == 2
+    assert D.draft_factor([(0, 0, 300, 300), (0, 0, 40, 300)], sizes) == 1
+    assert D.draft_factor([(0, 0, 20, 20)], sizes[:1]) == 1
 
 
 # ------------------------------------------------------------------------- decode and crops
 def test_decode_views_shapes_dtypes():
-    crops = V.decode_views(_jpeg(80, 60), SLIP32.all, random.Random(0))
+    crops = D.decode_views(_jpeg(80, 60), SLIP32.all, random.Random(0))
     assert len(crops) == 3
     for c in crops:
         assert c.shape == (3, 32, 32) and c.dtype == torch.uint8 and c.is_contiguous()
     rect = V.ViewSpec(name="r", size=(24, 40), scale=(0.5, 1.0))
-    (out,) = V.decode_views(_jpeg(80, 60), [rect], random.Random(0))
+    (out,) = D.decode_views(_jpeg(80, 60), [rect], random.Random(0))
     assert out.shape == (3, 24, 40)
 
 
 def test_every_view_comes_from_one_decode(monkeypatch):
     calls = []
-    original = V._decode_pixels
+    original = D._decode_pixels
 
     def counting(*args, **kwargs):
         calls.append(args[2])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(V, "_decode_pixels", counting)
+    monkeypatch.setattr(D, "_decode_pixels", counting)
     rng = random.Random(0)
     for seed in range(10):
-        V.decode_views(_jpeg(96, 72, seed), SLIP32.all, rng)
+        D.decode_views(_jpeg(96, 72, seed), SLIP32.all, rng)
     assert len(calls) == 10
 
 
@@ -138,7 +141,7 @@ def test_resize_crop_matches_pil_resize_with_box():
     arr = _smooth_rgb(200, 150, 3)
     pixels = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     for box in [(10, 20, 120, 100), (0, 0, 200, 150), (50, 40, 20, 30)]:
-        ours = V.resize_crop(pixels, box, (32, 48)).permute(1, 2, 0).numpy().astype(float)
+        ours = D.resize_crop(pixels, box, (32, 48)).permute(1, 2, 0).numpy().astype(float)
         left, top, w, h = box
         ref = Image.fromarray(arr).resize((48, 32), Image.BILINEAR, box=(left, top, left + w, top + h))
         assert np.abs(ours - np.asarray(ref, dtype=float)).mean() < 1.0
@@ -150,17 +153,17 @@ def test_draft_decode_is_close_to_full_decode(monkeypatch):
     arr = _smooth_rgb(640, 480, seed=5, cell=40).astype(float) + rs.normal(0, 4, (480, 640, 3))
     data = _encode(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), "JPEG", quality=95)
     factors = []
-    original = V._decode_pixels
-    monkeypatch.setattr(V, "_decode_pixels", lambda d, im, f: (factors.append(f), original(d, im, f))[1])
+    original = D._decode_pixels
+    monkeypatch.setattr(D, "_decode_pixels", lambda d, im, f: (factors.append(f), original(d, im, f))[1])
     full = original(data, Image.open(io.BytesIO(data)), 1)
     views = [V.clip_view(32), V.ViewSpec(name="small", size=(24, 24), scale=(0.3, 0.6))]
     errors = []
     for seed in range(20):
-        factor, boxes = V.plan_crops(640, 480, views, random.Random(seed))
-        drafted = V.decode_views(data, views, random.Random(seed), allow_draft=True)
+        factor, boxes = D.plan_crops(640, 480, views, random.Random(seed))
+        drafted = D.decode_views(data, views, random.Random(seed), allow_draft=True)
         assert factors[-1] == factor
         for crop, box, view in zip(drafted, boxes, views):
-            reference = V.resize_crop(full, box, view.size)
+            reference = D.resize_crop(full, box, view.size)
             errors.append((crop.float() - reference.float()).abs().mean().item())
     assert max(factors) == 8 and min(factors) >= 2  # the reduced-size path really ran
     assert np.mean(errors) < 1.5 and max(errors) < 3.0
@@ -171,7 +174,7 @@ def test_plan_crops_snaps_boxes_to_the_draft_grid():
     rng = random.Random(3)
     seen = set()
     for _ in range(300):
-        factor, boxes = V.plan_crops(800, 600, views, rng)
+        factor, boxes = D.plan_crops(800, 600, views, rng)
         seen.add(factor)
         for left, top, w, h in boxes:
             assert left % factor == 0 and top % factor == 0 and w % factor == 0 and h % factor == 0
@@ -179,7 +182,7 @@ def test_plan_crops_snaps_boxes_to_the_draft_grid():
             if factor > 1:  # every crop keeps at least its output size on the reduced grid
                 assert w // factor >= 128 and h // factor >= 128
     assert {1, 2, 4} <= seen
-    factor, _ = V.plan_crops(800, 600, views, rng, allow_draft=False)
+    factor, _ = D.plan_crops(800, 600, views, rng, allow_draft=False)
     assert factor == 1
 
 
@@ -194,22 +197,22 @@ def test_image_modes_are_converted():
         _encode(rgb.convert("1"), "PNG"),
         _encode(rgb, "WEBP"),
     ):
-        (out,) = V.decode_views(data, views, random.Random(0))
+        (out,) = D.decode_views(data, views, random.Random(0))
         assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
-    (gray,) = V.decode_views(_encode(rgb.convert("L"), "JPEG"), views, random.Random(0))
+    (gray,) = D.decode_views(_encode(rgb.convert("L"), "JPEG"), views, random.Random(0))
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     # Fully transparent pixels are composited over white, whatever colour they store.
     clear = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
-    (out,) = V.decode_views(_encode(clear, "PNG"), views, random.Random(0))
+    (out,) = D.decode_views(_encode(clear, "PNG"), views, random.Random(0))
     assert out.min().item() == 255
     pal = Image.new("P", (40, 30), 0)
     pal.putpalette([0, 0, 0] * 256)
-    (out,) = V.decode_views(_encode(pal, "PNG", transparency=0), views, random.Random(0))
+    (out,) = D.decode_views(_encode(pal, "PNG", transparency=0), views, random.Random(0))
     assert out.min().item() == 255
     # 16-bit grayscale is rescaled from 0..65535, not clipped at 255.
     deep = Image.fromarray(np.full((30, 40), 32768, dtype=np.uint16))
     assert deep.mode.startswith("I")
-    (out,) = V.decode_views(_encode(deep, "PNG"), views, random.Random(0))
+    (out,) = D.decode_views(_encode(deep, "PNG"), views, random.Random(0))
     assert abs(out.float().mean().item() - 127.5) < 1.5
 
 
@@ -227,7 +230,7 @@ def test_bad_images_are_rejected_with_reasons(monkeypatch):
     bomb = _encode(Image.new("L", (3000, 3000)), "PNG", optimize=True)
     assert len(bomb) < 50_000
     decoded = []
-    monkeypatch.setattr(V, "_decode_pixels", lambda *a: decoded.append(1))
+    monkeypatch.setattr(D, "_decode_pixels", lambda *a: decoded.append(1))
     assert _skip_reason(bomb, views, max_pixels=1_000_000) == E.TOO_MANY_PIXELS
     assert decoded == []
 
@@ -243,42 +246,42 @@ def images() -> torch.Tensor:
 @pytest.mark.parametrize("factor", [0.6, 0.93, 1.4])
 def test_brightness_contrast_saturation_match_torchvision(images, factor):
     f = torch.full((4,), factor)
-    torch.testing.assert_close(V.adjust_brightness(images, f), TF.adjust_brightness(images, factor))
-    torch.testing.assert_close(V.adjust_contrast(images, f), TF.adjust_contrast(images, factor))
-    torch.testing.assert_close(V.adjust_saturation(images, f), TF.adjust_saturation(images, factor))
+    torch.testing.assert_close(A.adjust_brightness(images, f), TF.adjust_brightness(images, factor))
+    torch.testing.assert_close(A.adjust_contrast(images, f), TF.adjust_contrast(images, factor))
+    torch.testing.assert_close(A.adjust_saturation(images, f), TF.adjust_saturation(images, factor))
 
 
 @pytest.mark.parametrize("factor", [-0.5, -0.1, -0.03, 0.0, 0.07, 0.1, 0.5])
 def test_hue_matches_torchvision(images, factor):
     # Include exact ties between channels (greys, saturated primaries) via quantised pixels.
     x = torch.cat([images, (images * 4).round() / 4])
-    ours = V.adjust_hue(x, torch.full((8,), factor))
+    ours = A.adjust_hue(x, torch.full((8,), factor))
     torch.testing.assert_close(ours, TF.adjust_hue(x, factor), atol=1e-5, rtol=0)
 
 
 def test_per_sample_factors_apply_per_sample(images):
     f = torch.tensor([0.7, 1.0, 1.2, 1.4])
-    out = V.adjust_saturation(images, f)
+    out = A.adjust_saturation(images, f)
     for i in range(4):
         torch.testing.assert_close(out[i], TF.adjust_saturation(images[i], float(f[i])))
     h = torch.tensor([-0.1, 0.0, 0.05, 0.1])
-    out = V.adjust_hue(images, h)
+    out = A.adjust_hue(images, h)
     for i in range(4):
         torch.testing.assert_close(out[i], TF.adjust_hue(images[i], float(h[i])), atol=1e-5, rtol=0)
 
 
 def test_grayscale_matches_torchvision(images):
-    torch.testing.assert_close(V.rgb_to_grayscale(images), TF.rgb_to_grayscale(images))
+    torch.testing.assert_close(A.rgb_to_grayscale(images), TF.rgb_to_grayscale(images))
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
 def test_blur_matches_torchvision(images, sigma):
-    ours = V.gaussian_blur(images, torch.full((4,), sigma), 13)
+    ours = A.gaussian_blur(images, torch.full((4,), sigma), 13)
     theirs = TF.gaussian_blur(images, [13, 13], [sigma, sigma])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     # Per-sample sigmas.
     sigmas = torch.tensor([0.3, 1.0, 1.5, 2.0])
-    out = V.gaussian_blur(images, sigmas, 13)
+    out = A.gaussian_blur(images, sigmas, 13)
     for i in range(4):
         ref = TF.gaussian_blur(images[i], [13, 13], [float(sigmas[i])] * 2)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
@@ -295,11 +298,11 @@ def test_color_jitter_order_matches_sequential_torchvision(images):
             y = tv_ops[op](y, float(factors[i, op]))
         expected.append(y)
     expected = torch.stack(expected)
-    torch.testing.assert_close(V.color_jitter(images, factors, order), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A.color_jitter(images, factors, order), expected, atol=1e-5, rtol=0)
     # The slot-grouped implementation used on accelerators gives the same result.
-    torch.testing.assert_close(V._jitter_by_slots(images, factors, order, (True,) * 4), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(A._jitter_by_slots(images, factors, order, (True,) * 4), expected, atol=1e-5, rtol=0)
     # Fixed order = brightness, contrast, saturation, hue.
-    fixed = V.color_jitter(images, factors, None)
+    fixed = A.color_jitter(images, factors, None)
     y = images
     for op in range(4):
         y = torch.stack([tv_ops[op](y[i], float(factors[i, op])) for i in range(4)])
@@ -308,7 +311,7 @@ def test_color_jitter_order_matches_sequential_torchvision(images):
 
 def test_application_rates_and_factor_ranges():
     spec = V.simclr_view(8)
-    aug = V.BatchAugment(V.MethodViews(clip=None, ssl=(spec,)), seed=123)
+    aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(spec,)), seed=123)
     n = 20000
     params = aug.sample_params(n, spec, "cpu")
     for name, p in (("flip", 0.5), ("jitter", 0.8), ("grayscale", 0.2), ("blur", 0.5)):
@@ -325,18 +328,18 @@ def test_application_rates_and_factor_ranges():
     assert len(perms) == 24 and min(perms.values()) > n / 24 * 0.8
     # augment() draws the same way and returns what it applied.
     x = torch.randint(0, 256, (500, 3, 8, 8), dtype=torch.uint8)
-    out, drawn = V.BatchAugment(aug.views, seed=5).augment(x, spec, return_params=True)
+    out, drawn = A.BatchAugment(aug.views, seed=5).augment(x, spec, return_params=True)
     assert out.shape == x.shape and out.dtype == torch.float32
-    again = V.BatchAugment(aug.views, seed=5).sample_params(500, spec, "cpu")
+    again = A.BatchAugment(aug.views, seed=5).sample_params(500, spec, "cpu")
     assert all(torch.equal(drawn[k], again[k]) for k in drawn)
 
 
 def test_batch_augment_applies_what_it_draws():
-    mean = torch.tensor(V.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(V.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(T.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1)
     x = torch.randint(0, 256, (64, 3, 10, 12), dtype=torch.uint8)
     flip_only = V.ViewSpec(name="f", size=(10, 12), scale=(0.5, 1.0), hflip_p=0.5)
-    aug = V.BatchAugment(V.MethodViews(clip=None, ssl=(flip_only,)), seed=0)
+    aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(flip_only,)), seed=0)
     out, params = aug.augment(x, flip_only, return_params=True)
     pixels = out * std + mean
     for i in range(64):
@@ -351,8 +354,8 @@ def test_batch_augment_applies_what_it_draws():
 
 def test_clip_view_is_only_normalised():
     x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    aug = V.BatchAugment(method_views("clip", 16))
-    expected = TF.normalize(x.float() / 255, V.IMAGENET_MEAN, V.IMAGENET_STD)
+    aug = A.BatchAugment(method_views("clip", 16))
+    expected = TF.normalize(x.float() / 255, T.IMAGENET_MEAN, T.IMAGENET_STD)
     torch.testing.assert_close(aug.augment(x, aug.views.clip), expected)
 
 
@@ -360,9 +363,9 @@ def test_cpu_chunking_and_seed_do_not_change_results():
     spec = V.simclr_view(16)
     views = V.MethodViews(clip=None, ssl=(spec,))
     x = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
-    a = V.BatchAugment(views, seed=7, cpu_chunk=1).augment(x, spec)
-    b = V.BatchAugment(views, seed=7, cpu_chunk=64).augment(x, spec)
-    c = V.BatchAugment(views, seed=8).augment(x, spec)
+    a = A.BatchAugment(views, seed=7, cpu_chunk=1).augment(x, spec)
+    b = A.BatchAugment(views, seed=7, cpu_chunk=64).augment(x, spec)
+    c = A.BatchAugment(views, seed=8).augment(x, spec)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(a, c)
 
@@ -376,8 +379,8 @@ def test_masked_blends_give_the_same_views_as_per_sample_subsets(method):
     for spec in views.all:
         x = torch.randint(0, 256, (24, 3, *spec.size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-        subset = V.BatchAugment(views, seed=3, blend=False).augment(x, spec, return_params=True)
-        blended = V.BatchAugment(views, seed=3, blend=True).augment(x, spec, return_params=True)
+        subset = A.BatchAugment(views, seed=3, blend=False).augment(x, spec, return_params=True)
+        blended = A.BatchAugment(views, seed=3, blend=True).augment(x, spec, return_params=True)
         torch.testing.assert_close(blended[0], subset[0], atol=1e-5, rtol=0)
         applied = [k for k in ("flip", "jitter", "grayscale", "blur", "solarize") if k in subset[1]]
         # Ops that hit some rows and miss others are where the two paths could differ.
@@ -393,10 +396,10 @@ def test_forward_on_a_batch_dict():
         "text": torch.zeros(3, 77, dtype=torch.long),
         "key": ["a", "b", "c"],
     }
-    out = V.BatchAugment(mv, seed=0, out_dtype=torch.bfloat16)(batch)
+    out = A.BatchAugment(mv, seed=0, out_dtype=torch.bfloat16)(batch)
     assert out["image"].dtype == torch.bfloat16 and out["image"].shape == (3, 3, 16, 16)
     assert len(out["views"]) == 2 and all(v.dtype == torch.bfloat16 for v in out["views"])
     assert out["text"] is batch["text"] and out["key"] == ["a", "b", "c"]
     assert batch["image"].dtype == torch.uint8  # the input batch is not modified
     with pytest.raises(TypeError):
-        V.BatchAugment(mv).augment(batch["image"].float(), mv.clip)
+        A.BatchAugment(mv).augment(batch["image"].float(), mv.clip)

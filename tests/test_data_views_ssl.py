@@ -15,6 +15,9 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF2
 from PIL import Image, ImageDraw
 
+from slip import transforms as T
+from slip.data import augment as A
+from slip.data import decode as D
 from slip.data import pipeline as P
 from slip.data import views as V
 from slip.data.synthetic import generate_synthetic
@@ -23,8 +26,8 @@ from slip.ssl.masking import BlockMaskGenerator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MEAN = torch.tensor(V.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(V.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(T.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -69,27 +72,27 @@ def _tol(p: float, n: int) -> float:
 
 # ---------------------------------------------------------------------------------- solarize
 def test_solarize_threshold_is_128_of_255():
-    assert V.SOLARIZE_THRESHOLD == pytest.approx(128 / 255, abs=1e-12)
+    assert A.SOLARIZE_THRESHOLD == pytest.approx(128 / 255, abs=1e-12)
 
 
 def test_solarize_matches_torchvision_on_float_images():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 12, 10, generator=g)
     # Also values exactly at and just around the threshold.
-    t = V.SOLARIZE_THRESHOLD
+    t = A.SOLARIZE_THRESHOLD
     edge = torch.tensor([0.0, t - 1e-4, t, t + 1e-4, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
     for images in (x, edge.contiguous()):
-        ours = V.solarize(images)
+        ours = A.solarize(images)
         torch.testing.assert_close(ours, TF2.solarize(images, t), atol=0, rtol=0)
     # A custom threshold is honoured too.
-    torch.testing.assert_close(V.solarize(x, 0.3), TF2.solarize(x, 0.3), atol=0, rtol=0)
-    assert not torch.equal(V.solarize(x), x)
+    torch.testing.assert_close(A.solarize(x, 0.3), TF2.solarize(x, 0.3), atol=0, rtol=0)
+    assert not torch.equal(A.solarize(x), x)
 
 
 def test_solarize_on_uint8_pixels_agrees_with_torchvision_uint8_solarize():
     # Every grey level, in every channel.
     u8 = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16).contiguous()
-    ours = (V.solarize(u8.float() / 255.0) * 255.0).round().to(torch.uint8)
+    ours = (A.solarize(u8.float() / 255.0) * 255.0).round().to(torch.uint8)
     theirs = TF2.solarize(u8, 128)
     assert torch.equal(ours, theirs)
     flat = ours[0, 0].flatten()
@@ -98,14 +101,14 @@ def test_solarize_on_uint8_pixels_agrees_with_torchvision_uint8_solarize():
 
 def test_batch_augment_draws_solarize_per_sample_and_applies_it():
     spec = V.ViewSpec(name="s", size=(8, 8), scale=(0.5, 1.0), solarize_p=0.5)
-    aug = V.BatchAugment(V.MethodViews(clip=None, ssl=(spec,)))
+    aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(spec,)))
     x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     out, params = aug.augment(x, spec, return_params=True, generator=torch.Generator().manual_seed(2))
     assert params["solarize"].shape == (64,) and params["solarize"].dtype == torch.bool
     assert 0 < int(params["solarize"].sum()) < 64
     pixels = _unnormalise(out)
     y = x.float() / 255.0
-    expected = torch.where(params["solarize"].view(-1, 1, 1, 1), TF2.solarize(y, V.SOLARIZE_THRESHOLD), y)
+    expected = torch.where(params["solarize"].view(-1, 1, 1, 1), TF2.solarize(y, A.SOLARIZE_THRESHOLD), y)
     torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
     # A view without solarisation draws no solarize parameter at all.
     plain = dataclasses.replace(spec, solarize_p=0.0)
@@ -114,7 +117,7 @@ def test_batch_augment_draws_solarize_per_sample_and_applies_it():
 
 def test_solarize_is_applied_after_blur():
     spec = V.ViewSpec(name="bs", size=(12, 12), scale=(0.5, 1.0), blur_p=1.0, blur_sigma=(1.5, 1.5), solarize_p=1.0)
-    aug = V.BatchAugment(V.MethodViews(clip=None, ssl=(spec,)))
+    aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(spec,)))
     # Hard 0/255 edges: blurring makes mid-grey values, so the two orders give different images.
     x = torch.zeros(2, 3, 12, 12, dtype=torch.uint8)
     x[:, :, :, 6:] = 255
@@ -122,9 +125,9 @@ def test_solarize_is_applied_after_blur():
     out, params = aug.augment(x, spec, return_params=True, generator=torch.Generator().manual_seed(0))
     assert params["blur"].all() and params["solarize"].all()
     y = x.float() / 255.0
-    k = V.blur_kernel_size(spec.blur_sigma[1])
-    blur_then_solarize = V.solarize(V.gaussian_blur(y, params["blur_sigma"], k))
-    solarize_then_blur = V.gaussian_blur(V.solarize(y), params["blur_sigma"], k)
+    k = A.blur_kernel_size(spec.blur_sigma[1])
+    blur_then_solarize = A.solarize(A.gaussian_blur(y, params["blur_sigma"], k))
+    solarize_then_blur = A.gaussian_blur(A.solarize(y), params["blur_sigma"], k)
     assert (blur_then_solarize - solarize_then_blur).abs().max() > 0.1  # the order is observable
     torch.testing.assert_close(_unnormalise(out), blur_then_solarize, atol=1e-5, rtol=0)
 
@@ -157,7 +160,7 @@ def tiny_images() -> torch.Tensor:
 
 def test_byol_views_draw_each_op_at_its_declared_rate(tiny_images):
     views = V.MethodViews(clip=None, ssl=V.byol_views(8))
-    aug = V.BatchAugment(views, cpu_chunk=512)
+    aug = A.BatchAugment(views, cpu_chunk=512)
     n = tiny_images.shape[0]
     g = torch.Generator().manual_seed(3)
     for spec, (blur_p, solarize_p) in zip(views.ssl, BYOL_BLUR_SOLARIZE):
@@ -196,7 +199,7 @@ def test_byol_views_apply_each_op_at_its_declared_rate_in_the_output(op, tiny_im
                 "blur_p": tuple(b for b, _ in BYOL_BLUR_SOLARIZE), "solarize_p": tuple(s for _, s in BYOL_BLUR_SOLARIZE)}
     for spec, p in zip(V.byol_views(8), declared[op]):
         isolated = dataclasses.replace(spec, **off)
-        aug = V.BatchAugment(V.MethodViews(clip=None, ssl=(isolated,)), seed=17, cpu_chunk=512)
+        aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(isolated,)), seed=17, cpu_chunk=512)
         pixels = _unnormalise(aug.augment(x, isolated))
         changed = (pixels - x.float() / 255.0).abs().amax(dim=(1, 2, 3)) > 1e-4
         rate = _rate(changed)
@@ -228,21 +231,21 @@ def test_plan_crops_gives_the_sharing_view_the_same_box(fmt):
     independent = (views[0], dataclasses.replace(views[1], shares=None))
     factors = set()
     for seed in range(40):
-        factor, boxes = V.plan_crops(im.width, im.height, views, random.Random(seed),
+        factor, boxes = D.plan_crops(im.width, im.height, views, random.Random(seed),
                                      allow_draft=fmt == "JPEG")
         factors.add(factor)
         assert boxes[0] == boxes[1]
         # The sharing view draws nothing: the RNG is left where the first view's draw left it.
         rng_both, rng_first = random.Random(seed), random.Random(seed)
-        V.plan_crops(im.width, im.height, views, rng_both, allow_draft=False)
-        V.plan_crops(im.width, im.height, views[:1], rng_first, allow_draft=False)
+        D.plan_crops(im.width, im.height, views, rng_both, allow_draft=False)
+        D.plan_crops(im.width, im.height, views[:1], rng_first, allow_draft=False)
         assert rng_both.random() == rng_first.random()
     if fmt == "JPEG":
         assert max(factors) > 1  # the snapped (reduced-decode) path is covered too
     # Declared without sharing, the second view draws a box of its own.
     different = sum(
-        V.plan_crops(im.width, im.height, independent, random.Random(seed))[1][0]
-        != V.plan_crops(im.width, im.height, independent, random.Random(seed))[1][1]
+        D.plan_crops(im.width, im.height, independent, random.Random(seed))[1][0]
+        != D.plan_crops(im.width, im.height, independent, random.Random(seed))[1][1]
         for seed in range(40)
     )
     assert different >= 35
@@ -255,12 +258,12 @@ def test_decode_views_small_beit_view_is_the_big_view_resized(fmt):
     independent = (views[0], dataclasses.replace(views[1], shares=None))
     shared_err, indep_err = [], []
     for seed in range(20):
-        big, small = V.decode_views(data, views, random.Random(seed))
+        big, small = D.decode_views(data, views, random.Random(seed))
         assert big.shape == (3, 32, 32) and small.shape == (3, 16, 16)
         assert big.dtype == small.dtype == torch.uint8
         ref = _down(big[None].float(), 16)[0]
         shared_err.append((small.float() - ref).abs().mean().item())
-        big_i, small_i = V.decode_views(data, independent, random.Random(seed))
+        big_i, small_i = D.decode_views(data, independent, random.Random(seed))
         indep_err.append((small_i.float() - _down(big_i[None].float(), 16)[0]).abs().mean().item())
     assert max(shared_err) < 4.0, shared_err
     assert np.mean(shared_err) < 2.5
@@ -270,7 +273,7 @@ def test_decode_views_small_beit_view_is_the_big_view_resized(fmt):
 def _beit_batch(n: int, seed: int = 0) -> dict:
     data = _encode(_scene(), "PNG")
     rng = random.Random(seed)
-    crops = [V.decode_views(data, V.beit_views(32, 16), rng) for _ in range(n)]
+    crops = [D.decode_views(data, V.beit_views(32, 16), rng) for _ in range(n)]
     return {"views": [torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])],
             "key": [str(i) for i in range(n)]}
 
@@ -278,7 +281,7 @@ def _beit_batch(n: int, seed: int = 0) -> dict:
 def test_batch_augment_beit_tokenizer_view_is_unnormalised_float32_with_the_same_draws():
     batch = _beit_batch(24)
     views = V.MethodViews(clip=None, ssl=V.beit_views(32, 16))
-    out = V.BatchAugment(views, out_dtype=torch.bfloat16)(batch, generator=torch.Generator().manual_seed(0))
+    out = A.BatchAugment(views, out_dtype=torch.bfloat16)(batch, generator=torch.Generator().manual_seed(0))
     big, tokens = out["views"]
     assert big.dtype == torch.bfloat16 and big.shape == (24, 3, 32, 32)
     assert tokens.dtype == torch.float32 and tokens.shape == (24, 3, 16, 16)
@@ -292,7 +295,7 @@ def test_batch_augment_beit_tokenizer_view_is_unnormalised_float32_with_the_same
     assert err.max() < 0.045 and err.mean() < 0.02, err
     # Control: the same batch with independent draws for the tokenizer view is far off.
     unshared = V.MethodViews(clip=None, ssl=(views.ssl[0], dataclasses.replace(views.ssl[1], shares=None)))
-    out_i = V.BatchAugment(unshared, out_dtype=torch.bfloat16)(batch, generator=torch.Generator().manual_seed(0))
+    out_i = A.BatchAugment(unshared, out_dtype=torch.bfloat16)(batch, generator=torch.Generator().manual_seed(0))
     err_i = (_down(_unnormalise(out_i["views"][0]), 16) - out_i["views"][1]).abs().mean(dim=(1, 2, 3))
     assert err_i.mean() > 10 * err.mean(), (err_i.mean(), err.mean())
     assert batch["views"][0].dtype == torch.uint8  # the input batch is left alone
@@ -312,18 +315,18 @@ def test_batch_augment_flips_both_beit_views_together():
         return x[..., :4].mean(dim=(1, 2, 3)) > x[..., -4:].mean(dim=(1, 2, 3))
 
     beit = V.MethodViews(clip=None, ssl=V.beit_views(32, 16))
-    out = V.BatchAugment(beit, seed=5)(batch)
+    out = A.BatchAugment(beit, seed=5)(batch)
     f_big, f_small = flipped(_unnormalise(out["views"][0])), flipped(out["views"][1])
     assert 10 < int(f_big.sum()) < n - 10  # both outcomes occur
     assert torch.equal(f_big, f_small)
     # The params handed to the sharing view are the first view's own draws.
-    aug = V.BatchAugment(beit)
+    aug = A.BatchAugment(beit)
     _, p1 = aug.augment(batch["views"][0], beit.ssl[0], return_params=True, generator=torch.Generator().manual_seed(9))
     _, p2 = aug.augment(batch["views"][1], beit.ssl[1], return_params=True, params=p1)
     assert p1.keys() == p2.keys() and all(torch.equal(p1[k], p2[k]) for k in p1)
     # Control: without sharing, the flips disagree on many samples.
     unshared = V.MethodViews(clip=None, ssl=(beit.ssl[0], dataclasses.replace(beit.ssl[1], shares=None)))
-    out_u = V.BatchAugment(unshared, seed=5)(batch)
+    out_u = A.BatchAugment(unshared, seed=5)(batch)
     disagree = flipped(_unnormalise(out_u["views"][0])) != flipped(out_u["views"][1])
     assert int(disagree.sum()) > 10
 
@@ -372,7 +375,7 @@ def test_a_view_sharing_the_clip_view_gets_its_draws():
     tok = V.ViewSpec(name="tok", size=(8, 8), scale=(0.5, 1.0), hflip_p=0.5, shares="clip", normalize=False)
     ramp = torch.arange(16, dtype=torch.uint8).mul(16).expand(64, 3, 16, 16).contiguous()
     small = ramp[:, :, ::2, ::2].contiguous()
-    out = V.BatchAugment(V.MethodViews(clip=clip, ssl=(tok,)), seed=0)({"image": ramp, "views": [small]})
+    out = A.BatchAugment(V.MethodViews(clip=clip, ssl=(tok,)), seed=0)({"image": ramp, "views": [small]})
     big_flipped = out["image"][:, 0, 0, 0] > out["image"][:, 0, 0, -1]
     small_flipped = out["views"][0][:, 0, 0, 0] > out["views"][0][:, 0, 0, -1]
     assert 0 < int(big_flipped.sum()) < 64 and torch.equal(big_flipped, small_flipped)
@@ -445,7 +448,7 @@ def test_pipeline_without_a_mask_has_no_patch_mask(corpus):
 def test_batch_augment_passes_the_patch_mask_through(corpus):
     loader = _loader(corpus)
     batch = next(iter(loader))
-    out = V.BatchAugment(loader.views, out_dtype=torch.bfloat16, seed=0)(batch)
+    out = A.BatchAugment(loader.views, out_dtype=torch.bfloat16, seed=0)(batch)
     assert out["patch_mask"] is batch["patch_mask"]
     assert out["views"][0].dtype == torch.bfloat16 and out["views"][1].dtype == torch.float32
 

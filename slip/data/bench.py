@@ -2,7 +2,7 @@
 
 Runs :func:`slip.data.pipeline.build_loader` on the given shards (resampled mode by default,
 so it never runs dry), applies the batched photometric augmentation
-(:class:`slip.data.views.BatchAugment`) on the chosen device exactly as a trainer would, and
+(:class:`slip.data.augment.BatchAugment`) on the chosen device exactly as a trainer would, and
 prints progress lines followed by one JSON line with the figures::
 
     slip bench-data shards/ --method slip-simclr --workers 2 --seconds 20
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from slip.data.augment import BatchAugment
 from slip.data.images import DEFAULT_MAX_PIXELS
 from slip.data.pipeline import PipelineConfig, build_loader
-from slip.data.views import BatchAugment
 from slip.errors import UserError, command
 from slip.runtime import pick_device
 from slip.ssl import view_method_names

@@ -1,6 +1,6 @@
 """Encoded image bytes -> a checked PIL image -> RGB pixels, one way for shard writing
 (:func:`slip.data.shards.prepare_image`) and for the training loader
-(:func:`slip.data.views.decode_views`), so a file gets the same skip reason and the same
+(:func:`slip.data.decode.decode_views`), so a file gets the same skip reason and the same
 pixels whichever tool reads it.
 
 * :func:`open_image` parses the header only and applies the pixel cap before any pixel is

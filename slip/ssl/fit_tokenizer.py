@@ -27,10 +27,12 @@ from collections.abc import Iterator
 import torch
 from tqdm import tqdm
 
+from slip.data.decode import decode_views
 from slip.data.errors import SampleSkip
+from slip.data.specs import parse_shard_spec
+from slip.data.stages import IMAGE_EXTENSIONS
+from slip.data.views import ViewSpec
 from slip.errors import UserError, command
-from slip.data.pipeline import IMAGE_EXTENSIONS, parse_shard_spec
-from slip.data.views import ViewSpec, decode_views
 from slip.ssl.visual_tokenizers import PATCH_NORMS, KMeansPatchTokenizer
 
 logger = logging.getLogger(__name__)

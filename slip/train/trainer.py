@@ -179,7 +179,7 @@ class Trainer:
                                            ssl_scale=cfg.objective.ssl_scale, gather=cfg.objective.gather)
 
         self.loader = self._build_loader()
-        from ..data.views import BatchAugment
+        from ..data.augment import BatchAugment
 
         self.augment = BatchAugment(self.loader.views, out_dtype=self.rt.amp_dtype or torch.float32).to(self.device)
         self.steps_per_epoch, self.total_steps = schedule_steps(
@@ -216,7 +216,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------
     def _build_loader(self):
-        from ..data.pipeline import PipelineConfig, SlipLoader, parse_shard_spec
+        from ..data.pipeline import PipelineConfig, SlipLoader
+        from ..data.specs import parse_shard_spec
 
         cfg = self.cfg
         size = cfg.data.image_size or self.model.arch.vision.image_size
