@@ -52,13 +52,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import UserError, command
-from .fileio import _fsync_dir, _umask, atomic_path
+from .fileio import _fsync_dir, atomic_path, temporary_dir_beside
 from .models.presets import OPENAI_NORM_EPS, TIMM_NORM_EPS
 from .transforms import IMAGENET_MEAN, OPENAI_MEAN, SLIP_PREPROCESS
 
@@ -299,8 +298,7 @@ class _atomic_folder:
 
     def __enter__(self) -> _Folder:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        os.chmod(self.tmp, 0o777 & ~_umask())
+        self.tmp = temporary_dir_beside(self.out)
         return _Folder(self.tmp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -314,7 +312,7 @@ class _atomic_folder:
             _check_out(self.out, self.overwrite)  # again: something may have appeared meanwhile
             old = None
             if self.out.is_dir() and any(self.out.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))
+                old = temporary_dir_beside(self.out, ".old")
                 os.replace(self.out, old)  # onto the empty folder mkdtemp made
             os.replace(self.tmp, self.out)  # a rename; onto an empty folder where one exists
         except BaseException:

@@ -33,6 +33,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def temporary_dir_beside(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new empty hidden folder beside ``path`` to write into and then rename to ``path``, with
+    the mode a plain mkdir would give it (``tempfile.mkdtemp`` makes 0700 folders, which the
+    rename would carry over)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -214,3 +215,23 @@ def test_a_benchmark_exported_in_clip_benchmarks_layout_reads_back_with_its_labe
     a, b = _zero_shot_of_entry_and_benchmark_dir(catalog, corpus / "benchmark", tmp_path)
     assert a["value"] == pytest.approx(b["value"]) and a["n"] == b["n"]
     assert export_main([str(out), "--benchmark-dir", str(corpus / "benchmark")]) == 2  # never overwrites
+    # The folder gets a plain mkdir's mode (not the temporary folder's private 0700).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_zero_shot_on_an_exported_webdataset_names_it_as_clip_benchmark_does(corpus, tmp_path):
+    from slip.eval.export_benchmark import main as export_main
+    from slip.eval.zero_shot_cli import main
+
+    out = tmp_path / "shapes"
+    assert export_main([str(out), "--benchmark-dir", str(corpus / "benchmark")]) == 0
+    catalog = _catalog(tmp_path, {"shapes": {"type": "wds", "path": str(out), "test": "test"}})
+    torch.manual_seed(0)
+    slip.save_checkpoint(slip.create_model("clip_vit_tiny"), tmp_path / "m.pt")
+    template = str(tmp_path / "cb" / "{dataset}_{pretrained}.json")
+    assert main(["--checkpoint", str(tmp_path / "m.pt"), "--workers", "0", "--no-cache", "--catalog", str(catalog),
+                 "--benchmarks", "shapes", "--out", str(tmp_path / "zs.json"), "--clip-benchmark-out", template]) == 0
+    record = json.loads((tmp_path / "cb" / "wds_shapes_m.json").read_text())
+    assert record["dataset"] == "wds/shapes"  # clip_benchmark's --dataset for this folder

@@ -355,12 +355,29 @@ def test_results_are_also_written_in_clip_benchmarks_layout(tmp_path):
     assert main(["--checkpoint", str(tmp_path / "run7.pt"), "--benchmark-dir", str(tmp_path / "corpus" / "benchmark"),
                  "--workers", "0", "--no-cache", "--out", str(tmp_path / "zs.json"),
                  "--clip-benchmark-out", template]) == 0
-    record = json.loads((tmp_path / "cb" / "synthetic_run7_clip_vit_tiny_en_zeroshot_classification.json").read_text())
+    record = json.loads((tmp_path / "cb" / "wds_synthetic_run7_clip_vit_tiny_en_zeroshot_classification.json").read_text())
     assert {k: record[k] for k in ("dataset", "model", "pretrained", "task", "language")} == {
-        "dataset": "synthetic", "model": "clip_vit_tiny", "pretrained": "run7", "task": "zeroshot_classification",
+        "dataset": "wds/synthetic", "model": "clip_vit_tiny", "pretrained": "run7", "task": "zeroshot_classification",
         "language": "en"}
     ours = json.loads((tmp_path / "zs.json").read_text())["results"]["synthetic"]
     assert record["metrics"]["acc1"] == pytest.approx(ours["value"] / 100)
     assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert 0 <= record["metrics"]["acc1"] <= record["metrics"]["acc5"] <= 1
     assert "logits" not in ours
+
+
+def test_clip_benchmark_records_equal_clip_benchmarks_own_arithmetic():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from slip.eval.zero_shot_cli import clip_benchmark_record
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([250, 200, 90, 40, 20, 0, 0])])
+    logits = torch.randn(600, 7, generator=generator)
+    logits[torch.arange(600), labels] += torch.rand(600, generator=generator) * 2.5
+    metrics = clip_benchmark_record("d", "m", "p", logits, labels)["metrics"]
+    # CLIP_benchmark: float(hits) / n from the top-5, and scikit-learn's balanced accuracy of the argmax.
+    top5 = logits.topk(5, dim=1).indices
+    assert metrics["acc1"] == float((top5[:, 0] == labels).sum()) / 600
+    assert metrics["acc5"] == float((top5 == labels[:, None]).any(dim=1).sum()) / 600
+    assert metrics["mean_per_class_recall"] == balanced_accuracy_score(labels.numpy(), logits.argmax(1).numpy())

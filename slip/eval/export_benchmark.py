@@ -8,8 +8,11 @@ writes ``OUT/classnames.txt`` (one class per line, label order; a class's first 
 ``OUT/<split>/nshards.txt`` with ``OUT/<split>/0.tar, 1.tar ...``: one sample per image with the
 image's bytes as read from the source (``.jpg``/``.png``/``.webp``, re-encoded as PNG only when
 the source is not an image file already) and its label in ``.cls``. CLIP_benchmark evaluates it
-offline with ``clip_benchmark eval --dataset wds/NAME --dataset_root OUT/.. --model
-local-dir:EXPORT`` (see ``slip export``), and slip reads it back as a catalog entry of type ``wds``.
+offline with ``clip_benchmark eval --dataset wds/NAME --dataset_root OUT --model local-dir:EXPORT
+--no_amp`` (``--dataset_root`` is OUT itself, or ``'PARENT/{dataset}'``, which CLIP_benchmark fills
+with NAME; ``--no_amp`` evaluates in float32 as ``slip zero-shot`` does: its default autocast
+rounds the logits and ties change the figures; see ``slip export``), and slip reads it back as a
+catalog entry of type ``wds``.
 Unreadable images of the source are skipped and counted. Written into a temporary sibling folder
 and renamed into place; an existing OUT is refused.
 """
@@ -21,10 +24,10 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError, command
+from ..fileio import temporary_dir_beside
 
 SHARD_SIZE = 1000  # images per tar
 
@@ -65,7 +68,7 @@ def export_benchmark(benchmark, dataset, out: str | os.PathLike, split: str = "t
     if not hasattr(dataset, "_read"):
         raise UserError(f"{benchmark.key}: this dataset type cannot be exported image by image")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temporary_dir_beside(out)
     try:
         (tmp / "classnames.txt").write_text("".join(f"{c[0]}\n" for c in benchmark.class_synonyms), encoding="utf-8")
         (tmp / "zeroshot_classification_templates.txt").write_text(

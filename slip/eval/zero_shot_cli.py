@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slip import distributed as D
@@ -32,9 +33,20 @@ from slip.distributed import get_rank, is_distributed
 from slip.errors import UserError, command
 from slip.fileio import atomic_write_text
 from slip.tokenizer import get_tokenizer
-from zero_shot import RETRIEVAL_TYPE, Benchmark, benchmarks_with_catalog, load_benchmarks, load_catalog
+from zero_shot import (
+    RETRIEVAL_TYPE,
+    Benchmark,
+    benchmarks_with_catalog,
+    load_benchmarks,
+    load_catalog,
+)
 
-from .datasets import DatasetNotFoundError, LocalBenchmark, build_dataset, load_benchmark_dir
+from .datasets import (
+    DatasetNotFoundError,
+    LocalBenchmark,
+    build_dataset,
+    load_benchmark_dir,
+)
 from .retrieval import build_retrieval_dataset, evaluate_retrieval
 from .zero_shot import DEFAULT_CACHE_DIR, checkpoint_identity, zero_shot_eval
 
@@ -60,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="results JSON; a CSV with the same stem is written beside it")
     parser.add_argument("--clip-benchmark-out", metavar="TEMPLATE",
                         help="also write each classification result as CLIP_benchmark's JSON (dataset, model, "
-                             "pretrained, task, metrics acc1/acc5/mean_per_class_recall as fractions), to TEMPLATE "
-                             "with {dataset} {model} {pretrained} {language} {task} filled in, like its --output")
+                             "pretrained, task, metrics acc1/acc5/mean_per_class_recall as fractions, computed as it "
+                             "computes them), to TEMPLATE with {dataset} {model} {pretrained} {language} {task} filled "
+                             "in, like its --output; a benchmark read from webdataset shards is named wds/KEY, as "
+                             "clip_benchmark's --dataset names it (slashes become _ in file names)")
     parser.add_argument("--model-name", help="model name in CLIP_benchmark records (default: the architecture)")
     parser.add_argument("--pretrained-name", help="pretrained name in CLIP_benchmark records (default: the "
                                                   "checkpoint's file name without suffix)")
@@ -116,21 +130,32 @@ def _select(requested: str, known: dict[str, Benchmark], catalog: dict[str, dict
 
 def clip_benchmark_record(dataset: str, model_name: str, pretrained: str, logits: torch.Tensor,
                           labels: torch.Tensor) -> dict[str, Any]:
-    """One zero-shot classification result in CLIP_benchmark's JSON layout (metrics as fractions)."""
-    from .metrics import compute_metric
-
-    metrics = {name: compute_metric(metric, logits, labels) / 100
-               for name, metric in (("acc1", "top1"), ("acc5", "top5"), ("mean_per_class_recall", "mean_per_class_recall"))}
+    """One zero-shot classification result in CLIP_benchmark's JSON layout, computed as
+    CLIP_benchmark computes it (so the numbers compare with ``==``): ``acc1`` and ``acc5`` are
+    hits over images from the top-5 classes, ``mean_per_class_recall`` the mean over the classes
+    present of their argmax recall (scikit-learn's balanced accuracy)."""
+    logits, labels = logits.float().cpu(), labels.long().cpu()
+    n = len(labels)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    predicted = logits.argmax(dim=1).numpy()
+    truth = labels.numpy()
+    classes = np.unique(truth)
+    recall = [float(np.sum((truth == c) & (predicted == c))) / float(np.sum(truth == c)) for c in classes]
+    metrics = {"acc1": int(hits[:, 0].sum()) / n, "acc5": int(hits.any(dim=1).sum()) / n,
+               "mean_per_class_recall": float(np.mean(np.asarray(recall, dtype=np.float64)))}
     return {"dataset": dataset, "model": model_name, "pretrained": pretrained, "task": "zeroshot_classification",
             "metrics": metrics, "language": "en"}
 
 
-def _write_clip_benchmark(args: argparse.Namespace, key: str, model, logits: torch.Tensor, labels: torch.Tensor) -> None:
+def _write_clip_benchmark(args: argparse.Namespace, key: str, model, logits: torch.Tensor, labels: torch.Tensor,
+                          webdataset: bool = False) -> None:
     from slip.models import get_architecture, list_models
 
     arch_name = next((n for n in list_models() if get_architecture(n) == model.arch), "slip")
-    record = clip_benchmark_record(key, args.model_name or arch_name, args.pretrained_name or Path(args.checkpoint).stem,
-                                   logits, labels)
+    # CLIP_benchmark names a webdataset benchmark "wds/NAME" (its --dataset argument).
+    record = clip_benchmark_record(f"wds/{key}" if webdataset else key, args.model_name or arch_name,
+                                   args.pretrained_name or Path(args.checkpoint).stem, logits, labels)
     fields = {k: record[k] for k in ("dataset", "model", "pretrained", "language", "task")}
     try:
         path = Path(args.clip_benchmark_out.format(**{k: str(v).replace("/", "_") for k, v in fields.items()}))
@@ -244,7 +269,8 @@ def _evaluate_all(args: argparse.Namespace, known: dict[str, Benchmark], catalog
         if "logits" in result:
             logits, labels = result.pop("logits"), result.pop("labels")
             if main_process and labels.dim() == 1:  # single-label: CLIP_benchmark's classification metrics
-                _write_clip_benchmark(args, key, model, logits, labels)
+                entry = local[key].entry if key in local else catalog[key]
+                _write_clip_benchmark(args, key, model, logits, labels, webdataset=entry.get("type") == "wds")
         results[key] = {"name": name, **result}
         rows.extend(_rows(key, name, result))
         if main_process:
