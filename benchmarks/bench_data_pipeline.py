@@ -19,6 +19,9 @@ c. slip's pipeline read from the shards (tar reading, shuffle, caption choice, o
    uint8 crops, batched tokenisation), worker part alone and followed by the batched
    photometric augmentation on CPU (on a GPU that part leaves the CPU entirely); once per
    ``--methods`` entry (the views of SLIP with SimCLR, BYOL / MoCo v3 or BEiT, ...).
+d. the same with ``decode="device"``: the CPU side alone (tar reading, shuffle, caption
+   choice, header and crop boxes, tokenisation); decoding and cutting happen on the training
+   device (``slip.data.decode.DeviceDecoder``), not measured here (see ``slip bench-data``).
 
 Runs are interleaved over ``--rounds`` and the best round is reported (other processes only
 ever slow a run down), both as wall-clock and as CPU-time throughput.
@@ -209,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def slip(augment: bool, method: str) -> Callable[[], int]:
+    def slip(augment: bool, method: str, decode: str = "workers") -> Callable[[], int]:
         config = PipelineConfig(
             method=method, size=args.size, batch_size=args.batch_size, workers=0,
-            shuffle_buffer=100, rank=0, world_size=1,
+            shuffle_buffer=100, rank=0, world_size=1, decode=decode,
         )
         loader = build_loader(str(shard_dir), config, tokenizer=tokenizer)
         aug = BatchAugment(loader.views, seed=0) if augment else None
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         runs[f"c  slip worker part (uint8 views + tokens) [{method}]"] = slip(False, method)
         runs[f"c+ slip worker part + batched augment on CPU [{method}]"] = slip(True, method)
+        runs[f"d  slip worker part, decode on the device (JPEG bytes + boxes + tokens) [{method}]"] = slip(
+            False, method, "device")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for r in range(args.rounds):
         for name, fn in runs.items():
@@ -262,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         c = best[f"c  slip worker part (uint8 views + tokens) [{method}]"]
         cplus = best[f"c+ slip worker part + batched augment on CPU [{method}]"]
+        d = best[f"d  slip worker part, decode on the device (JPEG bytes + boxes + tokens) [{method}]"]
         print(f"[{method}] (c)/(b) worker part: {c[1] / plain_best:.2f}x per CPU-second, "
               f"{c[0] / plain_best_wall:.2f}x wall clock; (c+)/(b) with CPU augmentation: "
-              f"{cplus[1] / plain_best:.2f}x per CPU-second, {cplus[0] / plain_best_wall:.2f}x wall clock")
+              f"{cplus[1] / plain_best:.2f}x per CPU-second, {cplus[0] / plain_best_wall:.2f}x wall clock; "
+              f"(d)/(b) decoding on the device: {d[1] / plain_best:.2f}x per CPU-second ({d[1]:.0f} samples/CPU-s)")
     if tmp is not None:
         tmp.cleanup()
     return 0

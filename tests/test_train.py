@@ -231,6 +231,9 @@ TORCHRUN_CASES = {
     # BEiT's loss is the mean over the masked patches of the global batch on any number of ranks.
     "slip_beit": (["model.name=slip_vit_tiny", "objective.ssl=beit", "objective.tokenizer={tokenizer}"],
                   ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"), ()),
+    # JPEGs decoded and cut on the training device (the CPU here, as nvJPEG would on a GPU).
+    "slip_device_decode": (["model.name=slip_vit_tiny", "data.decode=device"],
+                           ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"), ()),
 }
 
 
@@ -368,3 +371,17 @@ def test_skipped_samples_are_logged_and_carried_over_a_resume(tmp_path):
     assert [full[s]["skipped_samples"] for s in range(1, 7)] == [part[s]["skipped_samples"] for s in range(1, 7)]
     assert full[6]["skipped_samples"] > full[3]["skipped_samples"] > 0  # counted, never dropped silently
     assert resumed.skipped_samples == {"not_an_image": full[6]["skipped_samples"]}
+
+
+def test_decoding_on_the_training_device_trains_like_decoding_in_the_workers(corpus, tmp_path):
+    runs = {}
+    for mode in ("workers", "device"):
+        out = tmp_path / mode
+        train(tiny(corpus, out, "train.max_steps=3", f"data.decode={mode}", "data.workers=0"))
+        runs[mode] = losses_by_step(out)
+    # The same samples, crop boxes and decoder; the resize runs through float on the device side
+    # (pixels within one grey level, tested in test_data_decode_device), so the runs agree closely
+    # at the first step and drift apart only slowly.
+    assert runs["device"][1]["loss"] == pytest.approx(runs["workers"][1]["loss"], rel=1e-3)
+    for step in (2, 3):
+        assert runs["device"][step]["loss"] == pytest.approx(runs["workers"][step]["loss"], rel=1e-2), step

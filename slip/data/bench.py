@@ -12,8 +12,15 @@ JSON fields: ``samples_per_s`` (wall clock, after warm-up), ``samples``, ``secon
 the workers plus the main process when it augments on CPU, at most the CPU count),
 ``per_core_samples_per_s`` (``samples_per_s / cores``), ``samples_per_cpu_s`` (all samples
 over the CPU seconds of the main process and its workers: a per-core figure that does not
-depend on other load on the machine), ``augment_device``, ``method``, ``size``,
-``batch_size``.
+depend on other load on the machine), ``loader_samples_per_cpu_s`` (all samples over the CPU
+seconds of the loader side alone: the workers, or this process inside ``next()`` with
+``--workers 0``; what stays on the CPU when images are decoded on the device), ``decode``
+(``workers``, or ``device``: JPEGs decoded and cut on ``--device``),
+``device_ms_per_batch`` (milliseconds per batch of the device's part: decoding when
+``--decode device``, and the augmentation), ``device_cpu_fallback`` (JPEGs the device decoder
+refused, decoded on the CPU instead), ``augment_device``, ``method``, ``size``, ``batch_size``.
+
+    slip bench-data shards/ --decode device --workers 0 --no-augment   # the loader side per core
 """
 from __future__ import annotations
 
@@ -40,6 +47,12 @@ def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of this process's reaped children (finished DataLoader workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -70,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     ap.add_argument("--no-draft", action="store_true", help="always decode JPEGs at full size")
+    ap.add_argument("--decode", choices=("workers", "device"), default="workers",
+                    help="decode images in the loader workers, or ship JPEGs to --device and decode them there")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -92,8 +107,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         rank=0,
         world_size=1,
+        decode=args.decode,
     )
     loader = build_loader(args.shards, config)
+    decoder = loader.device_decoder(device)
     augment = None if args.no_augment else BatchAugment(loader.views, seed=args.seed).to(device)
     if device.type == "cpu":
         # One core per process: the per-core figure must not hide intra-op threads.
@@ -101,24 +118,40 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     where = "off" if augment is None else device.type
     print(
         f"slip bench-data: {args.shards} method={args.method} size={args.size} batch={args.batch_size} "
-        f"workers={args.workers} mode={args.mode} batched augmentation on: {where}",
+        f"workers={args.workers} mode={args.mode} decode={args.decode} batched augmentation on: {where}",
         flush=True,
     )
     cpu_start = _cpu_seconds()
+    children_start = _children_cpu_seconds()
     samples = batches = total_samples = 0
+    in_process_loader_cpu = device_seconds = 0.0
     warmup = max(0, args.warmup_batches)
     start = time.perf_counter() if warmup == 0 else None
     iterator = iter(loader)
-    for i, batch in enumerate(iterator):
+    seen = 0
+    while True:
+        before = time.process_time()
+        batch = next(iterator, None)
+        in_process_loader_cpu += time.process_time() - before  # workers=0: the whole loader side
+        if batch is None:
+            break
+        seen += 1
         n = len(batch["key"])
         total_samples += n
-        if augment is not None:
-            out = augment(_to_device(batch, device))
+        if decoder is not None or augment is not None:
+            begin = time.perf_counter()
+            out = _to_device(batch, device)
+            if decoder is not None:
+                out = decoder(out)
+            if augment is not None:
+                out = augment(out)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            if seen > warmup:
+                device_seconds += time.perf_counter() - begin
             del out
-        if i < warmup:
-            if i == warmup - 1:  # the clock starts once the warm-up batches are done
+        if seen <= warmup:
+            if seen == warmup:  # the clock starts once the warm-up batches are done
                 start = time.perf_counter()
             continue
         samples += n
@@ -129,6 +162,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # Shut the workers down so their CPU time is accounted (RUSAGE_CHILDREN counts reaped ones).
     del iterator
     cpu = _cpu_seconds() - cpu_start
+    # The loader side alone: the workers' CPU time, or with workers=0 this process's time in next().
+    loader_cpu = _children_cpu_seconds() - children_start if args.workers > 0 else in_process_loader_cpu
     if start is None or samples == 0:
         print("slip bench-data: the pipeline produced too few batches to measure", file=sys.stderr)
     cpu_count = os.cpu_count() or 1
@@ -148,6 +183,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "cores": cores,
         "per_core_samples_per_s": round(rate / cores, 2),
         "samples_per_cpu_s": round(total_samples / cpu, 2) if cpu > 0 else None,
+        "loader_samples_per_cpu_s": round(total_samples / loader_cpu, 2) if loader_cpu > 0 else None,
+        "decode": args.decode,
+        "device_ms_per_batch": round(1000 * device_seconds / batches, 3) if batches and device_seconds else None,
+        "device_cpu_fallback": None if decoder is None else decoder.cpu_fallback,
         "augment_device": where,
         "method": args.method,
         "size": args.size,

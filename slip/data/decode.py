@@ -6,12 +6,15 @@ import math
 import random
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from slip.data.errors import CORRUPT_IMAGE, SampleSkip
 from slip.data.images import DEFAULT_MAX_PIXELS, decode_error, open_image, to_rgb
 from slip.data.views import ViewSpec
 
@@ -224,7 +227,12 @@ def decode_views(
     Raises:
         SampleSkip: the bytes are empty, not an image, corrupt, truncated or too large.
     """
-    im = open_image(data, max_pixels)
+    return _decode_opened(data, open_image(data, max_pixels), views, rng, allow_draft)
+
+
+def _decode_opened(data: bytes, im: Image.Image, views: Sequence[ViewSpec], rng: random.Random,
+                   allow_draft: bool) -> list[torch.Tensor]:
+    """:func:`decode_views` of an image whose header :func:`open_image` has read."""
     width, height = im.size
     factor, boxes = plan_crops(width, height, views, rng, allow_draft=allow_draft and im.format == "JPEG")
     pixels = _decode_pixels(data, im, factor)
@@ -242,3 +250,166 @@ def decode_views(
         ]
         boxes = [(x, y, min(w, dec_w - x), min(h, dec_h - y)) for x, y, w, h in boxes]
     return [resize_crop(pixels, box, v.size) for box, v in zip(boxes, views)]
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding on the training device (data.decode=device)
+# --------------------------------------------------------------------------------------------
+def device_decodable(data: bytes, im: Image.Image) -> bool:
+    """Whether the training device's JPEG decoder takes the image: a JPEG (baseline or
+    progressive) of 1 or 3 channels that looks complete. Anything else (PNG, WebP, CMYK JPEGs,
+    truncated files) is decoded in the worker."""
+    return im.format == "JPEG" and im.mode in ("RGB", "L") and _ends_with_eoi(data)
+
+
+@dataclass(frozen=True)
+class PlannedViews:
+    """One sample's views as a worker prepares them for decoding on the training device: the
+    JPEG's bytes and every view's crop box ``(left, top, width, height)`` in full-size pixels;
+    or, for an image the device decoder does not take, the views decoded here (``decoded``)."""
+
+    data: bytes | None
+    boxes: tuple[tuple[int, int, int, int], ...]
+    decoded: list[torch.Tensor] | None = None
+
+
+def plan_views(
+    data: bytes,
+    views: Sequence[ViewSpec],
+    rng: random.Random,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_draft: bool = True,
+) -> PlannedViews:
+    """The worker's part of ``data.decode=device``: read the header, draw every view's crop box
+    from ``rng`` exactly as :func:`decode_views` draws them (without the reduced-size decode,
+    which the device decoder cannot do), and leave the decode to :class:`DeviceDecoder`. Images
+    the device decoder does not take (:func:`device_decodable`) are decoded here with
+    :func:`decode_views` (``allow_draft`` applies to them).
+
+    Raises:
+        SampleSkip: the bytes are empty, not an image, too large, or (decoded here) corrupt.
+    """
+    im = open_image(data, max_pixels)
+    if device_decodable(data, im):
+        _, boxes = plan_crops(im.width, im.height, views, rng, allow_draft=False)
+        return PlannedViews(bytes(data), tuple(boxes))
+    return PlannedViews(None, (), _decode_opened(data, im, views, rng, allow_draft))
+
+
+@dataclass
+class EncodedBatch:
+    """A batch's images as workers ship them for ``data.decode=device`` (the ``encoded`` entry
+    of a batch): per sample, the JPEG bytes as a 1-D uint8 tensor and its views' boxes, or the
+    views decoded in the worker. Not a tensor, so moving the batch to the device leaves it on
+    the CPU, where the decoder takes its input."""
+
+    data: list[torch.Tensor | None]
+    boxes: list[tuple[tuple[int, int, int, int], ...]]
+    decoded: dict[int, list[torch.Tensor]]
+
+    @classmethod
+    def collate(cls, planned: Sequence[PlannedViews]) -> EncodedBatch:
+        data = [None if p.data is None else torch.frombuffer(bytearray(p.data), dtype=torch.uint8) for p in planned]
+        decoded = {i: p.decoded for i, p in enumerate(planned) if p.decoded is not None}
+        return cls(data, [p.boxes for p in planned], decoded)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def resize_crop_float(pixels: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """:func:`resize_crop` through float32 (antialiased bilinear, rounded back to uint8), for
+    devices whose antialiased kernel takes no uint8; within one grey level of it."""
+    left, top, w, h = box
+    crop = pixels[:, top : top + h, left : left + w].unsqueeze(0).float()
+    out = F.interpolate(crop, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    return out.expand(3, -1, -1) if out.shape[0] == 1 else out
+
+
+class DeviceDecoder:
+    """The training device's part of ``data.decode=device``: decodes a batch's JPEGs on the
+    device in one call (nvJPEG on CUDA, libjpeg-turbo on the CPU, through torchvision's
+    ``decode_jpeg``), cuts every view's crop from each and resizes it (antialiased bilinear, as
+    the worker path), and puts the views decoded in the workers in their places. The batch comes
+    out as the workers would have made it (``image`` and ``views``, uint8, on the device), ready
+    for :class:`~slip.data.augment.BatchAugment`.
+
+    A JPEG the device cannot decode is decoded on the CPU instead (counted in ``cpu_fallback``);
+    one no decoder can read is counted in ``skips`` as ``corrupt_image`` and its place taken by
+    a copy of the batch's first good sample (image, text and mask), so that every rank keeps
+    the same batch size.
+    """
+
+    def __init__(self, views: Sequence[ViewSpec], device: torch.device | str, *, has_clip: bool,
+                 skips: Any = None) -> None:
+        self.views, self.device, self.has_clip, self.skips = list(views), torch.device(device), has_clip, skips
+        self.cpu_fallback = 0
+        self.replaced = 0
+
+    def _decode_all(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29: moving to torchcodec
+            try:
+                return list(_TV_DECODE_JPEG(data, mode=_TV_RGB, device=self.device))
+            except RuntimeError:  # one bad image fails the whole call: decode them one by one
+                out: list[torch.Tensor | None] = []
+                for one in data:
+                    try:
+                        out.append(_TV_DECODE_JPEG(one, mode=_TV_RGB, device=self.device))
+                    except RuntimeError:
+                        out.append(None)
+                return out
+
+    def _cpu_decode(self, data: torch.Tensor) -> torch.Tensor | None:
+        raw = data.numpy().tobytes()
+        try:
+            im = open_image(raw)
+            return _decode_pixels(raw, im, 1).to(self.device)
+        except SampleSkip:
+            return None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        encoded: EncodedBatch = batch.pop("encoded")
+        n = len(encoded)
+        out = [torch.empty(n, 3, *v.size, dtype=torch.uint8, device=self.device) for v in self.views]
+        rows = [i for i, d in enumerate(encoded.data) if d is not None]
+        images = self._decode_all([encoded.data[i] for i in rows]) if rows else []
+        bad = []
+        for i, image in zip(rows, images):
+            if image is None:
+                image = self._cpu_decode(encoded.data[i])
+                if image is None:
+                    bad.append(i)
+                    continue
+                self.cpu_fallback += 1
+            for view, box, target in zip(self.views, encoded.boxes[i], out):
+                target[i] = resize_crop_float(image, box, view.size)
+        for i, crops in encoded.decoded.items():
+            for crop, target in zip(crops, out):
+                target[i] = crop.to(self.device, non_blocking=True)
+        if bad:
+            self._replace(batch, out, bad, n)
+        if self.has_clip:
+            batch["image"] = out[0]
+            out = out[1:]
+        if out:
+            batch["views"] = out
+        return batch
+
+    def _replace(self, batch: dict[str, Any], out: list[torch.Tensor], bad: list[int], n: int) -> None:
+        good = next((i for i in range(n) if i not in set(bad)), None)
+        if good is None:
+            raise RuntimeError(f"no image of this batch could be decoded (samples {batch.get('key')})")
+        for i in bad:
+            if self.skips is not None:
+                key = batch["key"][i] if "key" in batch else ""
+                self.skips.add(CORRUPT_IMAGE, "decoding on the training device and on the CPU failed; "
+                               "replaced by a copy of another sample of its batch", key)
+            for target in out:
+                target[i] = target[good]
+            for name in ("text", "patch_mask"):
+                if name in batch:
+                    batch[name][i] = batch[name][good]
+            self.replaced += 1

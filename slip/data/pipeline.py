@@ -102,6 +102,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from slip.data.decode import DeviceDecoder
 from slip.data.errors import TAR_ERROR
 from slip.data.images import DEFAULT_MAX_PIXELS
 from slip.data.specs import ShardSource, ShardSpecError, SpecLike, parse_shard_spec
@@ -172,6 +173,10 @@ class PipelineConfig:
         log_interval_s: how often the loader logs skip totals while iterating.
         text_truncation: how captions longer than the context are cut (``keep_eot`` or ``slip``,
             see :func:`slip.tokenizer.get_tokenizer`); used when no ``tokenizer`` is passed.
+        decode: where images are decoded: ``workers`` (the loader's batches hold uint8
+            ``image``/``views``) or ``device`` (JPEGs reach the training device undecoded, with
+            their crop boxes, in the batch's ``encoded`` entry; :class:`slip.data.decode.DeviceDecoder`
+            decodes them there, other images are decoded in the workers).
     """
 
     method: str = "slip-simclr"
@@ -196,6 +201,7 @@ class PipelineConfig:
     persistent_workers: bool = False
     log_interval_s: float = 60.0
     text_truncation: str = "keep_eot"
+    decode: str = "workers"
 
     def resolved_views(self) -> MethodViews:
         """The views this config asks for."""
@@ -298,7 +304,7 @@ def build_dataset(
         DecodeSamples(
             views, counter, seed=config.seed, rank=rank, epoch=epoch,
             max_pixels=config.max_pixels, allow_draft=config.allow_draft, corpus=config.corpus,
-            resampled=config.mode == "resampled",
+            resampled=config.mode == "resampled", decode=config.decode,
         )
     )
     stages.append(Batches(config.batch_size, Collate(views, tokenizer), config.partial_batches))
@@ -532,6 +538,14 @@ class SlipLoader:
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, over all workers so far."""
         return self.counter.counts()
+
+    def device_decoder(self, device: torch.device | str) -> DeviceDecoder | None:
+        """The decoder that finishes this loader's batches on ``device`` when images are decoded
+        there (``decode="device"``; it counts what it cannot decode with the loader's skips), else
+        None: the batches already hold ``image``/``views``."""
+        if self.config.decode != "device":
+            return None
+        return DeviceDecoder(self.views.all, device, has_clip=self.views.clip is not None, skips=self.counter)
 
     def __len__(self) -> int:
         if self.num_batches is None:

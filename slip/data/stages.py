@@ -18,7 +18,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.filters import pick
 
-from slip.data.decode import decode_views
+from slip.data.decode import EncodedBatch, decode_views, plan_views
 from slip.data.errors import (
     BAD_METADATA,
     CAPTION_NOT_UTF8,
@@ -436,9 +436,14 @@ class _ReplayProgress:
         logger.info(self._line().replace("resuming, re-read", "resumed after re-reading"))
 
 
+DECODE_MODES = ("workers", "device")
+
+
 class DecodeSamples:
-    """Pipeline stage: raw samples -> ``{"key", "caption", "views"}`` with uint8 crops; bad
-    samples are counted in ``counter`` and dropped."""
+    """Pipeline stage: raw samples -> ``{"key", "caption", "views"}`` with uint8 crops (``decode``
+    ``workers``), or ``{"key", "caption", "planned"}`` with the JPEG's bytes and its crop boxes for
+    the training device to decode (``device``, :func:`~slip.data.decode.plan_views`); bad samples
+    are counted in ``counter`` and dropped."""
 
     def __init__(
         self,
@@ -452,8 +457,11 @@ class DecodeSamples:
         allow_draft: bool = True,
         corpus: str | None = None,
         resampled: bool = False,
+        decode: str = "workers",
     ) -> None:
-        self.views, self.counter = views, counter
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.views, self.counter, self.decode = views, counter, decode
         self.resampled = resampled
         self.seed, self.rank, self.epoch = seed, rank, epoch
         self.max_pixels, self.allow_draft, self.corpus = max_pixels, allow_draft, corpus
@@ -497,9 +505,8 @@ class DecodeSamples:
                 caption = None
                 if self.views.needs_text:
                     caption = choose_caption(sample, rng, self.corpus or sample.get("__corpus__"))
-                crops = decode_views(
-                    _image_bytes(sample), specs, rng, max_pixels=self.max_pixels, allow_draft=self.allow_draft
-                )
+                make = plan_views if self.decode == "device" else decode_views
+                made = make(_image_bytes(sample), specs, rng, max_pixels=self.max_pixels, allow_draft=self.allow_draft)
                 mask = None if self.views.mask is None else self.views.mask(rng).reshape(-1)
             except SampleSkip as skip:
                 self.counter.add(skip.reason, skip.detail, key)
@@ -508,7 +515,8 @@ class DecodeSamples:
                 self.counter.add(SAMPLE_ERROR, f"{type(exc).__name__}: {exc}", key)
                 logger.debug("unexpected error on sample %s", key, exc_info=True)
                 continue
-            yield {"key": key, "caption": caption, "views": crops, "mask": mask, "position": (pass_no, index)}
+            images = "planned" if self.decode == "device" else "views"
+            yield {"key": key, "caption": caption, images: made, "mask": mask, "position": (pass_no, index)}
 
 
 class Batches:
@@ -532,7 +540,9 @@ class Batches:
 
 
 class Collate:
-    """Stack decoded samples into a batch dict and tokenise the captions in one call."""
+    """Stack decoded samples into a batch dict and tokenise the captions in one call; samples
+    planned for decoding on the training device become the batch's ``encoded`` entry
+    (:class:`~slip.data.decode.EncodedBatch`) instead of ``image`` and ``views``."""
 
     def __init__(self, views: MethodViews, tokenizer: Tokenizer | None) -> None:
         self.views, self.tokenizer = views, tokenizer
@@ -540,10 +550,12 @@ class Collate:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"key": [s["key"] for s in samples], "__position__": samples[-1]["position"]}
         offset = 0
-        if self.views.clip is not None:
+        if "planned" in samples[0]:
+            batch["encoded"] = EncodedBatch.collate([s["planned"] for s in samples])
+        elif self.views.clip is not None:
             batch["image"] = torch.stack([s["views"][0] for s in samples])
             offset = 1
-        if self.views.ssl:
+        if self.views.ssl and "encoded" not in batch:
             batch["views"] = [
                 torch.stack([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
             ]

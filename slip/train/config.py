@@ -51,6 +51,7 @@ class DataConfig:
     workers: int = 4  # dataloader worker processes per rank
     shuffle_buffer: int = 1000  # samples held for shuffling, per worker
     image_size: int | None = None  # None: the model's input size
+    decode: str = "auto"  # workers | device (JPEGs decoded on the training device) | auto: device on GPUs
 
 
 @dataclass
@@ -327,6 +328,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.lr: must be positive")
     if cfg.data.workers < 0:
         raise ConfigError("data.workers: must be 0 or more")
+    if cfg.data.decode not in ("auto", "workers", "device"):
+        raise ConfigError(f"data.decode: {cfg.data.decode!r} is not one of auto, workers, device")
     if cfg.eval.benchmark is None and cfg.eval.knn is None and cfg.eval.every:
         raise ConfigError("eval.every is set but neither eval.benchmark nor eval.knn is")
 

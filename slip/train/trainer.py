@@ -123,17 +123,19 @@ _RESUMABLE_CHANGES = {"train.output_dir", "train.log_every", "train.save_every",
                       "eval.catalog", "eval.every", "eval.batch_size", "eval.knn", "eval.knn_k",
                       "eval.knn_temperature", "model.grad_checkpointing", "model.compile", "train.accum_steps",
                       "train.world_change", "train.init_from"}
-_WARNED_CHANGES = {"train.precision"}
+_WARNED_CHANGES = {"train.precision", "data.decode"}  # data.decode: crops differ by resampling only
 
 
-def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """(key, "key: old -> new") of every setting that differs, resumable ones included."""
+def _config_changes(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[tuple[str, str]]:
+    """(key, "key: old -> new") of every setting that differs, resumable ones included. A setting
+    the saved config lacks (written before it existed) counts as its default (``defaults``)."""
     changes = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         name = prefix + key
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _config_changes(a, b, name + ".")
+            changes += _config_changes(a, b, name + ".", defaults.get(key) if isinstance(defaults.get(key), dict) else None)
         elif a != b:
             changes.append((name, f"{name}: {a!r} -> {b!r}"))
     return changes
@@ -182,6 +184,7 @@ class Trainer:
         from ..data.augment import BatchAugment
 
         self.augment = BatchAugment(self.loader.views, out_dtype=self.rt.amp_dtype or torch.float32).to(self.device)
+        self.decoder = self.loader.device_decoder(self.device)  # None when the workers decode
         self.steps_per_epoch, self.total_steps = schedule_steps(
             _samples_per_epoch(cfg, self.loader.sources), t.batch_size, t.epochs)
         self.last_step = min(self.total_steps, t.max_steps or self.total_steps)
@@ -237,9 +240,14 @@ class Trainer:
             mode="resampled" if cfg.data.resampled else "epoch", shuffle_buffer=cfg.data.shuffle_buffer,
             shuffle_initial=min(100, cfg.data.shuffle_buffer), seed=cfg.train.seed, workers=cfg.data.workers,
             rank=self.rank, world_size=self.world, partial_batches=False, epoch_samples=samples,
-            text_truncation=cfg.model.text_truncation,
+            text_truncation=cfg.model.text_truncation, decode=self._decode_mode(),
         )
         return SlipLoader(cfg.data.train, pipeline)
+
+    def _decode_mode(self) -> str:
+        """``data.decode``, with ``auto`` resolved: decode on the training device when it is a GPU."""
+        mode = self.cfg.data.decode
+        return ("device" if self.device.type == "cuda" else "workers") if mode == "auto" else mode
 
     def _build_validator(self) -> list:
         from .validation import KNNValidator, ZeroShotValidator
@@ -284,6 +292,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> dict:
         batch = self.rt.to_device(batch)
+        if self.decoder is not None:
+            batch = self.decoder(batch)
         # Augmentation draws depend only on (seed, step, global row): the same for any number of
         # ranks, and reproduced exactly after a resume.
         n = batch_size_of(batch)
@@ -366,7 +376,7 @@ class Trainer:
             return False
         ckpt, path = found
         meta = ckpt.meta
-        changes = _config_changes(meta.get("config", {}), self.cfg.to_dict())
+        changes = _config_changes(meta.get("config", {}), self.cfg.to_dict(), defaults=Config().to_dict())
         changed = [text for name, text in changes if name not in _RESUMABLE_CHANGES | _WARNED_CHANGES]
         if changed:
             raise ConfigError(f"{path}: {self.output_dir} holds a run with a different configuration "
