@@ -157,6 +157,48 @@ def augment_milliseconds(shards: str, method: str, *, size: int, batch_size: int
     }
 
 
+def device_decode_milliseconds(images: list[bytes], method: str, *, size: int, device: torch.device,
+                               iterations: int, warmup: int = 2, seed: int = 0) -> dict:
+    """Milliseconds per batch of ``data.decode=device``'s device part alone: one batch of the
+    JPEGs ``images`` (their bytes and each view's crop box, as the workers ship them) decoded in
+    one ``decode_jpeg`` call and cut into ``method``'s views by
+    :class:`~slip.data.decode.DeviceDecoder`, ``warmup + iterations`` times; CUDA events on a GPU,
+    the wall clock on the CPU."""
+    from slip.data.decode import DeviceDecoder, EncodedBatch, plan_views
+    from slip.ssl import method_views
+
+    views = method_views(method, size)
+    rng = random.Random(seed)
+    planned = [plan_views(data, views.all, rng) for data in images]
+    if any(p.data is None for p in planned):
+        raise ValueError("device_decode_milliseconds needs JPEGs the device decoder takes")
+    decoder = DeviceDecoder(views.all, device, has_clip=views.clip is not None)
+    times, events = [], []
+    for i in range(warmup + iterations):
+        batch = {"key": [str(k) for k in range(len(images))], "encoded": EncodedBatch.collate(planned)}
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            decoder(batch)
+            end.record()
+            if i >= warmup:
+                events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            decoder(batch)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    return {
+        "method": method, "views": len(views.all), "batch_size": len(images), "size": size, "device": device.type,
+        "timer": "cuda events" if device.type == "cuda" else "wall clock", "iterations": iterations,
+        "mean_jpeg_bytes": round(sum(map(len, images)) / len(images)),
+        "ms_mean": statistics.fmean(times), "ms_median": statistics.median(times), "ms_min": min(times),
+    }
+
+
 def timed(fn: Callable[[], int]) -> tuple[int, float, float]:
     """Run ``fn`` (returns a sample count); (samples, wall seconds, CPU seconds)."""
     wall, cpu = time.perf_counter(), time.process_time()

@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import random
 import shutil
 import sys
 import tarfile
@@ -30,30 +29,25 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from make_bench_jpegs import source_photos
+from make_bench_jpegs import web_like_jpegs
 
 from slip.data import pipeline as P
 from slip.data import tars
 
 
 def write_corpus(root: Path, shards: int, per_shard: int, seed: int = 0) -> None:
-    """``shards`` tar shards of ``per_shard`` JPEG + caption samples in ``root``."""
-    rng = random.Random(seed)
-    photos = source_photos()
+    """``shards`` tar shards of ``per_shard`` web-like JPEG + caption samples in ``root``."""
     root.mkdir(parents=True, exist_ok=True)
+    photos = iter(web_like_jpegs(shards * per_shard, seed))
     for s in range(shards):
         with tarfile.open(root / f"bench-{s:06d}.tar", "w") as tar:
             for i in range(per_shard):
-                _, photo = rng.choice(photos)
-                scale = rng.choice([500, 640, 800, 1024]) / max(photo.size)
-                image = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))))
-                buf = io.BytesIO()
-                image.save(buf, "JPEG", quality=rng.randint(75, 95))
+                _, data, _, _ = next(photos)
                 key = f"{s:06d}{i:04d}"
-                for name, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.txt", f"photo {key}".encode())):
+                for name, member in ((f"{key}.jpg", data), (f"{key}.txt", f"photo {key}".encode())):
                     info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                    info.size = len(member)
+                    tar.addfile(info, io.BytesIO(member))
 
 
 class _Counted:

@@ -23,7 +23,9 @@ data        ``slip bench-data`` (slip.data.bench) with the augmentation on the d
             synthetic shards the suite writes (``slip make-synthetic``'s code path) into a temp
             dir: end-to-end samples/s of the loader + augmentation; then, per method's views
             (slip.ssl.view_method_names()), the milliseconds per batch of 256 of BatchAugment alone,
-            timed by CUDA events (bench_data_pipeline.augment_milliseconds; wall clock on CPU).
+            timed by CUDA events (bench_data_pipeline.augment_milliseconds; wall clock on CPU);
+            and data.decode=device's device part (one decode_jpeg call for a batch of web-like
+            JPEGs + every view's crops; bench_data_pipeline.device_decode_milliseconds).
 zero_shot   images/s of slip.eval.zero_shot.zero_shot_eval (classifier from the prompts, eval
             loader, fp32 as evaluation runs) against bare ``model.encode_image`` on the same
             images: in fp32, in fp32 with TF32 matmuls (which slip never enables) and under bf16
@@ -319,7 +321,16 @@ def data(ctx: Context) -> dict:
     print(_table(("views of", "views", "batch", "size", "out", "ms/batch (mean)", "median", "min", "timer"),
                  [(a["method"], a["views"], a["batch_size"], a["size"], a["out_dtype"], f"{a['ms_mean']:.2f}",
                    f"{a['ms_median']:.2f}", f"{a['ms_min']:.2f}", a["timer"]) for a in augment]))
-    return {"bench_data": {"argv": argv, **end_to_end}, "augment": augment,
+    # data.decode=device: the device's part (one decode_jpeg call + every view's crops) on a batch
+    # of web-like JPEGs (500-1024 px; the synthetic corpus's images are too small to tell).
+    from make_bench_jpegs import web_like_jpegs
+
+    jpegs = [data for _, data, _, _ in web_like_jpegs(plan.data_batch, seed=0)]
+    decode = data_bench.device_decode_milliseconds(jpegs, "slip-simclr", size=plan.data_size, device=device,
+                                                   iterations=plan.augment_iterations)
+    print(f"device decode (slip-simclr views, {decode['batch_size']} JPEGs of {decode['mean_jpeg_bytes']} bytes): "
+          f"{decode['ms_mean']:.2f} ms/batch (median {decode['ms_median']:.2f}, {decode['timer']})", flush=True)
+    return {"bench_data": {"argv": argv, **end_to_end}, "augment": augment, "device_decode": decode,
             "corpus": {"samples": plan.corpus_samples, "image_size": plan.corpus_image_size}}
 
 
@@ -450,7 +461,8 @@ def _figures(name: str, r: dict) -> str:
     if name == "data":
         slip_views = next(a for a in r["augment"] if a["method"] == "slip-simclr")
         return (f"bench-data {r['bench_data']['samples_per_s']} samples/s; slip-simclr augment "
-                f"{slip_views['ms_mean']:.2f} ms/batch of {slip_views['batch_size']}")
+                f"{slip_views['ms_mean']:.2f} ms/batch of {slip_views['batch_size']}; device decode "
+                f"{r['device_decode']['ms_mean']:.2f} ms/batch")
     if name == "zero_shot":
         p = r["paths"]
         return (f"eval {p['zero_shot_eval (fp32)']['images_per_s']:.1f} img/s vs encode_image "

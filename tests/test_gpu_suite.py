@@ -66,6 +66,9 @@ def test_quick_cpu_run_measures_every_section(tmp_path):
     assert data["bench_data"]["augment_device"] == "cpu"
     assert [a["method"] for a in data["augment"]] == view_method_names()
     assert all(a["ms_mean"] > 0 and a["ms_min"] > 0 for a in data["augment"])
+    decode = data["device_decode"]
+    assert decode["batch_size"] == report["suite"]["plan"]["data_batch"] and decode["ms_mean"] > 0
+    assert decode["mean_jpeg_bytes"] > 10_000  # web-like photos, not the synthetic corpus's thumbnails
 
     # Zero-shot: the evaluation and bare encode_image over the same images.
     zero_shot = sections["zero_shot"]["result"]
