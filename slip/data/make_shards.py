@@ -7,6 +7,7 @@ Examples::
     slip make-shards /data/coco/annotations/captions_train2017.json /data/shards/coco --corpus coco
     slip make-shards captions.tsv /data/shards/mine --image-column filepath --caption-column title
     slip make-shards /data/my_folder /data/shards/mine
+    slip make-shards /data/imagenet/train /data/shards/imagenet --no-captions   # SSL alone
 """
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes decoding and validating images (default: number of CPUs)",
     )
     parser.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
+    parser.add_argument(
+        "--no-captions", action="store_true",
+        help="an image-only corpus for self-supervised training alone (e.g. an ImageNet-style folder): "
+             "captions are neither read nor required, and the shards hold none",
+    )
     parser.add_argument("--corpus", default=None, help="corpus name recorded in index.json")
     parser.add_argument(
         "--image-root", type=Path, default=None, metavar="ROOT",
@@ -139,6 +145,7 @@ def main(argv: list[str]) -> int:
             max_pixels=args.max_pixels,
             jpeg_quality=args.jpeg_quality,
             overwrite=args.overwrite,
+            captions=not args.no_captions,
         )
     except ImportError as exc:  # pyarrow for parquet tables
         raise UserError(f"{args.source}: {exc}") from None

@@ -7,7 +7,9 @@ Layout of an output directory (the streaming pipeline relies on it exactly):
   caption on one line) and ``{key}.json`` (a JSON object with extra fields plus the stored
   image's ``width``/``height``).
 * ``index.json``: ``{"format": "slip-shards/1", "shards": [{"name": ..., "samples": n}, ...],
-  "total_samples": N, "skipped": {reason: count}, "corpus": name-or-null}``.
+  "total_samples": N, "skipped": {reason: count}, "corpus": name-or-null}``, plus
+  ``"captions": false`` for an image-only corpus (``write_shards(captions=False)``, written
+  without ``.txt`` members, for self-supervised training alone).
 
 Both are written crash-safely: a shard is written under a hidden temporary name and renamed
 only once complete, and the index is written last, so an interrupted run never leaves a
@@ -289,7 +291,7 @@ def _resolve_image_ref(image: ImageRef) -> bytes | str:
 @dataclasses.dataclass
 class _Pending:
     key: str
-    caption: str
+    caption: str | None  # None: an image-only corpus (no .txt member)
     extra: Mapping[str, Any]
 
 
@@ -317,15 +319,19 @@ class _ShardSink:
         self._writer: TarWriter | None = None
         self._keys: set[str] = set()
 
-    def add(self, key: str, jpg: bytes, txt: bytes, meta: bytes) -> bool:
-        """Append a sample; returns False (nothing written) if ``key`` repeats within the shard."""
+    def add(self, key: str, jpg: bytes, txt: bytes | None, meta: bytes) -> bool:
+        """Append a sample (without a ``.txt`` member when ``txt`` is None); returns False
+        (nothing written) if ``key`` repeats within the shard."""
         if self._writer is None:
             self._open()
         assert self._writer is not None
         if key in self._keys:
             # Adjacent members with the same key would be merged into one sample by readers.
             return False
-        self._writer.write({"__key__": key, "jpg": jpg, "txt": txt, "json": meta})
+        members = {"__key__": key, "jpg": jpg, "json": meta}
+        if txt is not None:
+            members["txt"] = txt
+        self._writer.write(members)
         self._keys.add(key)
         if len(self._keys) >= self.samples_per_shard:
             self._close()
@@ -463,6 +469,7 @@ def write_shards(
     jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     overwrite: bool = False,
     total: int | None = None,
+    captions: bool = True,
 ) -> dict[str, Any]:
     """Validate ``samples`` and write them as shards plus ``index.json`` into ``out_dir``.
 
@@ -482,6 +489,9 @@ def write_shards(
         overwrite: replace an existing index and shards with this prefix.
         total: number of samples for the progress bar; taken from ``samples.num_samples`` or
             ``len(samples)`` when not given.
+        captions: False writes an image-only corpus (for self-supervised training alone, e.g.
+            an ImageNet-style folder): no ``.txt`` member, captions neither read nor required,
+            and ``"captions": false`` in the index.
 
     Returns:
         The index written to ``out_dir/index.json``.
@@ -541,7 +551,8 @@ def write_shards(
             except (TypeError, ValueError) as exc:
                 skip(meta.key, BAD_METADATA, str(exc))
                 continue
-            if not sink.add(meta.key, result.data, meta.caption.encode("utf-8"), payload.encode("utf-8")):
+            txt = None if meta.caption is None else meta.caption.encode("utf-8")
+            if not sink.add(meta.key, result.data, txt, payload.encode("utf-8")):
                 skip(meta.key, DUPLICATE_KEY)
                 continue
             reencoded += result.reencoded
@@ -563,7 +574,7 @@ def write_shards(
         for sample in samples:
             key = clean_key(sample.key)
             try:
-                caption = normalise_caption(sample.caption)
+                caption = normalise_caption(sample.caption) if captions else None
                 ref = _resolve_image_ref(sample.image)
             except SampleSkip as exc:
                 skip(key, exc.reason, exc.detail)
@@ -598,6 +609,8 @@ def write_shards(
         "skipped": dict(sorted(skipped.items())),
         "corpus": corpus,
     }
+    if not captions:
+        index["captions"] = False
     write_json_atomic(out / INDEX_NAME, index)
     logger.info(
         "wrote %d samples in %d shards to %s (%d re-encoded)",

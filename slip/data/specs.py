@@ -31,6 +31,7 @@ class ShardSource:
         corpus: corpus name from the index (``yfcc15m``, ``cc3m``, ...) or None.
         num_samples: total samples from the index, or None when unknown.
         name: the spec text this source came from.
+        captions: False when the index says the corpus is image-only (``make-shards --no-captions``).
     """
 
     urls: tuple[str, ...]
@@ -38,6 +39,7 @@ class ShardSource:
     corpus: str | None = None
     num_samples: int | None = None
     name: str = ""
+    captions: bool = True
 
 
 def _split_top_level(spec: str) -> list[str]:
@@ -82,7 +84,8 @@ def _source_from_index(path: str, weight: float, name: str) -> ShardSource:
     if not urls:
         raise ShardSpecError(f"{path}: the index lists no shards")
     total = index.get("total_samples")
-    return ShardSource(tuple(urls), weight, index.get("corpus"), int(total) if total is not None else None, name)
+    return ShardSource(tuple(urls), weight, index.get("corpus"), int(total) if total is not None else None, name,
+                       captions=index.get("captions", True) is not False)
 
 
 def _resolve_source(text: str, weight: float) -> ShardSource:

@@ -226,6 +226,11 @@ class Trainer:
         size = cfg.data.image_size or self.model.arch.vision.image_size
         # Every rank must see the same number of batches per epoch: the epoch length is fixed.
         sources = parse_shard_spec(cfg.data.train)
+        image_only = [s.name for s in sources if not s.captions]
+        if image_only and cfg.objective.clip:
+            raise ConfigError(f"data.train: {', '.join(image_only)} holds no captions (written with make-shards "
+                              "--no-captions); an objective with the image-text loss needs them: set "
+                              "objective.clip=false to train the SSL branch alone, or use a captioned corpus")
         samples = _samples_per_epoch(cfg, sources)
         readers = self.world * max(1, cfg.data.workers)
         for source in sources:
