@@ -98,6 +98,7 @@ def _source(model_or_checkpoint) -> _Source:
 
     model = getattr(model_or_checkpoint, "module", model_or_checkpoint)  # unwrap DDP
     if isinstance(model, SLIPModel):
+        _check_exportable(model.arch, "a SLIPModel")
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return _Source(model.arch, sd, {}, "a SLIPModel")
     if not isinstance(model_or_checkpoint, (str, os.PathLike)):
@@ -105,10 +106,20 @@ def _source(model_or_checkpoint) -> _Source:
     from .checkpoint import CheckpointError, read_checkpoint
 
     ckpt = read_checkpoint(model_or_checkpoint)
+    _check_exportable(ckpt.arch, str(model_or_checkpoint))
     needed = [k for k in ("visual.cls_token", "visual.pos_embed") if k not in ckpt.state_dict]
     if needed:
         raise CheckpointError(f"{model_or_checkpoint}: no image tower (missing {needed})")
     return _Source(ckpt.arch, ckpt.state_dict, ckpt.meta, str(model_or_checkpoint), ckpt.preprocess)
+
+
+def _check_exportable(arch, what: str) -> None:
+    if arch.vision.kind != "vit":
+        from .errors import UserError
+
+        raise UserError(f"{what}: its image tower is a {arch.vision.kind} (timm resnet{arch.vision.depth}); slip "
+                        "exports ViT towers only so far (timm can load the tower's weights: its keys under "
+                        "'visual.' are timm's)")
 
 
 # ---------------------------------------------------------------------------------------- timm

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from slip import create_model
 from slip.distributed import all_gather_with_grad, all_reduce_mean_
 from slip.losses import mocov3_loss, simclr_loss, slip_objective
-from slip.models.batchnorm import GlobalBatchNorm1d
+from slip.models.batchnorm import GlobalBatchNorm1d, GlobalBatchNorm2d
 
 B, D, WORLD = 3, 8, 2
 
@@ -43,6 +43,10 @@ def _batch():
 
 def _bn_input():
     return torch.randn(WORLD * B, 5, generator=torch.Generator().manual_seed(3)) * 2 + 1
+
+
+def _bn2d_input():
+    return torch.randn(WORLD * B, 3, 4, 5, generator=torch.Generator().manual_seed(4)) * 2 + 1
 
 
 def _losses(emb: dict, ssl_scale: float = 0.7) -> dict:
@@ -100,6 +104,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         bn_in = _bn_input()[rows].clone().requires_grad_(True)
         bn_out = bn(bn_in)
         (bn_out * torch.arange(5.0)).square().sum().backward()
+        bn2 = GlobalBatchNorm2d(3)
+        bn2_in = _bn2d_input()[rows].clone().requires_grad_(True)
+        bn2_out = bn2(bn2_in)
+        (bn2_out * torch.arange(3.0).view(1, 3, 1, 1)).square().sum().backward()
 
         logits, labels = _beit_inputs()
         start = sum(MASKED_ROWS[:rank])
@@ -122,6 +130,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "moco": {"loss": moco["loss"].detach(), "acc": moco["ssl_acc"],
                      "grads": {k: moco_in[k].grad for k in ("img", "txt")}},
             "bn": {"out": bn_out.detach(), "grad": bn_in.grad, "state": bn.state_dict()},
+            "bn2d": {"out": bn2_out.detach(), "grad": bn2_in.grad, "state": bn2.state_dict()},
             "beit": {"loss": beit["loss"].detach(), "acc": beit["ssl_acc"].detach(), "grad": beit_in.grad},
             "model_loss": model_loss.detach(),
             "model_grads": {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None},
@@ -186,16 +195,21 @@ def test_ddp_clip_model_matches_single_process_double_batch(ranks):
             assert diff <= 1e-5 * max(1.0, p.grad.abs().max().item()), (name, diff)
 
 
-def test_global_batchnorm_matches_batchnorm_over_the_whole_batch(ranks):
-    bn = torch.nn.BatchNorm1d(5)
-    x = _bn_input().requires_grad_(True)
+@pytest.mark.parametrize(("name", "make", "inputs", "weights"), [
+    ("bn", lambda: torch.nn.BatchNorm1d(5), _bn_input, torch.arange(5.0)),
+    # A ResNet tower's BatchNorm: statistics per channel over the batch and every position.
+    ("bn2d", lambda: torch.nn.BatchNorm2d(3), _bn2d_input, torch.arange(3.0).view(1, 3, 1, 1)),
+])
+def test_global_batchnorm_matches_batchnorm_over_the_whole_batch(ranks, name, make, inputs, weights):
+    bn = make()
+    x = inputs().requires_grad_(True)
     out = bn(x)
-    (out * torch.arange(5.0)).square().sum().backward()
-    assert torch.allclose(torch.cat([r["bn"]["out"] for r in ranks]), out.detach(), atol=1e-5)
-    assert torch.allclose(torch.cat([r["bn"]["grad"] for r in ranks]), x.grad, atol=1e-4)
+    (out * weights).square().sum().backward()
+    assert torch.allclose(torch.cat([r[name]["out"] for r in ranks]), out.detach(), atol=1e-5)
+    assert torch.allclose(torch.cat([r[name]["grad"] for r in ranks]), x.grad, atol=1e-4)
     for key, value in bn.state_dict().items():
         for r in ranks:
-            assert torch.allclose(r["bn"]["state"][key].float(), value.float(), atol=1e-5), key
+            assert torch.allclose(r[name]["state"][key].float(), value.float(), atol=1e-5), key
 
 
 def test_mocov3_loss_over_two_ranks_matches_one_process(ranks):

@@ -231,6 +231,8 @@ TORCHRUN_CASES = {
     # BEiT's loss is the mean over the masked patches of the global batch on any number of ranks.
     "slip_beit": (["model.name=slip_vit_tiny", "objective.ssl=beit", "objective.tokenizer={tokenizer}"],
                   ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"), ()),
+    # A ResNet tower: its BatchNorm statistics cover the global batch of both ranks.
+    "slip_resnet": (["model.name=slip_resnet_tiny"], ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"), ()),
     # JPEGs decoded and cut on the training device (the CPU here, as nvJPEG would on a GPU).
     "slip_device_decode": (["model.name=slip_vit_tiny", "data.decode=device"],
                            ("loss", "clip_loss", "ssl_loss", "clip_acc", "ssl_acc"), ()),
@@ -270,6 +272,13 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path, case):
             width = a.shape[0] // 3
             a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
         if _removed_by_batchnorm(k, w1) or k in zero_gradient:
+            continue
+        if case == "slip_resnet" and k.startswith("visual.") and a.dim() == 4:
+            # A convolution before BatchNorm is scale-invariant: the gradient along its weight is
+            # rounding noise for a few elements, which Adam turns into full-size steps. A few in a
+            # thousand may differ by a few steps; the rest must agree.
+            off = (a - b).abs() > 1e-4
+            assert off.float().mean() < 1e-3 and (a - b).abs().max() < 1e-3, (k, off.sum().item())
             continue
         assert torch.allclose(a, b, atol=1e-4), k
 

@@ -96,7 +96,10 @@ def check_layer(model, layer: str) -> str | int:
     if which == "embedding" and not model.has_text:
         raise UserError("--layer embedding: this model has no text tower, so no projected embedding "
                         "(an image-only model); use --layer pooled")
-    depth = len(model.visual.blocks)
+    if isinstance(which, int) and not hasattr(model.visual, "blocks"):
+        raise UserError(f"--layer {layer}: this image tower ({type(model.visual).__name__}) has no transformer "
+                        "blocks; use --layer pooled")
+    depth = len(model.visual.blocks) if hasattr(model.visual, "blocks") else 0
     if isinstance(which, int) and not -depth <= which < depth:
         raise UserError(f"--layer {layer}: the image tower has {depth} blocks (block:0 to block:{depth - 1})")
     return which

@@ -301,6 +301,9 @@ def _tower_from_file(path: str | os.PathLike) -> tuple[VisionConfig, dict[str, t
             raise err from None  # neither kind: the pretrained reader's message is the useful one
         vision = VisionConfig(**tuned["model"]["vision"])
         return vision, {k: v for k, v in tuned["state_dict"].items() if not k.startswith("head.")}
+    if ckpt.arch.vision.kind != "vit":
+        raise FinetuneError(f"{path}: its image tower is a {ckpt.arch.vision.kind}; slip fine-tunes ViT towers "
+                            "(SLIP's BEiT recipe) only so far")
     prefix = "visual."
     state = {k[len(prefix):]: v for k, v in ckpt.state_dict.items() if k.startswith(prefix)}
     return ckpt.arch.vision, state

@@ -46,6 +46,16 @@ def build_vit(vision: VisionConfig, **kwargs) -> VisionTransformer:
     return VisionTransformer(**{**args, **kwargs})
 
 
+def build_tower(vision: VisionConfig) -> nn.Module:
+    """The image tower of ``vision``: :func:`build_vit`, or timm's ``resnet{depth}`` without its
+    classifier (its forward gives the globally average-pooled ``width``-d feature)."""
+    if vision.kind == "resnet":
+        import timm
+
+        return timm.create_model(f"resnet{vision.depth}", num_classes=0, pretrained=False)
+    return build_vit(vision)
+
+
 class SLIPModel(nn.Module):
     """Image tower + optional text tower (CLIP branch) + optional SSL projection head.
 
@@ -60,7 +70,7 @@ class SLIPModel(nn.Module):
         super().__init__()
         self.arch = arch
         v = arch.vision
-        self.visual = build_vit(v)
+        self.visual = build_tower(v)
         self.vision_width = v.width
         if arch.text is not None:
             t = arch.text
@@ -146,15 +156,17 @@ class SLIPModel(nn.Module):
         """Tower features of several image batches in as few tower calls as possible.
 
         Batches of the same shape are concatenated into one call (the ViT has no batch
-        statistics, so this is exact); results come back in input order. ``masks`` gives, per
-        batch, None or an ``(N, L)`` bool patch mask: masked batches come back as ``(N, L, width)``
-        patch tokens with the SSL method's mask token substituted (BEiT), the others as pooled
+        statistics, so this is exact); a tower with BatchNorm (a ResNet) runs one call per batch
+        instead, so that each view is normalised by its own statistics, as the papers train
+        them. Results come back in input order. ``masks`` gives, per batch, None or an
+        ``(N, L)`` bool patch mask: masked batches come back as ``(N, L, width)`` patch tokens
+        with the SSL method's mask token substituted (BEiT), the others as pooled
         ``(N, width)`` features.
         """
         masks = list(masks) if masks is not None else [None] * len(images)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, x in enumerate(images):
-            groups[tuple(x.shape[1:])].append(i)
+            groups[(i,) if self.arch.vision.has_batchnorm else tuple(x.shape[1:])].append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
         for idx in groups.values():
             x = torch.cat([images[i] for i in idx])
@@ -192,9 +204,10 @@ class SLIPModel(nn.Module):
         ``patch_mask`` the mask it was given, and with ``targets`` the SSL method's targets
         ``ssl_targets`` (the momentum tower's features, tokenizer codes; no gradient).
 
-        Everything here is per-sample (no batch statistics), so features of micro-batches can be
-        computed separately and concatenated; :meth:`forward_heads` (projections, heads, the
-        momentum projector) then sees the whole batch.
+        With a ViT everything here is per-sample (no batch statistics), so features of
+        micro-batches can be computed separately and concatenated; :meth:`forward_heads`
+        (projections, heads, the momentum projector) then sees the whole batch. A tower with
+        BatchNorm is not per-sample (the trainer refuses to split its batches).
         """
         views = list(views) if views is not None else []
         if views and not self.has_ssl_head:

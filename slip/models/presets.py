@@ -23,11 +23,16 @@ def _check_act(where: str, act: str) -> None:
         raise ValueError(f"{where}.act={act!r} is not one of {list(ACTIVATIONS)}")
 
 
+RESNET_WIDTHS = {18: 512, 34: 512, 50: 2048, 101: 2048, 152: 2048}  # timm resnetN's pooled feature size
+
+
 @dataclass(frozen=True)
 class VisionConfig:
-    """A timm VisionTransformer with a class token and no classifier (``num_classes=0``).
+    """The image tower: a timm VisionTransformer with a class token and no classifier
+    (``num_classes=0``), or with ``kind="resnet"`` timm's ``resnet{depth}`` (globally
+    average-pooled ``width``-d feature, BatchNorm; ``heads`` and ``patch_size`` unused).
 
-    The last three fields keep timm's defaults except for towers in OpenAI CLIP's layout
+    The ViT's last three fields keep timm's defaults except for towers in OpenAI CLIP's layout
     (open_clip's own ViT): ``pre_norm`` (OpenAI's ``ln_pre``), ``act="quick_gelu"``, ``norm_eps=1e-5``.
     """
 
@@ -39,9 +44,24 @@ class VisionConfig:
     pre_norm: bool = False  # a LayerNorm after the embeddings (timm's norm_pre); the patch embedding has no bias
     act: str = "gelu"  # the MLPs' activation, one of ACTIVATIONS
     norm_eps: float = TIMM_NORM_EPS  # eps of every LayerNorm of the tower
+    kind: str = "vit"  # vit | resnet
 
     def __post_init__(self) -> None:
         _check_act("vision", self.act)
+        if self.kind not in ("vit", "resnet"):
+            raise ValueError(f"vision.kind={self.kind!r} is not one of ['vit', 'resnet']")
+        if self.kind == "resnet":
+            if self.depth not in RESNET_WIDTHS:
+                raise ValueError(f"vision.depth={self.depth} names no ResNet; one of {sorted(RESNET_WIDTHS)}")
+            if self.width != RESNET_WIDTHS[self.depth]:
+                raise ValueError(f"vision.width={self.width}: ResNet-{self.depth}'s pooled feature has "
+                                 f"{RESNET_WIDTHS[self.depth]} channels")
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether the tower normalises over the batch (a ResNet): features of a sample then
+        depend on its batch, so views are run one call each and micro-batches differ from the batch."""
+        return self.kind == "resnet"
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,10 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     # OpenAI CLIP's layout (see the module doc), at ViT-B/16 and at the tiny test size.
     "vit_b16_openai": VisionConfig(width=768, depth=12, heads=12, **_OPENAI_LAYOUT),
     "vit_tiny_openai": VisionConfig(width=64, depth=2, heads=2, patch_size=8, image_size=32, **_OPENAI_LAYOUT),
+    # timm's ResNet-50 (the field's SSL reference tower; OpenAI's RN50 has a different stem and
+    # attention pooling), and ResNet-18 at 32 px for tests and the CPU.
+    "resnet50": VisionConfig(width=2048, depth=50, heads=0, patch_size=32, image_size=224, kind="resnet"),
+    "resnet_tiny": VisionConfig(width=512, depth=18, heads=0, patch_size=32, image_size=32, kind="resnet"),
 }
 
 TEXT_PRESETS: dict[str, TextConfig] = {
@@ -135,6 +159,8 @@ _SIZES = {
     "vit_tiny": ("tiny", 32),
     "vit_b16_openai": ("base", 512),
     "vit_tiny_openai": ("tiny", 32),
+    "resnet50": ("base", 1024),  # CLIP's RN50 joint embedding size
+    "resnet_tiny": ("tiny", 32),
 }
 _SSL_HEADS = {"base": SSLHeadConfig(), "tiny": SSLHeadConfig(mlp_dim=128, out_dim=32)}
 

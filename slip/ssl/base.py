@@ -161,8 +161,11 @@ class MomentumMethod(SSLMethod):
 
     @torch.no_grad()
     def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The momentum tower's features of each view (per-sample, so micro-batches can be
-        computed apart); the momentum projector runs in :meth:`momentum_projections`."""
+        """The momentum tower's features of each view (per-sample with a ViT, so micro-batches
+        can be computed apart; a tower with BatchNorm runs one call per view, each view with its
+        own statistics); the momentum projector runs in :meth:`momentum_projections`."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.momentum_encoder.modules()):
+            return [self.momentum_encoder(v) for v in views]
         return list(self.momentum_encoder(torch.cat(views)).split([v.shape[0] for v in views]))
 
     @torch.no_grad()

@@ -38,6 +38,9 @@ class BEiT(SSLMethod):
 
     def __init__(self, encoder: nn.Module, width: int, head):
         super().__init__(encoder, width, head)
+        if not hasattr(encoder, "patch_embed"):
+            raise ValueError(f"BEiT masks patch tokens, which a {type(encoder).__name__} tower has none of; "
+                             "use a ViT tower")
         self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
         self.vocab_size = int(head.vocab_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))

@@ -295,6 +295,18 @@ def validate(cfg: Config) -> None:
                           "pick an image-only model (simclr_*)")
     if o.ssl == "none" and arch.ssl_head is not None:
         raise ConfigError(f"objective.ssl is none but model {cfg.model.name!r} has an SSL head; pick a clip_* model")
+    if arch.vision.kind != "vit":
+        # A ResNet tower: no patch tokens, and BatchNorm makes features depend on the batch.
+        if o.ssl == "beit":
+            raise ConfigError(f"objective.ssl: beit masks patch tokens; model {cfg.model.name!r} has a "
+                              f"{arch.vision.kind} tower without any (use a ViT model)")
+        if cfg.model.freeze_patch_embed:
+            raise ConfigError(f"model.freeze_patch_embed: model {cfg.model.name!r} has no patch embedding")
+        if cfg.train.accum_steps > 1:
+            raise ConfigError(f"train.accum_steps={cfg.train.accum_steps}: model {cfg.model.name!r} has BatchNorm "
+                              "in its image tower, so micro-batches would be normalised apart and the step would "
+                              "differ from one over the whole batch; use 1 (and model.grad_checkpointing=true "
+                              "to save memory)")
     if o.ssl_temperature is not None and o.ssl_temperature <= 0:
         raise ConfigError("objective.ssl_temperature: must be positive")
     if o.momentum is not None and not 0 <= o.momentum < 1:
