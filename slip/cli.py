@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "knn": ("slip.eval.knn_cli", "k-nearest-neighbour accuracy of a checkpoint's image tower (any model)"),
     "finetune": ("slip.eval.finetune_cli", "fine-tune the image tower end to end on a benchmark (SLIP's BEiT recipe)"),
     "invariance": ("slip.analysis.cli", "Top-K invariance of a representation to viewpoint, light, instance, occlusion"),
+    "study": ("slip.analysis.study", "a grid of training runs differing in named factors, evaluated alike: table, plots"),
     "bench-data": ("slip.data.bench", "measure the training data pipeline's throughput on shards"),
     "fit-tokenizer": ("slip.ssl.fit_tokenizer", "fit a k-means patch codebook (a BEiT visual tokenizer) on shards"),
     "export-benchmark": ("slip.eval.export_benchmark", "write a classification benchmark in CLIP_benchmark's webdataset layout"),

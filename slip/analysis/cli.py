@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingExtra, UserError, command
+from ..errors import UserError, command
 from ..fileio import atomic_path, atomic_write_text
 from .invariance import DEFAULT_RATE, DEFAULT_TOP_K
+from .plotting import pyplot
 from .render import (
     CATEGORIES,
     DEFAULT_INSTANCES,
@@ -248,21 +249,10 @@ def format_table(report: dict[str, Any]) -> str:
                       *(line.format(*row) for row in body)])
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingExtra("the invariance bar chart (slip invariance score --out)", "matplotlib", "analysis") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_chart(report: dict[str, Any], path: Path) -> None:
     """A bar chart of the report: one panel per K, transformations along x, models side by side,
     each transformation's chance level as a black tick."""
-    plt = _pyplot()
+    plt = pyplot("the invariance bar chart (slip invariance score --out)")
     ks = report["settings"]["top_k"]
     transformations = report["transformations"]
     models = report["models"]
@@ -300,7 +290,7 @@ def _make_set(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     if args.out is not None and not args.no_chart:
-        _pyplot()  # fail before the work, not after it
+        pyplot("the invariance bar chart (slip invariance score --out)")  # fail before the work, not after it
     report = score_models(args)
     print(format_table(report))
     by_reason: dict[str, list[str]] = {}

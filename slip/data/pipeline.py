@@ -103,6 +103,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from slip.data.decode import DeviceDecoder
+from slip.data.degrade import DegradeImages, KeepSubset
 from slip.data.errors import TAR_ERROR
 from slip.data.images import DEFAULT_MAX_PIXELS
 from slip.data.specs import ShardSource, ShardSpecError, SpecLike, parse_shard_spec
@@ -177,6 +178,12 @@ class PipelineConfig:
             ``image``/``views``) or ``device`` (JPEGs reach the training device undecoded, with
             their crop boxes, in the batch's ``encoded`` entry; :class:`slip.data.decode.DeviceDecoder`
             decodes them there, other images are decoded in the workers).
+        subset: keep only the samples whose key hashes below this fraction of (0, 1], before the
+            shuffle buffer: nested subsets, the same in every run (:mod:`slip.data.degrade`);
+            the dropped samples are not skips. None keeps every sample.
+        degrade: corrupt every image before its decode, the same way per sample key and ``seed``
+            (``downsample:K``, ``jpeg:Q``, ``saltpepper:P``, joined by ``+``; see
+            :mod:`slip.data.degrade`); None or ``none`` leaves the images as they are.
     """
 
     method: str = "slip-simclr"
@@ -202,6 +209,8 @@ class PipelineConfig:
     log_interval_s: float = 60.0
     text_truncation: str = "keep_eot"
     decode: str = "workers"
+    subset: float | None = None
+    degrade: str | None = None
 
     def resolved_views(self) -> MethodViews:
         """The views this config asks for."""
@@ -296,10 +305,14 @@ def build_dataset(
     else:
         mix = WeightedMix([wds.DataPipeline(*st) for st in per_source], [s.weight for s in sources], config.seed, rank, epoch)
         stages = [mix]
+    if config.subset is not None:  # before the shuffle buffer: samples outside the subset never enter it
+        stages.append(KeepSubset(config.subset))
     shuffle = None
     if config.shuffle_buffer > 0:
         shuffle = SampleShuffle(config.shuffle_buffer, config.shuffle_initial, config.seed, rank, epoch)
         stages.append(shuffle)
+    if config.degrade is not None:  # after the buffer, whose samples a resume re-reads raw from the shards
+        stages.append(DegradeImages(config.degrade, config.seed, config.max_pixels))
     stages.append(
         DecodeSamples(
             views, counter, seed=config.seed, rank=rank, epoch=epoch,

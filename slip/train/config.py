@@ -52,6 +52,10 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling, per worker
     image_size: int | None = None  # None: the model's input size
     decode: str = "auto"  # workers | device (JPEGs decoded on the training device) | auto: device on GPUs
+    # Studies (slip.data.degrade): keep only the samples whose key hashes below this fraction of
+    # (0, 1] (nested subsets, the same in every run); an epoch counted from the index shrinks with it
+    subset: float | None = None
+    degrade: str | None = None  # corrupt pre-training images: downsample:K | jpeg:Q | saltpepper:P (+ chains) | none
 
 
 @dataclass
@@ -342,6 +346,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.workers: must be 0 or more")
     if cfg.data.decode not in ("auto", "workers", "device"):
         raise ConfigError(f"data.decode: {cfg.data.decode!r} is not one of auto, workers, device")
+    from ..data.degrade import DegradeError, check_subset, parse_degradations
+
+    try:
+        if cfg.data.subset is not None:
+            check_subset(cfg.data.subset)
+        parse_degradations(cfg.data.degrade)
+    except DegradeError as e:
+        raise ConfigError(str(e)) from None
     if cfg.eval.benchmark is None and cfg.eval.knn is None and cfg.eval.every:
         raise ConfigError("eval.every is set but neither eval.benchmark nor eval.knn is")
 

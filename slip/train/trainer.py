@@ -89,7 +89,8 @@ def _samples_per_epoch(cfg: Config, sources) -> int:
     counts = [s.num_samples for s in sources]
     if any(c is None for c in counts):
         raise ConfigError("data.samples_per_epoch: the shards have no index.json with sample counts; set it")
-    return int(sum(counts))
+    # data.subset keeps that share of the samples (slip.data.degrade): an epoch is the subset's expected size
+    return int(sum(counts)) if cfg.data.subset is None else max(1, round(sum(counts) * cfg.data.subset))
 
 
 def _add_counts(*counts: dict) -> dict[str, int]:
@@ -219,6 +220,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------
     def _build_loader(self):
+        from ..data.degrade import parse_degradations
         from ..data.pipeline import PipelineConfig, SlipLoader
         from ..data.specs import parse_shard_spec
 
@@ -246,6 +248,8 @@ class Trainer:
             shuffle_initial=min(100, cfg.data.shuffle_buffer), seed=cfg.train.seed, workers=cfg.data.workers,
             rank=self.rank, world_size=self.world, partial_batches=False, epoch_samples=samples,
             text_truncation=cfg.model.text_truncation, decode=self._decode_mode(),
+            subset=cfg.data.subset,  # checked by config.validate
+            degrade=cfg.data.degrade if parse_degradations(cfg.data.degrade) else None,
         )
         return SlipLoader(cfg.data.train, pipeline)
 
