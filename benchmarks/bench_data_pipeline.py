@@ -106,6 +106,30 @@ def plain_transforms(size: int, pil_blur: bool) -> tuple[Callable, Callable]:
     return clip, simclr
 
 
+def _milliseconds(step: Callable[[int], None], device: torch.device, iterations: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``iterations`` calls ``step(i)`` after ``warmup`` untimed ones: CUDA
+    events recorded around each call on a GPU (device time), the wall clock on the CPU."""
+    times: list[float] = []
+    events = []
+    for i in range(warmup + iterations):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(i)
+            end.record()
+            if i >= warmup:
+                events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            step(i)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    return times
+
+
 def augment_milliseconds(shards: str, method: str, *, size: int, batch_size: int, device: torch.device,
                          iterations: int, warmup: int = 2, workers: int = 0, seed: int = 0,
                          out_dtype: torch.dtype = torch.float32) -> dict:
@@ -130,25 +154,11 @@ def augment_milliseconds(shards: str, method: str, *, size: int, batch_size: int
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else
                  [t.to(device) for t in v] if k == "views" else v) for k, v in batch.items()}
     augment = BatchAugment(views, out_dtype=out_dtype).to(device)
-    times: list[float] = []
-    events = []
-    for i in range(warmup + iterations):
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + i)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            augment(batch, generator=generator)
-            end.record()
-            if i >= warmup:
-                events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            augment(batch, generator=generator)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
+
+    def step(i: int) -> None:
+        augment(batch, generator=torch.Generator(device).manual_seed(seed * 1_000_003 + i))
+
+    times = _milliseconds(step, device, iterations, warmup)
     return {
         "method": method, "views": len(views.all), "batch_size": len(batch["key"]), "size": size,
         "device": device.type, "timer": "cuda events" if device.type == "cuda" else "wall clock",
@@ -173,24 +183,11 @@ def device_decode_milliseconds(images: list[bytes], method: str, *, size: int, d
     if any(p.data is None for p in planned):
         raise ValueError("device_decode_milliseconds needs JPEGs the device decoder takes")
     decoder = DeviceDecoder(views.all, device, has_clip=views.clip is not None)
-    times, events = [], []
-    for i in range(warmup + iterations):
-        batch = {"key": [str(k) for k in range(len(images))], "encoded": EncodedBatch.collate(planned)}
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            decoder(batch)
-            end.record()
-            if i >= warmup:
-                events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            decoder(batch)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
+
+    def step(_: int) -> None:
+        decoder({"key": [str(k) for k in range(len(images))], "encoded": EncodedBatch.collate(planned)})
+
+    times = _milliseconds(step, device, iterations, warmup)
     return {
         "method": method, "views": len(views.all), "batch_size": len(images), "size": size, "device": device.type,
         "timer": "cuda events" if device.type == "cuda" else "wall clock", "iterations": iterations,
