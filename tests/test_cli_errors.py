@@ -182,7 +182,9 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch, tmp_path):
 def _readme_paths() -> list[str]:
     """Every repository path README names in backticks (braces expanded)."""
     text = (ROOT / "README.md").read_text()
-    tops = {p.name for p in ROOT.iterdir()} | {"shared"}
+    # Top-level folders of the repository, not of what runs leave beside it (runs/, .venv/: git-ignored).
+    ignored = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+    tops = {p.name for p in ROOT.iterdir() if p.name not in ignored} | {"shared"}
     paths = []
     for code in re.findall(r"`([^`\n]+)`", text):
         for token in code.split():
