@@ -351,11 +351,6 @@ def set_passes(pipeline: wds.DataPipeline, passes: int = 0) -> None:
                 set_passes(stream, passes)
 
 
-def reset_passes(pipeline: wds.DataPipeline) -> None:
-    """Rewind the per-pass counters (see :func:`set_passes`) to the epoch's start."""
-    set_passes(pipeline, 0)
-
-
 def _stream_not_addressable(stream: Mapping[str, Any] | None, live: Sequence[int]) -> str | None:
     """Why a worker's saved stream state cannot be restored by seeking (None when it can)."""
     if stream is None:
@@ -585,7 +580,6 @@ class SlipLoader:
             turn = (turn + 1) % workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        reset_passes(self.dataset)
         # A new iteration starts the epoch afresh, unless load_state_dict asked to resume.
         pending, self._pending = self._pending, None
         self._positions, self._handed_out = {}, 0

@@ -153,6 +153,8 @@ class MomentumMethod(SSLMethod):
 
     def _init_momentum_branch(self, encoder: nn.Module) -> None:
         self.momentum_encoder = frozen_copy(encoder)
+        # A tower with BatchNorm (a ResNet) normalises each view alone (see target_features).
+        self._views_apart = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules())
         self.momentum_projector = frozen_copy(self.projector)
 
     @property
@@ -164,7 +166,7 @@ class MomentumMethod(SSLMethod):
         """The momentum tower's features of each view (per-sample with a ViT, so micro-batches
         can be computed apart; a tower with BatchNorm runs one call per view, each view with its
         own statistics); the momentum projector runs in :meth:`momentum_projections`."""
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.momentum_encoder.modules()):
+        if self._views_apart:
             return [self.momentum_encoder(v) for v in views]
         return list(self.momentum_encoder(torch.cat(views)).split([v.shape[0] for v in views]))
 
