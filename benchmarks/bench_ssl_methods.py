@@ -23,7 +23,7 @@ simclr_* model with its SSL method swapped, as ``objective.ssl`` does in trainin
 What a step is: the trainer's plain step (slip.train.step.plain_step) on a fixed random batch --
 zero_grad, forward + slip_objective under autocast (bf16) or in fp32, backward, AdamW step
 (the trainer's parameter groups, torch's fused kernel on CUDA), then the SSL method's
-``on_step_end`` (the EMA update of MoCo v3 / BYOL). Data loading and augmentation are not
+``before_optimizer_step`` / ``on_step_end`` (EMA updates, queues, SwAV's prototypes). Data loading and augmentation are not
 included. Inputs (made on the device): normalised-looking randn images at the tower's size
 (in the autocast dtype, as BatchAugment hands them over), random caption tokens with the EOT
 (49407) at a random position, and for a method with a visual tokenizer (BEiT) the tokenizer's
@@ -52,6 +52,9 @@ Columns:
   MFU                 TFLOP/s over the device's peak dense bf16 FLOP/s (PEAK_BF16_FLOPS, by
                       device name); '-' for fp32, an unknown device, or with activation
                       checkpointing (whose count includes the recomputation: that is HFU).
+  state MiB           what the SSL method keeps across steps besides trained weights: its
+                      buffers (MoCo v2's key queue, SwAV's embedding queue, BatchNorm
+                      statistics) and frozen momentum copies of the tower and heads.
   x clip              ratio to the clip row of the same run, batch size and checkpointing
                       setting (samples/s, activations).
 
@@ -85,7 +88,7 @@ from slip.train.optim import build_optimizer
 from slip.train.step import plain_step
 
 SIZES = {"tiny": "vit_tiny", "s16": "vit_s16", "b16": "vit_b16", "l16": "vit_l16"}
-_ORDER = ("simclr", "mocov3", "byol", "beit")  # display order of the methods known when this was written
+_ORDER = ("simclr", "mocov2", "mocov3", "byol", "swav", "beit")  # display order of the methods known when this was written
 SSL_METHODS = tuple([m for m in _ORDER if m in method_names()] + [m for m in method_names() if m not in _ORDER])
 COMBINATIONS = ("clip", *SSL_METHODS, *(f"slip+{m}" for m in SSL_METHODS))
 EOT = 49407  # CLIP's end-of-text id, the highest of the vocabulary
@@ -197,6 +200,15 @@ def random_batch(model, combo: Combination, batch: int, device: torch.device, dt
         if declared.mask is not None:
             out["patch_mask"] = declared.mask.sample_masks(batch, np.random.default_rng(2)).to(device)
     return out
+
+
+def ssl_state_bytes(model) -> int:
+    """Bytes the SSL method keeps from step to step besides what the optimizer trains: its
+    buffers (queues, counters, BatchNorm statistics) and frozen copies (momentum branches)."""
+    if not model.has_ssl_head:
+        return 0
+    kept = [b for b in model.ssl.buffers()] + [p for p in model.ssl.parameters() if not p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in kept)
 
 
 def tower_images(model, combo: Combination) -> int:
@@ -340,6 +352,8 @@ def measure_batches(combo: Combination, batches: list[int], args, device: torch.
                 yield
 
         plain_step(model, batch, objective, forward_context, lambda loss: loss)
+        if combo.ssl is not None:
+            model.ssl.before_optimizer_step(i)
         optimizer.step()
         if combo.ssl is not None:
             model.ssl.on_step_end(i + 1, total_steps, model.visual)
@@ -352,6 +366,7 @@ def measure_batches(combo: Combination, batches: list[int], args, device: torch.
         "tower_images": tower_images(model, combo),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "trainable_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "ssl_state_mib": ssl_state_bytes(model) / 2**20,
     }
     results = []
     for size in batches:
@@ -426,7 +441,7 @@ def format_table(results: list[dict]) -> str:
     size and checkpointing setting."""
     clips = {(r["batch"], r["grad_checkpointing"]): r for r in results if r["combination"] == "clip" and not r["oom"]}
     header = ("combination", "model", "batch", "ckpt", "tower imgs", "params M", "samples/s", "x clip", "ms/step",
-              "peak GiB", "act MiB/sample", "x clip", "TFLOP/s", "MFU")
+              "peak GiB", "act MiB/sample", "x clip", "state MiB", "TFLOP/s", "MFU")
     rows = [header]
     for r in results:
         clip = clips.get((r["batch"], r["grad_checkpointing"]), {})
@@ -439,7 +454,7 @@ def format_table(results: list[dict]) -> str:
             *lead, f"{r['samples_per_s']:.1f}", _ratio(r["samples_per_s"], clip.get("samples_per_s")),
             f"{r['ms_per_step']:.1f}", _fmt(r["peak_gib"], ".2f"), f"{r['activation_mib_per_sample']:.2f}",
             _ratio(r["activation_mib_per_sample"], clip.get("activation_mib_per_sample")),
-            f"{r['tflops_per_s']:.3g}", _fmt(r["mfu"], ".1%", "-"),
+            f"{r['ssl_state_mib']:.1f}", f"{r['tflops_per_s']:.3g}", _fmt(r["mfu"], ".1%", "-"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]

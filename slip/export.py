@@ -40,6 +40,18 @@ key names (its SimCLR head at ``image_mlp.*``), which SLIP's own ``eval_zeroshot
 SimCLR head) exist there; other SSL methods, the tiny preset and towers in OpenAI CLIP's layout
 (or with GELU in the text tower) are refused.
 
+ResNet towers (``*_resnet50``, ``*_resnet_tiny``: timm's ``resnet50`` / ``resnet18``) export to timm
+and open_clip under timm's registered name, so their folders can be moved or uploaded as they are.
+timm: ``config.json`` names ``resnetN`` with no ``model_args`` and the weights are the tower's
+(BatchNorm running statistics included, no ``fc``): ``timm.create_model("local-dir:OUT",
+pretrained=True)`` or ``timm.create_model("resnetN", pretrained=True, num_classes=0,
+pretrained_cfg_overlay=dict(file="OUT/model.safetensors"))`` gives slip's pooled feature (timm's
+global average pool; ``num_classes=0`` because the file holds no classifier, ``num_classes=N`` for
+a new one). open_clip: its timm tower with ``timm_pool: "avg"`` (timm's global average pool, as
+slip's tower) and the same bias-free linear head holding ``image_projection``; image and text
+embeddings equal slip's to float32 rounding. SLIP's layout (``--format slip``) is refused: SLIP's
+code has ViT models only.
+
 Image-only models (SimCLR) have no text tower and cannot be open_clip CLIP models; their tower
 exports to timm. Folders are written atomically (a temporary sibling folder, then a rename) and
 a non-empty OUT is only replaced with ``--overwrite``; the slip format's file likewise (a
@@ -98,7 +110,6 @@ def _source(model_or_checkpoint) -> _Source:
 
     model = getattr(model_or_checkpoint, "module", model_or_checkpoint)  # unwrap DDP
     if isinstance(model, SLIPModel):
-        _check_exportable(model.arch, "a SLIPModel")
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return _Source(model.arch, sd, {}, "a SLIPModel")
     if not isinstance(model_or_checkpoint, (str, os.PathLike)):
@@ -106,20 +117,32 @@ def _source(model_or_checkpoint) -> _Source:
     from .checkpoint import CheckpointError, read_checkpoint
 
     ckpt = read_checkpoint(model_or_checkpoint)
-    _check_exportable(ckpt.arch, str(model_or_checkpoint))
-    needed = [k for k in ("visual.cls_token", "visual.pos_embed") if k not in ckpt.state_dict]
+    marks = ("visual.conv1.weight",) if is_resnet(ckpt.arch.vision) else ("visual.cls_token", "visual.pos_embed")
+    needed = [k for k in marks if k not in ckpt.state_dict]
     if needed:
         raise CheckpointError(f"{model_or_checkpoint}: no image tower (missing {needed})")
     return _Source(ckpt.arch, ckpt.state_dict, ckpt.meta, str(model_or_checkpoint), ckpt.preprocess)
 
 
-def _check_exportable(arch, what: str) -> None:
-    if arch.vision.kind != "vit":
-        from .errors import UserError
+def is_resnet(vision) -> bool:
+    return vision.kind == "resnet"
 
-        raise UserError(f"{what}: its image tower is a {arch.vision.kind} (timm resnet{arch.vision.depth}); slip "
-                        "exports ViT towers only so far (timm can load the tower's weights: its keys under "
-                        "'visual.' are timm's)")
+
+def resnet_timm_name(vision) -> str:
+    """The registered timm model of a ResNet tower (``resnet{depth}``), checked to build exactly
+    slip's tower (:func:`slip.models.model.build_tower`: timm's defaults, no classifier)."""
+    import timm
+
+    from .models.model import build_tower
+
+    name = f"resnet{vision.depth}"
+    with torch.device("meta"):
+        ours, theirs = build_tower(vision), timm.create_model(name, pretrained=False, num_classes=0)
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (ours, theirs)]
+    if shapes[0] != shapes[1] or repr(ours) != repr(theirs):
+        raise UserError(f"the image tower ({vision}) is not timm's registered {name} with its default "
+                        "arguments; no timm or open_clip config can name it")
+    return name
 
 
 # ---------------------------------------------------------------------------------------- timm
@@ -155,10 +178,14 @@ def _tower_signature(model) -> tuple:
 
 
 def registered_timm_name(vision) -> str | None:
-    """The registered timm model that builds exactly this tower (heads included), or None."""
+    """The registered timm model that builds exactly this tower (heads included), or None; a
+    ResNet tower's is :func:`resnet_timm_name`."""
     import timm
 
     from .models.model import build_vit
+
+    if is_resnet(vision):
+        return resnet_timm_name(vision)
 
     with torch.device("meta"):
         want = _tower_signature(build_vit(vision))
@@ -173,27 +200,29 @@ def timm_config(vision, preprocess: dict | None = None) -> dict:
     ``preprocess``: the model's evaluation transform (:attr:`_Source.preprocess`; slip's if None)."""
     size = vision.image_size
     pp = preprocess or SLIP_PREPROCESS
+    resnet = is_resnet(vision)
+    pretrained_cfg = {
+        "tag": "slip",
+        "input_size": [3, size, size],
+        "fixed_input_size": not resnet,  # a ResNet pools any size; the ViT's position embedding is fixed
+        # the evaluation transform: shorter side to S, centre crop S x S.
+        "interpolation": pp["interpolation"],
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": list(pp["mean"]),
+        "std": list(pp["std"]),
+        "num_classes": 0,
+        "pool_size": [max(1, size // 32)] * 2 if resnet else None,
+        "first_conv": "conv1" if resnet else "patch_embed.proj",
+        "classifier": "fc" if resnet else "head",
+    }
     return {
-        "architecture": _base_architecture(vision),
+        "architecture": resnet_timm_name(vision) if resnet else _base_architecture(vision),
         "num_classes": 0,
         "num_features": vision.width,
-        "global_pool": "token",
-        "model_args": timm_model_args(vision),
-        "pretrained_cfg": {
-            "tag": "slip",
-            "input_size": [3, size, size],
-            "fixed_input_size": True,
-            # the evaluation transform: shorter side to S, centre crop S x S.
-            "interpolation": pp["interpolation"],
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "mean": list(pp["mean"]),
-            "std": list(pp["std"]),
-            "num_classes": 0,
-            "pool_size": None,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
+        "global_pool": "avg" if resnet else "token",
+        "model_args": {} if resnet else timm_model_args(vision),
+        "pretrained_cfg": pretrained_cfg,
     }
 
 
@@ -233,7 +262,9 @@ def open_clip_config(arch, timm_model_name: str | None, preprocess: dict | None 
             "image_size": v.image_size,
             "timm_model_name": timm_model_name,
             "timm_model_pretrained": False,
-            "timm_pool": "token",  # the class token, as slip; open_clip's default "avg" is not
+            # ViT: the class token, as slip (open_clip's default "avg" is not); ResNet: timm's
+            # global average pool, as slip's tower
+            "timm_pool": "avg" if is_resnet(v) else "token",
             "timm_proj": "linear",
             "timm_proj_bias": False,
         }
@@ -349,7 +380,9 @@ def _model_card(src: _Source, fmt: str, out: Path, results: dict | None, load: s
              f"# {src.name} ({fmt} export)", "",
              f"A {kind} model trained with slip, exported with `slip export --format {fmt}`.", "",
              "## Model", "",
-             (f"- Image tower: ViT, width {v.width}, depth {v.depth}, {v.heads} heads, patch {v.patch_size}, "
+             (f"- Image tower: timm's ResNet-{v.depth} (`resnet{v.depth}`, BatchNorm), {v.image_size} px images, "
+              f"globally average-pooled {v.width}-d features." if is_resnet(v) else
+              f"- Image tower: ViT, width {v.width}, depth {v.depth}, {v.heads} heads, patch {v.patch_size}, "
               f"{v.image_size} px images, class-token features{' (' + ', '.join(traits) + ')' if traits else ''}.")]
     if a.text is not None and fmt == "open_clip":
         t = a.text
@@ -406,7 +439,7 @@ def export_open_clip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: 
         raise UserError(f"{src.name}: an image-only model (no text tower) cannot become an open_clip CLIP model; "
                         "export its image tower with --format timm")
     native = native_open_clip(src.arch)  # OpenAI CLIP's layout: open_clip's own ViT, no timm config
-    registered = None if native else registered_timm_name(src.arch.vision)
+    registered = None if native else registered_timm_name(src.arch.vision)  # a ResNet's: resnetN
     if native or registered:
         timm_name, note = registered, ""
     elif hub_id:
@@ -438,13 +471,13 @@ def export_timm(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool 
     _check_out(out, overwrite)
     src = _source(model_or_checkpoint)
     cfg = timm_config(src.arch.vision, src.preprocess)
-    args = ", ".join(f"{k}={v!r}" for k, v in cfg["model_args"].items())
+    args = "".join(f", {k}={v!r}" for k, v in cfg["model_args"].items())
     load = ("import timm\n"
             f"model = timm.create_model(\"local-dir:{out}\", pretrained=True)\n"
-            "# or, from the weights file alone:\n"
-            f"model = timm.create_model(\"{cfg['architecture']}\", pretrained=True, num_classes=0, {args},\n"
+            "# or, from the weights file alone (num_classes=0: the file holds no classifier):\n"
+            f"model = timm.create_model(\"{cfg['architecture']}\", pretrained=True, num_classes=0{args},\n"
             f"                          pretrained_cfg_overlay=dict(file=\"{out / TIMM_WEIGHTS}\"))\n"
-            "# fine-tuning: add num_classes=N for a new classifier")
+            "# fine-tuning: num_classes=N instead, for a new classifier")
     with _atomic_folder(out, overwrite) as folder:
         folder.write_json(TIMM_CONFIG, cfg)
         folder.write_safetensors(TIMM_WEIGHTS, _tower_state_dict(src))
@@ -502,6 +535,10 @@ def export_slip(model_or_checkpoint, out: str | os.PathLike, *, overwrite: bool 
     if out.exists() and not overwrite:
         raise UserError(f"{out}: file exists; pass --overwrite to replace it")
     src = _source(model_or_checkpoint)
+    if is_resnet(src.arch.vision):
+        raise UserError(f"{src.name}: cannot be exported in SLIP's layout: its image tower is a ResNet (timm "
+                        f"resnet{src.arch.vision.depth}) and SLIP's code has ViT models only (SLIP_VITS16, B16, "
+                        "L16); use --format timm or open_clip")
     released = released_model_name(src.arch)
     if released is None:
         head = src.arch.ssl_head

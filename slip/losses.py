@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_gather_no_grad, all_gather_with_grad, get_rank
+from .distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_, get_rank
 
 # How clip_loss gathers the other ranks' embeddings (see clip_loss).
 GATHER_MODES = ("with_grad", "slip")
@@ -145,6 +145,74 @@ def mocov3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.
         loss_b, _ = ctr(q2, k1)
         loss = loss_a + loss_b
     return {"loss": loss, "ssl_loss": loss, "ssl_acc": _accuracy(logits_a, labels)}
+
+
+def mocov2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> dict:
+    """MoCo's InfoNCE over a queue of keys (He et al. 2020; MoCo v2, Chen et al. 2020).
+
+    Args:
+        q: (B, D) online queries of view 1; k: (B, D) momentum keys of view 2 (no gradient).
+        queue: (K, D) normalised keys of earlier batches, the negatives.
+    Each query's logits are its own key, then the K queue keys, over the temperature (0.2 in
+    MoCo v2); the loss is the cross-entropy with the positive at index 0, averaged over the
+    local batch (with DDP's averaging, the mean over the global batch). ``ssl_acc``: percent of
+    queries whose best match is their key. Logits are float32.
+    """
+    with _fp32(q):
+        q = F.normalize(_up(q), dim=-1)
+        k = F.normalize(_up(k.detach()), dim=-1)
+        positive = (q * k).sum(dim=1, keepdim=True)
+        logits = torch.cat([positive, q @ _up(queue.detach()).t()], dim=1) / temperature
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        loss = F.cross_entropy(logits, labels)
+    return {"loss": loss, "ssl_loss": loss, "ssl_acc": _accuracy(logits, labels)}
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """SwAV's codes (Caron et al. 2020, Alg. 1 and its distributed form): soft assignments of
+    samples to prototypes with equal use of every prototype over the whole batch.
+
+    ``scores`` (N, K) are this rank's prototype scores; the batch is every rank's rows together
+    (row and total sums are all-reduced), so a rank may hold any share of it. Q = exp(scores /
+    epsilon) is scaled in turn so each prototype's row sums to 1/K and each sample's column to
+    1/N, ``iterations`` times; returned (N, K) with each sample's codes summing to 1. float32.
+    """
+    with _fp32(scores):
+        q = torch.exp(_up(scores).float() / epsilon).t()  # (K, N)
+        prototypes = q.shape[0]
+        total = all_reduce_(torch.tensor([float(q.shape[1])], device=q.device))
+        q /= all_reduce_(q.sum().reshape(1))
+        for _ in range(iterations):
+            q /= all_reduce_(q.sum(dim=1, keepdim=True))  # rows: every prototype gets 1/K of the mass
+            q /= prototypes
+            q /= q.sum(dim=0, keepdim=True)  # columns: every sample gets 1/N
+            q /= total
+        return (q * total).t()
+
+
+def swav_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float = 0.1) -> dict:
+    """SwAV's swapped prediction (Caron et al. 2020): the codes of each crop ``i`` that has
+    them (the large crops) are predicted from every other crop's prototype scores.
+
+    Args:
+        scores: per crop, (B, K) prototype scores of its normalised embedding (all crops).
+        codes: per large crop, (B, K) Sinkhorn codes (no gradient), in crop order.
+    loss = mean over the crops i with codes of [ sum over v != i of
+    -mean_b sum_k codes_i[b, k] log softmax(scores_v[b] / temperature)_k ] / (num_crops - 1).
+    ``ssl_acc``: percent of samples whose second crop's best prototype is the first's code.
+    """
+    with _fp32(scores[0]):
+        total = 0.0
+        for i, q in enumerate(codes):
+            sub = 0.0
+            for v, s in enumerate(scores):
+                if v != i:
+                    sub = sub - (q * F.log_softmax(_up(s) / temperature, dim=1)).sum(dim=1).mean()
+            total = total + sub / (len(scores) - 1)
+        loss = total / len(codes)
+        acc = (scores[1].argmax(dim=1) == codes[0].argmax(dim=1)).float().mean() * 100
+    return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
 
 
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> dict:

@@ -47,6 +47,11 @@ def test_every_combination_runs_and_reports(bench, tmp_path, capsys, one_torch_t
         assert r["samples_per_s"] > 0 and r["activation_mib_per_sample"] > 0 and r["peak_gib"] is None
         assert r["flops_per_step"] > 0 and r["mfu"] is None  # no listed peak for a CPU
     assert by_name["slip+simclr"]["tower_images"] == 3 and by_name["slip+beit"]["tower_images"] == 2
+    assert by_name["slip+swav"]["tower_images"] == 9 and by_name["mocov2"]["tower_images"] == 1
+    # State across steps: none for SimCLR's BatchNorm-only head beyond its statistics; MoCo v2's
+    # queue of 65,536 keys of the tiny head's 32 dimensions (8 MiB) plus its momentum copies.
+    assert by_name["clip"]["ssl_state_mib"] == 0 and by_name["simclr"]["ssl_state_mib"] < 0.1
+    assert 8 < by_name["mocov2"]["ssl_state_mib"] < 9 and by_name["mocov3"]["ssl_state_mib"] > 0.5
     # SLIP keeps CLIP's activations plus those of two more tower passes
     assert by_name["slip+simclr"]["activation_mib_per_sample"] > by_name["clip"]["activation_mib_per_sample"]
 

@@ -341,21 +341,17 @@ def _rank_worker(rank: int, port: int, cfg: FinetuneConfig) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(bench, tmp_path):
-    # Without mixup and drop path every draw is keyed by the image, and the ranks' shares of a
-    # step are the single-process batch of that step: the runs must agree.
+def finetune_on_two_gloo_processes(cfg: FinetuneConfig) -> None:
+    """``finetune(cfg)`` on two forked gloo ranks; fails the test if a rank fails or hangs."""
     import socket
 
     import torch.multiprocessing as mp
 
-    kw = dict(mixup=0.0, cutmix=0.0, max_steps=4)
-    one = finetune(_config(bench, tmp_path / "one", **kw), log_stream=io.StringIO())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: the children need no fresh interpreter importing torch (the parent runs one thread).
-    context = mp.start_processes(_rank_worker, args=(port, _config(bench, tmp_path / "two", **kw)), nprocs=2,
-                                 join=False, start_method="fork")
+    context = mp.start_processes(_rank_worker, args=(port, cfg), nprocs=2, join=False, start_method="fork")
     for _ in range(240):  # join() raises if a rank failed; a hung rank fails the test after 2 minutes
         if context.join(timeout=0.5):
             break
@@ -363,6 +359,14 @@ def test_two_gloo_processes_match_one_process(bench, tmp_path):
         for process in context.processes:
             process.kill()
         pytest.fail("the 2-process run did not finish within 2 minutes")
+
+
+def test_two_gloo_processes_match_one_process(bench, tmp_path):
+    # Without mixup and drop path every draw is keyed by the image, and the ranks' shares of a
+    # step are the single-process batch of that step: the runs must agree.
+    kw = dict(mixup=0.0, cutmix=0.0, max_steps=4)
+    one = finetune(_config(bench, tmp_path / "one", **kw), log_stream=io.StringIO())
+    finetune_on_two_gloo_processes(_config(bench, tmp_path / "two", **kw))
     a, b = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(b) == [1, 2, 3, 4]
     for step in a:

@@ -1,6 +1,7 @@
 """A ResNet image tower (issue 13): timm's resnet50 / resnet18 presets for every objective, each
 view normalised by its own BatchNorm statistics, BatchNorm synchronised over ranks, and clear
-refusals where a ResNet cannot go (BEiT, accumulation, export, fine-tuning)."""
+refusals where a ResNet cannot go (BEiT, accumulation, SLIP's own checkpoint layout). Export,
+fine-tuning and the probes of ResNet towers: tests/test_resnet_eval_export.py."""
 from __future__ import annotations
 
 import pytest
@@ -74,16 +75,17 @@ def test_what_a_resnet_tower_cannot_do_is_refused_naming_the_setting(corpus, tmp
         tiny(corpus, tmp_path / "run", "model.name=slip_resnet_tiny", *overrides)
 
 
-def test_exporting_or_fine_tuning_a_resnet_tower_is_refused_clearly(tmp_path):
+def test_slips_original_layout_is_refused_clearly_and_evaluation_reads_a_resnet_checkpoint(tmp_path):
     from slip.errors import UserError
     from slip.eval.finetune import _tower_from_file
-    from slip.export import export_open_clip
+    from slip.export import export_slip
 
     torch.manual_seed(0)
     slip.save_checkpoint(slip.create_model("clip_resnet_tiny"), tmp_path / "r.pt")
-    with pytest.raises(UserError, match="resnet"):
-        export_open_clip(str(tmp_path / "r.pt"), tmp_path / "out")
-    with pytest.raises(UserError, match="fine-tunes ViT towers"):
-        _tower_from_file(tmp_path / "r.pt")
+    with pytest.raises(UserError, match=r"clip_resnet_tiny: .*a ResNet \(timm resnet18\).*ViT models only"):
+        export_slip(str(tmp_path / "r.pt"), tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+    vision, tower = _tower_from_file(tmp_path / "r.pt")  # fine-tuning reads the tower
+    assert vision.kind == "resnet" and "conv1.weight" in tower and not any(k.startswith("fc.") for k in tower)
     model, _ = slip.load_pretrained(tmp_path / "r.pt")  # evaluation reads it as any checkpoint
     assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 32)

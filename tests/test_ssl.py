@@ -106,7 +106,10 @@ def _run(corpus, out, recipe, *overrides):
     return result, [r for r in records if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("recipe", ["simclr", "mocov3", "byol", "beit"])
+# MoCo v2 is not here: its loss first rises while the queue's random keys give way to real ones
+# and stays near ln(K + 1) for the first epochs (as MoCo's own training logs show); a few dozen
+# steps on this corpus show nothing. tests/test_ssl_swav_mocov2.py shows it learning on a small set.
+@pytest.mark.parametrize("recipe", ["simclr", "mocov3", "byol", "swav", "beit"])
 def test_each_method_lowers_its_loss_on_the_synthetic_corpus(corpus, tokenizer, tmp_path, recipe):
     result, records = _run(corpus, tmp_path / "run", recipe, "train.epochs=4", "optim.lr=2e-3")
     losses = [r["ssl_loss"] for r in records]
@@ -114,6 +117,7 @@ def test_each_method_lowers_its_loss_on_the_synthetic_corpus(corpus, tokenizer, 
     # Batches of 16 make single steps noisy: compare the first and last 16 steps. Measured on the
     # build machine: SimCLR 3.24 -> 2.94, MoCo v3 about 2.2 -> 1.9, BYOL about 2.6 -> 0.7,
     # BEiT (64 k-means codes, ln 64 = 4.16 at chance) 3.70 -> 2.48, masked-code accuracy 17% -> 38%.
+    # SwAV (16 prototypes, 8 crops) about 3.15 -> 2.79.
     first, last = sum(losses[:16]) / 16, sum(losses[-16:]) / 16
     assert last < first * 0.95, (first, last)
     if recipe == "beit":
@@ -122,8 +126,9 @@ def test_each_method_lowers_its_loss_on_the_synthetic_corpus(corpus, tokenizer, 
         assert records[0]["momentum"] < records[-1]["momentum"] <= 1.0
 
 
-@pytest.mark.parametrize("recipe", ["clip", "slip_simclr", "slip_mocov3", "slip_byol", "slip_beit"])
-def test_every_combination_with_clip_trains(corpus, tokenizer, tmp_path, recipe):
+@pytest.mark.parametrize("recipe", ["clip", "slip_simclr", "slip_mocov2", "slip_mocov3", "slip_byol", "slip_swav",
+                                    "slip_beit", "mocov2"])  # (the other methods alone train in the test above)
+def test_every_tiny_recipe_trains(corpus, tokenizer, tmp_path, recipe):
     result, records = _run(corpus, tmp_path / "run", recipe, "train.max_steps=2")
     assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert ("ssl_loss" in records[-1]) == (recipe != "clip")

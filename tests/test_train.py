@@ -170,12 +170,16 @@ _NOT_REPRODUCIBLE = {"kind", "time", "samples_per_s", "data_wait", "peak_mem_gib
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("objective", [pytest.param([], id="clip+simclr"),
-                                       pytest.param(["objective.ssl=mocov3"], id="clip+mocov3")])
+@pytest.mark.parametrize("objective", [
+    pytest.param([], id="clip+simclr"),
+    pytest.param(["objective.ssl=mocov2", "model.ssl_head.queue_size=48"], id="clip+mocov2"),
+    pytest.param(["objective.ssl=swav", "model.ssl_head.prototypes=16", "model.ssl_head.queue_size=32",
+                  "objective.freeze_prototypes_epochs=0.25"], id="clip+swav")])
 def test_sigkill_at_any_moment_then_rerun_reproduces_the_uninterrupted_run(corpus, tmp_path, objective):
-    # Loader workers with shuffle buffers (rebuilt from the re-read samples on resume) and, with
-    # MoCo v3, the momentum branch: all restored so that every logged step and the final weights
-    # equal those of a run that was never killed.
+    # Loader workers with shuffle buffers (rebuilt from the re-read samples on resume); with MoCo
+    # v2, the momentum branch and its queue of keys; with SwAV, multi-crop views, the prototypes
+    # (frozen for 2 steps) and the queue (in use from step 3): all restored so that every logged
+    # step and the final weights equal those of a run that was never killed.
     cfg_args = ["model.name=slip_vit_tiny", *objective, f"data.train={corpus / 'train'}", "data.workers=2",
                 "data.shuffle_buffer=16", "data.samples_per_epoch=128", "train.batch_size=16", "train.epochs=1",
                 "train.precision=fp32", "train.log_every=1", "train.save_every=1", "train.keep_last=2"]

@@ -23,7 +23,9 @@ EXPECTED = {  # recipe prefix -> (lr, weight decay, clip, ssl method, model kind
     "slip": (3e-3, 0.1, True, "simclr", "slip"), "mocov3": (2.4e-3, 0.1, False, "mocov3", "simclr"),
     "byol": (2.4e-3, 0.1, False, "byol", "simclr"), "slip_mocov3": (3e-3, 0.1, True, "mocov3", "slip"),
     "slip_byol": (3e-3, 0.1, True, "byol", "slip"), "beit": (3e-3, 0.05, False, "beit", "simclr"),
-    "slip_beit": (3e-3, 0.1, True, "beit", "slip"),
+    "slip_beit": (3e-3, 0.1, True, "beit", "slip"), "mocov2": (2.4e-3, 0.1, False, "mocov2", "simclr"),
+    "slip_mocov2": (3e-3, 0.1, True, "mocov2", "slip"), "swav": (2.4e-3, 0.1, False, "swav", "simclr"),
+    "slip_swav": (3e-3, 0.1, True, "swav", "slip"),
 }
 
 
@@ -38,8 +40,11 @@ def test_every_recipe_loads_and_validates(recipe):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.clip, cfg.objective.ssl) == (lr, wd, clip, ssl)
     assert cfg.train.epochs == {"yfcc15m": 25, "cc3m": 40, "cc12m": 35}[recipe.parent.name]
     assert cfg.model.name == f"{kind}_vit_{size}"
-    if ssl in ("simclr", "mocov3"):
-        assert cfg.objective.ssl_temperature == {"simclr": 0.1, "mocov3": 0.2}[ssl]
+    if ssl in ("simclr", "mocov2", "mocov3", "swav"):
+        assert cfg.objective.ssl_temperature == {"simclr": 0.1, "mocov2": 0.2, "mocov3": 0.2, "swav": 0.1}[ssl]
+    if ssl in ("mocov2", "swav"):  # the papers' 2048 -> 128 head; MoCo v2's 0.999, SwAV's 3000 prototypes
+        assert (cfg.model.ssl_head.mlp_dim, cfg.model.ssl_head.out_dim) == (2048, 128)
+        assert cfg.objective.momentum == 0.999 if ssl == "mocov2" else cfg.model.ssl_head.prototypes == 3000
     if ssl == "beit":
         assert cfg.objective.tokenizer and cfg.objective.mask_ratio == 0.4
 
@@ -58,9 +63,25 @@ def test_recipes_cover_every_method_size_and_corpus():
         for method in ("clip", "simclr", "slip"):
             for size in ("s16", "b16", "l16"):
                 assert (corpus, f"{method}_vit_{size}") in names
-    for combo in ("mocov3", "byol", "beit", "slip_mocov3", "slip_byol", "slip_beit"):  # every SSL method, alone and in SLIP
+    for combo in ("mocov2", "mocov3", "byol", "swav", "beit", "slip_mocov2", "slip_mocov3", "slip_byol", "slip_swav",
+                  "slip_beit"):  # every SSL method, alone and in SLIP
         assert ("yfcc15m", f"{combo}_vit_b16") in names
         assert ("tiny", combo) in names
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "imagenet").glob("*.yaml")), ids=lambda p: p.stem)
+def test_imagenet_resnet50_recipes_are_their_papers(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model.name == "simclr_resnet50" and not cfg.objective.clip and cfg.train.batch_size == 256
+    assert cfg.train.epochs == 200 and cfg.optim.warmup_epochs == 0 and cfg.optim.momentum == 0.9
+    head = cfg.model.ssl_head
+    if recipe.stem == "mocov2_resnet50":  # SGD 0.03, wd 1e-4, T 0.2, m 0.999, K 65536
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("sgd", 0.03, 1e-4)
+        assert (cfg.objective.ssl_temperature, cfg.objective.momentum, head.queue_size) == (0.2, 0.999, 65536)
+    else:  # SwAV at batch 256: LARS 0.6 -> 0.0006, wd 1e-6, queue 3840 from epoch 15
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("lars", 0.6, 6e-4, 1e-6)
+        assert (head.prototypes, head.queue_size, cfg.objective.queue_start_epoch) == (3000, 3840, 15)
+        assert (cfg.objective.sinkhorn_epsilon, cfg.objective.sinkhorn_iterations) == (0.05, 3)
 
 
 def test_overrides_are_typed_and_win_over_the_file(tmp_path):
@@ -85,7 +106,7 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
     (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
     (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
-    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of beit, byol, mocov3, simclr, none"),
+    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of beit, byol, mocov2, mocov3, simclr, swav, none"),
     (["objective.ssl=beit"], r"objective\.tokenizer: beit needs a visual tokenizer"),
     (["objective.mask_ratio=1.2"], r"objective\.mask_ratio: must be in \(0, 1\)"),
     (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),

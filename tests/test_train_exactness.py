@@ -142,6 +142,8 @@ TWO_RANK_DATA = ["data.workers=2", "data.shuffle_buffer=16", "data.samples_per_e
                  "optim.lr=1e-3", "optim.warmup_epochs=0.25"]
 SLIP = (None, ["model.name=slip_vit_tiny"])  # CLIP + SimCLR
 SLIP_MOCOV3 = (str(ROOT / "configs" / "tiny" / "slip_mocov3.yaml"), [])
+SWAV = (str(ROOT / "configs" / "tiny" / "swav.yaml"), [])  # a queue of 64 = 4 global batches, in use from step 5
+MOCOV2 = (str(ROOT / "configs" / "tiny" / "slip_mocov2.yaml"), [])
 
 
 def _job(tmp, name: str, recipe, *overrides: str, out: bool = True, batches: bool = False) -> dict:
@@ -178,6 +180,9 @@ def two_ranks(corpus, tmp_path_factory):  # noqa: F811
         "edge": _job(tmp, "edge", SLIP, data, "train.max_steps=6"),
         # CLIP + MoCo v3, 2 ranks x 2 micro-batches of 4: gradients synchronised by hand.
         "accum": _job(tmp, "accum", SLIP_MOCOV3, data, "train.accum_steps=2", "train.max_steps=3", batches=True),
+        # Memory across steps: SwAV's queue and Sinkhorn over both ranks, MoCo v2's queue of gathered keys.
+        "swav": _job(tmp, "swav", SWAV, data, "train.max_steps=6", batches=True),
+        "mocov2": _job(tmp, "mocov2", MOCOV2, data, "train.max_steps=4", batches=True),
     }
     (tmp / "jobs.json").write_text(json.dumps(list(jobs.values())))
     proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -236,6 +241,28 @@ def test_two_ranks_accumulating_two_micro_batches_compute_the_one_process_gradie
     one = _replay_on_one_process(two_ranks, "accum", tmp_path, "train.accum_steps=1")
     for step, (got, want) in enumerate(zip(ranks[0]["grads"], one), start=1):
         assert_same_gradients(got, want, rel=1e-3, what=f"step {step}")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", ["swav", "mocov2"])
+def test_two_ranks_with_a_queue_compute_the_one_process_gradient(two_ranks, tmp_path, name):
+    # SwAV: codes by Sinkhorn over both ranks' rows and, from step 5, both ranks' shares of the
+    # queue; MoCo v2: keys of both ranks appended to every rank's queue in rank order. The
+    # queues on rank 0 at the end equal the one-process ones.
+    ranks = two_ranks["records"][name]
+    one = _replay_on_one_process(two_ranks, name, tmp_path)
+    for step, (got, want) in enumerate(zip(ranks[0]["grads"], one), start=1):
+        assert_same_gradients(got, want, rel=1e-3, what=f"{name} step {step}")
+    last = len(one)
+    two = torch.load(two_ranks["dir"] / name / "checkpoints" / f"step-{last:08d}.pt", weights_only=True)["state_dict"]
+    single = torch.load(tmp_path / "one" / "checkpoints" / f"step-{last:08d}.pt", weights_only=True)["state_dict"]
+    queue = "ssl.queue"
+    assert two[queue].abs().sum() > 0 and torch.allclose(two[queue], single[queue], atol=1e-5)
+    if name == "swav":
+        assert int(two["ssl.queue_filled"]) == 64 and torch.allclose(
+            two["ssl.prototypes.weight"].norm(dim=1), torch.ones(16), atol=1e-5)
+    else:
+        assert int(two["ssl.queue_ptr"]) == int(single["ssl.queue_ptr"]) == (16 * last) % 128
 
 
 def _assert_resumed_run_matches_the_full_run(two_ranks, name: str, stopped_at: int):

@@ -1,12 +1,16 @@
-"""Weight-decay groups and the per-step learning-rate schedule."""
+"""Optimizer choice, weight-decay groups, LARS adaptation and the per-step learning-rate schedule."""
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
+import torch
+from timm.optim import Lars
+from torch import nn
 
 import slip
-from slip.train.config import OptimConfig
+from slip.train.config import ConfigError, OptimConfig, load_config
 from slip.train.optim import build_optimizer, build_schedule, schedule_steps
 
 
@@ -47,3 +51,162 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
 def test_an_epoch_smaller_than_one_batch_is_refused():
     with pytest.raises(ValueError, match="smaller than one global batch"):
         schedule_steps(samples_per_epoch=10, global_batch=64, epochs=1)
+
+
+# --- optim.name: adamw | sgd | lars ---------------------------------------------------------------
+
+OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "lars": Lars}
+
+
+def tiny_model() -> nn.Module:
+    """A ResNet-like miniature: conv and linear weights (2-D and up), biases and BatchNorm (1-D)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+
+
+def set_grads(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def group_of(opt: torch.optim.Optimizer) -> dict:
+    return {id(p): g for g in opt.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_CLASSES))
+def test_each_name_builds_its_optimizer_with_no_decay_on_1d_parameters(name):
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(name=name, lr=0.5, weight_decay=0.1))
+    assert type(opt) is OPTIMIZER_CLASSES[name]
+    groups = group_of(opt)
+    assert len(groups) == len(list(model.parameters()))
+    for pname, p in model.named_parameters():
+        assert groups[id(p)]["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0), pname
+        assert groups[id(p)]["lr"] == 0.5
+
+
+def test_adamw_is_built_as_before():
+    model = tiny_model()
+    cfg = OptimConfig(lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.2)
+    opt = build_optimizer(model, cfg)
+    assert [(g["weight_decay"], [id(p) for p in g["params"]]) for g in opt.param_groups] == [
+        (0.0, [id(p) for p in model.parameters() if p.ndim < 2]),
+        (0.2, [id(p) for p in model.parameters() if p.ndim >= 2])]
+    assert all((g["betas"], g["eps"], g["fused"], g["amsgrad"]) == ((0.8, 0.95), 1e-6, None, False)
+               for g in opt.param_groups)
+
+
+def test_sgd_uses_heavy_ball_momentum_without_nesterov():
+    opt = build_optimizer(tiny_model(), OptimConfig(name="sgd", lr=0.03, momentum=0.8, weight_decay=1e-4))
+    assert all((g["momentum"], g["nesterov"], g["dampening"]) == (0.8, False, 0) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("weight_decay", [1e-6, 0.0])
+def test_lars_adapts_only_the_decayed_group_even_without_weight_decay(weight_decay):
+    model = tiny_model()
+    opt = build_optimizer(model, OptimConfig(name="lars", lr=4.8, momentum=0.9, weight_decay=weight_decay))
+    groups = group_of(opt)
+    for pname, p in model.named_parameters():
+        g = groups[id(p)]
+        assert g["always_adapt"] == (p.ndim >= 2), pname
+        assert g["weight_decay"] == (weight_decay if p.ndim >= 2 else 0.0), pname
+        assert (g["momentum"], g["nesterov"], g["trust_coeff"], g["trust_clip"]) == (0.9, False, 1e-3, False)
+
+
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])
+def test_lars_two_steps_match_a_hand_computed_update(weight_decay):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    lr, m, tc = 0.7, 0.9, 1e-3
+    opt = build_optimizer(model, OptimConfig(name="lars", lr=lr, momentum=m, weight_decay=weight_decay))
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    w_buf = b_buf = None
+    for seed in (1, 2):
+        set_grads(model, seed)
+        gw, gb = model.weight.grad.clone(), model.bias.grad.clone()
+        opt.step()
+        # the weight: decayed, then scaled by trust_coeff * |w| / (|g| + wd |w| + eps)
+        ratio = tc * w.norm() / (gw.norm() + weight_decay * w.norm() + 1e-8)
+        dw = (gw + weight_decay * w) * ratio
+        w_buf = dw if w_buf is None else m * w_buf + dw
+        w = w - lr * w_buf
+        # the bias: plain momentum SGD
+        b_buf = gb if b_buf is None else m * b_buf + gb
+        b = b - lr * b_buf
+        torch.testing.assert_close(model.weight.detach(), w, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(model.bias.detach(), b, rtol=1e-9, atol=1e-12)
+
+
+def test_sgd_step_matches_a_hand_computed_update():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4))
+    set_grads(model, 1)
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), w - 0.03 * (model.weight.grad + 1e-4 * w))
+    torch.testing.assert_close(model.bias.detach(), b - 0.03 * model.bias.grad)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_CLASSES))
+def test_optimizer_state_survives_a_checkpoint_round_trip(name):
+    """As the trainer does: optimizer.state_dict() into the checkpoint (read back with
+    weights_only=True), load_state_dict into a freshly built optimizer; the next step is identical."""
+    model = tiny_model()
+    cfg = OptimConfig(name=name, lr=0.1, weight_decay=1e-3)
+    opt = build_optimizer(model, cfg)
+    for seed in (1, 2):
+        set_grads(model, seed)
+        opt.step()
+    if name != "adamw":
+        assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed_model = tiny_model()
+    resumed_model.load_state_dict(saved["model"])
+    resumed = build_optimizer(resumed_model, cfg)
+    resumed.load_state_dict(saved["optimizer"])
+    assert [{k: v for k, v in g.items() if k != "params"} for g in resumed.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    for m_, o_ in ((model, opt), (resumed_model, resumed)):
+        set_grads(m_, 3)
+        o_.step()
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_CLASSES))
+def test_schedule_sets_lr_on_every_group_of_each_optimizer(name):
+    cfg = OptimConfig(name=name, lr=0.3, start_lr=0.0, min_lr=0.0, warmup_epochs=1)
+    opt = build_optimizer(tiny_model(), cfg)
+    sched = build_schedule(opt, cfg, total_steps=20, steps_per_epoch=10)
+    for step, expected in ((0, 0.0), (5, 0.15), (10, 0.3), (20, 0.0)):
+        sched.step_update(step)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected] * len(opt.param_groups))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.name=rmsprop"], r"optim\.name: 'rmsprop' is not one of adamw, sgd, lars"),
+    (["optim.name=sgd", "optim.momentum=1.0"], r"optim\.momentum: must be in \[0, 1\)"),
+    (["optim.name=lars", "optim.momentum=-0.1"], r"optim\.momentum: must be in \[0, 1\)"),
+    (["optim.lr=0"], r"optim\.lr: must be positive"),
+    (["optim.weight_decay=-1e-4"], r"optim\.weight_decay: must be 0 or more"),
+])
+def test_bad_optimizer_settings_fail_naming_the_key(tmp_path, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: shards/}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_sgd_and_lars_recipes_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: shards/}\n")
+    cfg = load_config(path, ["optim.name=lars", "optim.lr=4.8", "optim.weight_decay=1e-6", "optim.momentum=0.9"])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == ("lars", 4.8, 1e-6, 0.9)
+    assert load_config(path, ["optim.name=sgd", "optim.momentum=0"]).optim.name == "sgd"

@@ -188,3 +188,35 @@ def beit_views(size: int | tuple[int, int] = 224, tokenizer_size: int | tuple[in
     common = dict(scale=(0.08, 1.0), hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0)
     return (ViewSpec(name="beit", size=_pair(size), **common),
             ViewSpec(name="beit_tokens", size=_pair(tokenizer_size), shares="beit", normalize=False, **common))
+
+
+def mocov2_views(size: int | tuple[int, int] = 224, prefix: str = "mocov2") -> tuple[ViewSpec, ViewSpec]:
+    """MoCo v2's two views (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum
+    Contrastive Learning", Sec. 3 and its ``aug_plus``): crop scale (0.2, 1), colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale 0.2, Gaussian blur sigma in [0.1, 2] with
+    p=0.5 (the blur MoCo v2 adds to MoCo), flip 0.5; the same distribution for both views."""
+    common = dict(size=_pair(size), scale=(0.2, 1.0), hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                  grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
+    return (ViewSpec(name=f"{prefix}1", **common), ViewSpec(name=f"{prefix}2", **common))
+
+
+def small_crop_size(size: int | tuple[int, int], patch_size: int = 16) -> tuple[int, int]:
+    """SwAV's small crops are 96 px for 224 px large ones: the same ratio at any size, rounded
+    to whole patches of ``patch_size`` (at least one) so a ViT tower can take them."""
+    return tuple(max(patch_size, round(s * 96 / 224 / patch_size) * patch_size) for s in _pair(size))  # type: ignore[return-value]
+
+
+def swav_views(size: int | tuple[int, int] = 224, *, large: int = 2, small: int = 6, patch_size: int = 16,
+               prefix: str = "swav") -> tuple[ViewSpec, ...]:
+    """SwAV's multi-crop (Caron et al. 2020, Sec. 3.2 and its released ``main_swav.py``):
+    ``large`` crops at ``size`` with scale (0.14, 1) and ``small`` crops at 96/224 of it
+    (:func:`small_crop_size`) with scale (0.05, 0.14); every crop flipped with p=0.5, colour
+    jitter (0.8, 0.8, 0.8, 0.2) with p=0.8 (strength s=1), grayscale 0.2 and Gaussian blur
+    sigma in [0.1, 2] with p=0.5. The large crops come first (their codes are the targets)."""
+    common = dict(hflip_p=0.5, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
+                  blur_sigma=(0.1, 2.0))
+    small_size = small_crop_size(size, patch_size)
+    return (tuple(ViewSpec(name=f"{prefix}_large{i + 1}", size=_pair(size), scale=(0.14, 1.0), **common)
+                  for i in range(large))
+            + tuple(ViewSpec(name=f"{prefix}_small{i + 1}", size=small_size, scale=(0.05, 0.14), **common)
+                    for i in range(small)))

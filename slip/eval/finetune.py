@@ -41,6 +41,22 @@ or simply ``model, transform = load_finetuned("finetuned.pt")``. A tower in Open
 ``act_layer="quick_gelu"``; its LayerNorm eps (1e-5; ``ckpt["model"]["vision"]["norm_eps"]``) is no
 plain value, so plain timm needs ``norm_layer=functools.partial(timm.layers.LayerNorm, eps=1e-5)``
 added, which ``load_finetuned`` does.
+
+ResNet towers (``*_resnet50``, ``*_resnet_tiny``) are fine-tuned as timm fine-tunes its ResNets:
+timm's ``resnet{depth}`` with the tower's weights (BatchNorm running statistics included), its
+global average pool and a new ``num_classes`` linear classifier ``fc`` (initialised as the ViT's
+head), with the same optimiser, schedule, augmentation and loss. Their recipe (:data:`RECIPES`
+``"resnet"``) has no layer-wise lr decay (``layer_decay`` 1.0: none of the SSL papers decays a
+ResNet's lr by depth) and timm's ResNet Strikes Back numbers for the rest: drop path 0.05 (timm's
+stochastic depth over the residual blocks), 100 epochs of which 5 warm-up. An explicit
+``layer_decay`` below 1 applies timm's own grouping of a ResNet (``group_matcher``: the stem, then
+every residual block in order, the classifier last). BatchNorm statistics are those of a
+micro-batch over all ranks (synchronised as in pretraining, so a run on N ranks normalises the
+batch a single process would); with ``accum_steps`` above 1 each micro-batch is normalised on its
+own, as with timm's ``--grad-accum-steps``. The fine-tuned checkpoint names the timm model::
+
+    model = timm.create_model(ckpt["model"]["architecture"], **ckpt["model"]["timm_kwargs"])  # "resnet50"
+    model.load_state_dict(ckpt["state_dict"])
 """
 from __future__ import annotations
 
@@ -65,8 +81,8 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import distributed as D
 from .. import runtime
 from ..checkpoint import CheckpointError, LoadedCheckpoint, read_checkpoint
-from ..fileio import atomic_path, atomic_write_text
 from ..errors import UserError
+from ..fileio import atomic_path, atomic_write_text
 from ..models import VisionConfig
 from ..runtime import NonFiniteGuard, RunStopped
 from ..train.checkpoints import CheckpointManager, rng_state, set_rng_state
@@ -95,6 +111,7 @@ __all__ = [
     "load_finetuned",
     "read_finetuned",
     "recipe_for_width",
+    "timm_architecture",
     "timm_kwargs",
 ]
 
@@ -126,17 +143,21 @@ class Recipe:
 
 
 # SLIP's fine-tuning (BEiT's recipe): ViT-S/B 100 epochs (20 warm-up), layer decay 0.65; ViT-L
-# 50 epochs (5 warm-up), layer decay 0.75; drop path 0.1 except for ViT-S.
+# 50 epochs (5 warm-up), layer decay 0.75; drop path 0.1 except for ViT-S. ResNets (any depth):
+# no layer decay, and timm's ResNet Strikes Back drop path (0.05) and warm-up (5 epochs).
 RECIPES: dict[str, Recipe] = {
     "vit_s": Recipe("vit_s", layer_decay=0.65, drop_path=0.0, epochs=100, warmup_epochs=20),
     "vit_b": Recipe("vit_b", layer_decay=0.65, drop_path=0.1, epochs=100, warmup_epochs=20),
     "vit_l": Recipe("vit_l", layer_decay=0.75, drop_path=0.1, epochs=50, warmup_epochs=5),
+    "resnet": Recipe("resnet", layer_decay=1.0, drop_path=0.05, epochs=100, warmup_epochs=5),
 }
 
 
-def recipe_for_width(width: int) -> Recipe:
-    """The recipe of the ViT size with this width: <= 384 ViT-S (also the tiny test model),
-    <= 768 ViT-B, wider ViT-L."""
+def recipe_for_width(width: int, kind: str = "vit") -> Recipe:
+    """The recipe of the tower: a ResNet's (``kind="resnet"``) whatever its width, else the ViT
+    size with this width: <= 384 ViT-S (also the tiny test model), <= 768 ViT-B, wider ViT-L."""
+    if kind == "resnet":
+        return RECIPES["resnet"]
     if width <= 384:
         return RECIPES["vit_s"]
     if width <= 768:
@@ -192,9 +213,11 @@ class FinetuneConfig:
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans epochs
     max_nonfinite: int = 5  # consecutive non-finite losses (updates skipped) before the run stops
 
-    def resolve(self, width: int) -> "FinetuneConfig":
-        """A copy with the recipe defaults of a ``width``-wide tower filled in, validated."""
-        recipe = recipe_for_width(width)
+    def resolve(self, tower: int | VisionConfig) -> "FinetuneConfig":
+        """A copy with the recipe defaults of the tower (a :class:`VisionConfig`, or the width of
+        a ViT) filled in, validated."""
+        recipe = (recipe_for_width(tower.width, tower.kind) if isinstance(tower, VisionConfig)
+                  else recipe_for_width(tower))
         out = dataclasses.replace(
             self,
             epochs=recipe.epochs if self.epochs is None else self.epochs,
@@ -256,41 +279,73 @@ def _run_defining_changes(saved: dict, current: dict) -> list[str]:
 # --- model --------------------------------------------------------------------------------
 
 
+def _is_resnet(vision: VisionConfig) -> bool:
+    return vision.kind == "resnet"
+
+
+def timm_architecture(vision: VisionConfig) -> str | None:
+    """The registered timm model a ResNet tower is (``resnet{depth}``); None for a ViT, which
+    :func:`timm_kwargs` describes whole for ``VisionTransformer``."""
+    return f"resnet{vision.depth}" if _is_resnet(vision) else None
+
+
+def _default_pool(vision: VisionConfig) -> str:
+    return "avg" if _is_resnet(vision) else "token"
+
+
+def _head_prefix(vision: VisionConfig) -> str:
+    """The classifier's parameter prefix in timm: ``fc.`` of a ResNet, ``head.`` of a ViT."""
+    return "fc." if _is_resnet(vision) else "head."
+
+
 def timm_kwargs(vision: VisionConfig, num_classes: int, drop_path_rate: float = 0.0,
-                global_pool: str = "token") -> dict:
+                global_pool: str | None = None) -> dict:
     """Keyword arguments of timm's ``VisionTransformer`` for a slip tower with a classifier, all
     plain values (:func:`slip.models.model.vit_args`; a LayerNorm eps other than timm's is not
-    among them, see the module doc).
+    among them, see the module doc); for a ResNet tower those of
+    ``timm.create_model(timm_architecture(vision), ...)``. ``global_pool``: the ViT's class token
+    (``"token"``) or the ResNet's global average pool (``"avg"``) unless given.
 
     The other arguments keep timm's defaults, which are what slip's towers are built with
     (``SLIPModel``), so the tower's state dict loads without renaming.
     """
+    pool = global_pool or _default_pool(vision)
+    if _is_resnet(vision):
+        return {"num_classes": num_classes, "global_pool": pool, "drop_path_rate": drop_path_rate}
     from ..models.model import vit_args
 
-    return {**vit_args(vision), "num_classes": num_classes, "global_pool": global_pool,
+    return {**vit_args(vision), "num_classes": num_classes, "global_pool": pool,
             "drop_path_rate": drop_path_rate}
 
 
 def build_classifier(vision: VisionConfig, num_classes: int, drop_path_rate: float = 0.0,
-                     global_pool: str = "token") -> nn.Module:
-    """A freshly initialised timm ViT classifier (see :func:`timm_kwargs`), with the tower's LayerNorm eps."""
+                     global_pool: str | None = None) -> nn.Module:
+    """A freshly initialised timm classifier (see :func:`timm_kwargs`): a ViT with the tower's
+    LayerNorm eps, or timm's ``resnet{depth}``."""
+    if _is_resnet(vision):
+        import timm
+
+        return timm.create_model(timm_architecture(vision), pretrained=False,
+                                 **timm_kwargs(vision, num_classes, drop_path_rate, global_pool))
     from ..models.model import build_vit
 
-    return build_vit(vision, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate)
+    return build_vit(vision, num_classes=num_classes, global_pool=global_pool or _default_pool(vision),
+                     drop_path_rate=drop_path_rate)
 
 
 def _init_head(model: nn.Module, std: float) -> None:
     # A near-zero head starts every class at the same logit, so early gradients flow into the
     # tower through a well-conditioned softmax instead of a random projection (BEiT, MAE).
-    nn.init.trunc_normal_(model.head.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.zeros_(model.head.bias)
+    head = model.get_classifier()  # a ViT's head, a ResNet's fc
+    nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(head.bias)
 
 
 def _tower_from_file(path: str | os.PathLike) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """(tower config, tower state dict with timm's key names) of any supported checkpoint.
 
-    A slip or released SLIP checkpoint gives its ``visual.*`` weights; a fine-tuned checkpoint
-    (:data:`FINETUNE_FORMAT`) gives its classifier's weights without the head.
+    A slip or released SLIP checkpoint gives its ``visual.*`` weights (a ViT's or a ResNet's); a
+    fine-tuned checkpoint (:data:`FINETUNE_FORMAT`) gives its classifier's weights without the head.
     """
     try:
         ckpt: LoadedCheckpoint = read_checkpoint(path)
@@ -300,10 +355,8 @@ def _tower_from_file(path: str | os.PathLike) -> tuple[VisionConfig, dict[str, t
         except FinetuneError:
             raise err from None  # neither kind: the pretrained reader's message is the useful one
         vision = VisionConfig(**tuned["model"]["vision"])
-        return vision, {k: v for k, v in tuned["state_dict"].items() if not k.startswith("head.")}
-    if ckpt.arch.vision.kind != "vit":
-        raise FinetuneError(f"{path}: its image tower is a {ckpt.arch.vision.kind}; slip fine-tunes ViT towers "
-                            "(SLIP's BEiT recipe) only so far")
+        head = _head_prefix(vision)
+        return vision, {k: v for k, v in tuned["state_dict"].items() if not k.startswith(head)}
     prefix = "visual."
     state = {k[len(prefix):]: v for k, v in ckpt.state_dict.items() if k.startswith(prefix)}
     return ckpt.arch.vision, state
@@ -313,9 +366,10 @@ def _classifier_from_tower(vision: VisionConfig, state: dict[str, torch.Tensor],
                            drop_path_rate: float, head_init_std: float, source: object) -> nn.Module:
     model = build_classifier(vision, num_classes, drop_path_rate)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith(_head_prefix(vision))]
     if missing or unexpected:
-        raise CheckpointError(f"{source}: the image tower does not fit a timm ViT of {vision}: "
+        what = timm_architecture(vision) or "ViT"
+        raise CheckpointError(f"{source}: the image tower does not fit a timm {what} of {vision}: "
                               f"missing {missing[:10]}, unexpected {unexpected[:10]}")
     _init_head(model, head_init_std)
     return model
@@ -351,7 +405,7 @@ def load_finetuned(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """A fine-tuned classifier in eval mode on ``device`` and its evaluation transform."""
     ckpt = read_finetuned(path)
     info = ckpt["model"]
-    model = build_classifier(VisionConfig(**info["vision"]), info["num_classes"], 0.0, info.get("global_pool", "token"))
+    model = build_classifier(VisionConfig(**info["vision"]), info["num_classes"], 0.0, info.get("global_pool"))
     model.load_state_dict(ckpt["state_dict"])
     cfg = ckpt.get("config", {})
     transform = build_eval_transform(ckpt["model"]["vision"]["image_size"], cfg.get("crop_pct", 224 / 256),
@@ -488,8 +542,10 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
     """AdamW with layer-wise lr decay (timm): param group ``lr_scale`` is
     ``layer_decay ** (depth + 1 - layer_id)`` with layer ids 0 for the patch embedding,
     positional embedding and class token, ``i + 1`` for block ``i`` (the final norm shares the last
-    block's), ``depth + 1`` for the head. No weight decay on 1-D parameters (biases, norms),
-    ``pos_embed`` and ``cls_token``."""
+    block's), ``depth + 1`` for the head. A ResNet's layer ids (timm's ``group_matcher``): 0 for
+    the stem (``conv1``, ``bn1``), ``i + 1`` for the ``i``-th residual block over all stages, the
+    last for ``fc``. No weight decay on 1-D parameters (biases, norms, BatchNorm), ``pos_embed``
+    and ``cls_token``."""
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -630,7 +686,7 @@ class Finetuner:
         else:
             vision, tower_state = _tower_from_file(cfg.checkpoint)
         self.vision = vision
-        self.cfg = cfg = cfg.resolve(vision.width)
+        self.cfg = cfg = cfg.resolve(vision)
         if self._found is not None:
             changed = _run_defining_changes(saved.get("config", {}), cfg.to_dict())
             if changed:
@@ -676,6 +732,11 @@ class Finetuner:
                                            HEAD_INIT_STD, cfg.checkpoint)
         del tower_state
         self.model = model.to(self.device)
+        if self.world > 1 and vision.has_batchnorm:
+            from ..models.batchnorm import sync_batchnorm
+
+            # statistics over the micro-batch of every rank (the weights and their Parameters kept)
+            self.model = sync_batchnorm(self.model, self.device).to(self.device)
         # Per-rank streams for mixup and drop path (different draws on every rank, as in BEiT).
         runtime.seed_everything(cfg.seed + self.rank)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -696,11 +757,14 @@ class Finetuner:
     # ----------------------------------------------------------------------------------
     def model_info(self) -> dict:
         """What is needed to rebuild the classifier with plain timm (stored in checkpoints)."""
-        return {
-            "vision": dataclasses.asdict(self.vision), "num_classes": self.num_classes, "global_pool": "token",
-            "timm_kwargs": timm_kwargs(self.vision, self.num_classes, 0.0),
+        info = {
+            "vision": dataclasses.asdict(self.vision), "num_classes": self.num_classes,
+            "global_pool": _default_pool(self.vision), "timm_kwargs": timm_kwargs(self.vision, self.num_classes, 0.0),
             "classnames": _first_names(self.benchmark.classnames),
         }
+        if _is_resnet(self.vision):  # timm.create_model(architecture, **timm_kwargs)
+            info["architecture"] = timm_architecture(self.vision)
+        return info
 
     def _epoch_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         self.sampler.set_epoch(epoch)
@@ -830,8 +894,9 @@ class Finetuner:
         self.try_resume()
         n_params = sum(p.numel() for p in self.model.parameters())
         v = self.vision
+        tower = f"a ResNet-{v.depth} (timm resnet{v.depth}" if _is_resnet(v) else f"a ViT (width {v.width}, depth {v.depth}"
         self.log.message(
-            f"fine-tuning a ViT (width {v.width}, depth {v.depth}, {n_params / 1e6:.1f}M parameters) on "
+            f"fine-tuning {tower}, {n_params / 1e6:.1f}M parameters) on "
             f"{cfg.benchmark} ({self.num_classes} classes, {len(self.train_set)} train / {len(self.test_set)} test "
             f"images) on {self.world} x {self.device.type}; global batch {cfg.batch_size} ({self.micro_batch} per "
             f"rank x {cfg.accum_steps} accumulation), lr {cfg.lr:.3g}, layer decay {cfg.layer_decay}, drop path "

@@ -11,6 +11,11 @@ schedule with warm-up. Options left unset take the recipe of the tower's size: V
 (5 warm-up), layer decay 0.75, drop path 0.1. The peak learning rate is base-lr x batch / 1024
 (base-lr 4e-3) unless --lr gives it directly.
 
+A ResNet tower (*_resnet50, *_resnet_tiny) is fine-tuned as timm's resnetN with a new linear
+classifier, with the same optimiser, augmentation and schedule; its recipe has no layer-wise lr
+decay (--layer-decay below 1 applies timm's grouping: stem, each residual block, classifier),
+drop path 0.05 and 100 epochs (5 warm-up). Its BatchNorm statistics are synchronised over ranks.
+
 Rerunning with the same --output-dir resumes from its newest checkpoint. Writes
 OUTPUT/finetuned.pt (load with slip.eval.finetune.load_finetuned, or plain timm: see the module),
 OUTPUT/results.json, OUTPUT/metrics.jsonl and TensorBoard logs.
@@ -47,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"peak lr at a global batch of {REFERENCE_BATCH}; scaled linearly with --batch-size")
     g.add_argument("--min-lr", type=float, default=d.min_lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (ViT-S/B 0.65, ViT-L 0.75)")
-    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (ViT-S 0, ViT-B/L 0.1)")
+    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (ViT-S/B 0.65, ViT-L 0.75, ResNet 1.0: none)")
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (ViT-S 0, ViT-B/L 0.1, ResNet 0.05)")
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--mixup", type=float, default=d.mixup, help="mixup alpha")

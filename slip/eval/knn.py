@@ -1,7 +1,8 @@
 """k-nearest-neighbour classification on frozen image features: the probe SSL libraries report.
 
 The protocol of instance discrimination (Wu et al. 2018) as DINO runs it: features are the image
-tower's pre-logits (the class token after the final norm, as for the linear probe), L2-normalised;
+tower's pre-logits (the class token after the final norm, as for the linear probe; a ResNet's
+average-pooled feature, BatchNorm in eval mode with its running statistics), L2-normalised;
 each query takes its ``k`` most cosine-similar images of a labelled memory bank, and each
 neighbour votes for its class with weight ``exp(similarity / temperature)``; the class with the
 largest summed vote wins. Defaults ``k = 20``, ``temperature = 0.07``.

@@ -5,7 +5,11 @@ Features
     ``visual.forward_head(visual.forward_features(x), pre_logits=True)``, i.e. the class token
     after the ViT's final LayerNorm, the representation *before* CLIP's ``image_projection``.
     It is the input of timm's classifier head, which is what SLIP's ``main_linear.py`` (a
-    modified MoCo v3 ``main_lincls.py``) trains on top of a frozen timm ViT. Features and labels
+    modified MoCo v3 ``main_lincls.py``) trains on top of a frozen timm ViT. For a ResNet tower
+    (``*_resnet50``, ``*_resnet_tiny``) the same call gives timm's globally average-pooled feature
+    (2048-d for ResNet-50, 512-d for ResNet-18), the input of its ``fc``, which the ResNet SSL
+    papers probe; the tower runs in eval mode, so BatchNorm applies its running statistics and an
+    image's feature does not depend on its batch. Features and labels
     are cached on disk (:class:`FeatureCache`), keyed by the checkpoint's content hash, the
     benchmark, its catalog entry, the split and the image transform, so a second run with the
     same inputs runs no forward pass at all.
@@ -145,14 +149,16 @@ def extract_features(
     """Embed every ``(images, labels)`` batch with the frozen image tower.
 
     Args:
-        visual: a timm ``VisionTransformer`` (``model.visual``), already on ``device``. It is
-            put in eval mode for the pass and given back in the mode it came in.
+        visual: a timm ``VisionTransformer`` or ``ResNet`` (``model.visual``), already on
+            ``device``. It is put in eval mode for the pass (a ResNet's BatchNorm then uses its
+            running statistics) and given back in the mode it came in.
         batches: ``(images, labels)`` pairs, e.g. from a ``DataLoader`` over ``(image_tensor,
             label)`` samples; empty batches (all images unreadable and dropped) are skipped.
         progress: tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
         total: number of batches for the bar (``len(batches)`` when it has one).
 
-    Returns the class-token features (float32, numpy) and int64 labels, in input order.
+    Returns the pre-logits features (a ViT's class token, a ResNet's pooled feature; float32,
+    numpy) and int64 labels, in input order.
     """
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@
         --benchmarks cifar10,dtd [--protocol lbfgs|sgd] [--out results.json]
 
 For each benchmark, the train and test images are embedded once by the frozen image tower
-(class token before the projection) and the features cached under ``--cache-dir``; a later run
+(class token before the projection; for a ResNet tower its average-pooled feature, in eval mode
+with BatchNorm's running statistics) and the features cached under ``--cache-dir``; a later run
 with the same checkpoint file, catalog entry and transform reads them back instead. Then either
 CLIP's L-BFGS logistic regression with a validation sweep over C (``lbfgs``, the default) or
 SLIP's / MoCo v3's 90-epoch SGD linear head (``sgd``) is fitted, and the test split is scored with

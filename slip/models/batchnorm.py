@@ -53,10 +53,18 @@ class GlobalBatchNorm2d(_GlobalStatistics, nn.BatchNorm2d):
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Make every BatchNorm in ``module`` use global-batch statistics under torch.distributed:
-    torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm1d` elsewhere. Weights are kept."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm1d` elsewhere. Weights are kept.
+    Sub-modules marked ``slip_local_batchnorm = True`` keep per-rank statistics (MoCo v2's
+    shuffled-BN key encoder)."""
     for name, child in module.named_children():
+        if getattr(child, "slip_local_batchnorm", False):
+            continue
+        if device.type == "cuda":
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+            else:
+                sync_batchnorm(child, device)
+            continue
         globalised = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d}.get(type(child))
         if globalised is not None:
             new = globalised(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)

@@ -46,14 +46,17 @@ def build_vit(vision: VisionConfig, **kwargs) -> VisionTransformer:
     return VisionTransformer(**{**args, **kwargs})
 
 
-def build_tower(vision: VisionConfig) -> nn.Module:
+def build_tower(vision: VisionConfig, several_sizes: bool = False) -> nn.Module:
     """The image tower of ``vision``: :func:`build_vit`, or timm's ``resnet{depth}`` without its
-    classifier (its forward gives the globally average-pooled ``width``-d feature)."""
+    classifier (its forward gives the globally average-pooled ``width``-d feature).
+    ``several_sizes``: the ViT takes inputs of other sizes than ``vision.image_size`` (whole
+    patches), its position embedding resampled to their grid (timm's ``dynamic_img_size``;
+    multi-crop methods); at its own size it computes exactly what the plain tower does."""
     if vision.kind == "resnet":
         import timm
 
         return timm.create_model(f"resnet{vision.depth}", num_classes=0, pretrained=False)
-    return build_vit(vision)
+    return build_vit(vision, dynamic_img_size=True) if several_sizes else build_vit(vision)
 
 
 class SLIPModel(nn.Module):
@@ -70,7 +73,12 @@ class SLIPModel(nn.Module):
         super().__init__()
         self.arch = arch
         v = arch.vision
-        self.visual = build_tower(v)
+        several_sizes = False
+        if arch.ssl_head is not None:
+            from ..ssl import method_class  # importing slip.ssl registers the methods
+
+            several_sizes = bool(method_class(arch.ssl_head.method).view_sizes(v.image_size) - {(v.image_size,) * 2})
+        self.visual = build_tower(v, several_sizes)
         self.vision_width = v.width
         if arch.text is not None:
             t = arch.text

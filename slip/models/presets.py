@@ -85,8 +85,17 @@ class SSLHeadConfig:
 
     mlp_dim: int = 4096  # hidden width of the projector (and predictor) MLPs
     out_dim: int = 256  # SSL embedding size
-    method: str = "simclr"  # simclr | mocov3 | byol | beit (see slip.ssl.method_names())
+    method: str = "simclr"  # simclr | mocov2 | mocov3 | byol | swav | beit (see slip.ssl.method_names())
     vocab_size: int = 8192  # BEiT: codes of the visual tokenizer (DALL-E/FLAVA: 8192)
+    prototypes: int = 3000  # SwAV: number of prototypes (cluster centres)
+    queue_size: int = 0  # MoCo v2: keys in the queue; SwAV: past features per large crop (0: no queue)
+
+    def __post_init__(self) -> None:
+        for name in ("mlp_dim", "out_dim", "vocab_size", "prototypes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ssl_head.{name} must be positive, got {getattr(self, name)}")
+        if self.queue_size < 0:
+            raise ValueError(f"ssl_head.queue_size must be >= 0, got {self.queue_size}")
 
 
 @dataclass(frozen=True)
@@ -98,12 +107,24 @@ class Architecture:
     embed_dim: int = 512  # joint image-text embedding size
     ssl_head: SSLHeadConfig | None = None  # None: no SSL branch (CLIP); its method is trainable state
 
-    def with_ssl_method(self, method: str, vocab_size: int | None = None) -> "Architecture":
-        """This architecture with its SSL head running ``method`` (head sizes kept), and for
-        BEiT a vocabulary of ``vocab_size`` visual-token codes."""
+    def with_ssl_method(self, method: str, vocab_size: int | None = None, **head) -> "Architecture":
+        """This architecture with its SSL head running ``method``: the preset's head sizes, the
+        method's own structural defaults (``SSLMethod.head_defaults``, e.g. MoCo v2's queue of
+        65,536 keys), then ``head`` (any :class:`SSLHeadConfig` field); for BEiT a vocabulary of
+        ``vocab_size`` visual-token codes."""
         if self.ssl_head is None:
             raise ValueError(f"this architecture has no SSL head to run {method!r} ({self.vision})")
-        extra = {} if vocab_size is None else {"vocab_size": vocab_size}
+        from ..ssl import (
+            method_class,  # the registry (importing slip.ssl registers the methods)
+        )
+
+        known = {f.name for f in dataclasses.fields(SSLHeadConfig)} - {"method"}
+        unknown = sorted(set(head) - known)
+        if unknown:
+            raise ValueError(f"unknown SSL head setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        extra = {**method_class(method).head_defaults, **head}
+        if vocab_size is not None:
+            extra["vocab_size"] = vocab_size
         return dataclasses.replace(self, ssl_head=dataclasses.replace(self.ssl_head, method=method, **extra))
 
     def to_dict(self) -> dict:

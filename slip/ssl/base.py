@@ -89,9 +89,23 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     needs_visual_tokenizer: ClassVar[bool] = False  # True: the trainer calls attach_visual_tokenizer(...)
     default_temperature: ClassVar[float | None] = None
     default_momentum: ClassVar[float | None] = None
+    # SSLHeadConfig fields the method sets when chosen (Architecture.with_ssl_method), e.g. MoCo
+    # v2's queue length; the preset's head sizes and the recipe's model.ssl_head settings win.
+    head_defaults: ClassVar[dict] = {}
 
     def __init__(self, encoder: nn.Module, width: int, head):
         super().__init__()
+
+    @classmethod
+    def view_sizes(cls, image_size: int = 224) -> set[tuple[int, int]]:
+        """The sizes of the method's views at tower size ``image_size``; more than one (multi-crop)
+        means a ViT tower must take several input sizes (timm's ``dynamic_img_size``)."""
+        return {v.size for v in cls.declare_views(image_size).ssl if v.normalize}
+
+    def configure_training(self, objective, steps_per_epoch: int, total_steps: int) -> None:
+        """Called once by the trainer before the first step, with the ``objective`` config
+        section and the schedule: methods with training-time settings (SwAV's Sinkhorn, when
+        its queue starts) read them here. Default: nothing."""
 
     @property
     def num_views(self) -> int:
@@ -135,8 +149,13 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         """``loss``, ``ssl_loss`` and metrics (e.g. ``ssl_acc``) from :meth:`forward`'s output."""
 
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after backward and before the optimizer step ``step`` (0-based), e.g. to keep
+        parameters frozen for a while by dropping their gradients (SwAV's prototypes)."""
+
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
-        """Called after each optimizer step (momentum updates); returns values to log."""
+        """Called after each optimizer step that was applied (momentum updates, queues); ``step``
+        counts the steps done. Returns values to log."""
         return {}
 
 
@@ -176,22 +195,27 @@ class MomentumMethod(SSLMethod):
         BatchNorm sees each view's statistics, like the online projector's)."""
         return [self.momentum_projector(t) for t in targets]
 
+    # "cosine": from the base momentum to 1 over training (BYOL, MoCo v3); "constant" (MoCo v2)
+    momentum_schedule: ClassVar[str] = "cosine"
+
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
-        m = momentum_at(step, total_steps, base_momentum or self.default_momentum)
+        base = self.default_momentum if base_momentum is None else base_momentum
+        m = momentum_at(step, total_steps, base) if self.momentum_schedule == "cosine" else base
         ema_update(self.momentum_encoder, encoder, m)
         ema_update(self.momentum_projector, self.projector, m)
         return {"momentum": m}
 
 
-def mlp(dims: list[int], *, last_bn: bool = False, last_bn_affine: bool = True) -> nn.Sequential:
-    """Linear layers of widths ``dims``, with BatchNorm + ReLU between them (and optionally a
-    BatchNorm after the last, as MoCo v3's projector). Names: layer1, bn1, relu1, layer2, ..."""
+def mlp(dims: list[int], *, last_bn: bool = False, last_bn_affine: bool = True, bn: bool = True) -> nn.Sequential:
+    """Linear layers of widths ``dims``, with BatchNorm (unless ``bn`` is False, as MoCo v2's
+    head) + ReLU between them, and optionally a BatchNorm after the last (MoCo v3's projector).
+    Names: layer1, bn1, relu1, layer2, ..."""
     layers: list[tuple[str, nn.Module]] = []
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
         last = i == len(dims) - 1
         layers.append((f"layer{i}", nn.Linear(d_in, d_out)))
         if not last:
-            layers += [(f"bn{i}", nn.BatchNorm1d(d_out)), (f"relu{i}", nn.ReLU(inplace=True))]
+            layers += ([(f"bn{i}", nn.BatchNorm1d(d_out))] if bn else []) + [(f"relu{i}", nn.ReLU(inplace=True))]
         elif last_bn:
             layers.append((f"bn{i}", nn.BatchNorm1d(d_out, affine=last_bn_affine)))
     return nn.Sequential(OrderedDict(layers))

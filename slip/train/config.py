@@ -23,8 +23,23 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
+class SSLHeadSettings:
+    """Changes to the preset's SSL head (slip.models.SSLHeadConfig); None keeps the preset's
+    value, or the method's own default (MoCo v2's queue, SwAV's prototypes)."""
+
+    mlp_dim: int | None = None  # hidden width of the projector / predictor
+    out_dim: int | None = None  # SSL embedding size
+    prototypes: int | None = None  # SwAV: number of prototypes
+    queue_size: int | None = None  # MoCo v2: keys in the queue; SwAV: past embeddings per large crop (0: none)
+
+    def given(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class ModelConfig:
     name: str = "slip_vit_b16"  # a name from slip.list_models(): tower sizes and SSL head shape
+    ssl_head: SSLHeadSettings = field(default_factory=SSLHeadSettings)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the model
     freeze_patch_embed: bool = False  # keep the ViT's patch projection fixed (MoCo v3's stability trick)
@@ -41,6 +56,12 @@ class ObjectiveConfig:
     tokenizer: str | None = None  # BEiT's visual tokenizer: a FLAVA codebook directory or a k-means file
     mask_ratio: float = 0.4  # BEiT: fraction of patches masked (in blocks); 75/196 reproduces BEiT's code
     gather: str = "with_grad"  # CLIP loss over ranks: with_grad (= one big batch) | slip (SLIP's no-grad gather)
+    # SwAV (Caron et al. 2020 and its main_swav.py): Sinkhorn-Knopp's entropy weight and
+    # iterations, epochs with the prototypes frozen, and the epoch its queue (ssl_head.queue_size) starts filling
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_epochs: float = 1.0
+    queue_start_epoch: float = 0.0
 
 
 @dataclass
@@ -60,7 +81,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw (SLIP's) | sgd | lars (the ResNet SSL papers': MoCo v2 SGD, SwAV LARS)
     lr: float = 3e-3  # peak learning rate (after warm-up)
+    momentum: float = 0.9  # sgd and lars: heavy-ball momentum (adamw uses betas)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to biases, norms and other 1-D parameters
@@ -317,12 +340,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.momentum: must be in [0, 1)")
     if not 0 < o.mask_ratio < 1:
         raise ConfigError("objective.mask_ratio: must be in (0, 1)")
+    if o.sinkhorn_epsilon <= 0 or o.sinkhorn_iterations < 1:
+        raise ConfigError("objective.sinkhorn_epsilon must be positive and objective.sinkhorn_iterations >= 1")
+    if o.freeze_prototypes_epochs < 0 or o.queue_start_epoch < 0:
+        raise ConfigError("objective.freeze_prototypes_epochs and objective.queue_start_epoch must be >= 0")
+    head = cfg.model.ssl_head.given()
+    if head:
+        if arch.ssl_head is None or o.ssl == "none":
+            raise ConfigError(f"model.ssl_head: model {cfg.model.name!r} trains no SSL head here")
+        try:
+            arch.with_ssl_method(o.ssl, **head)
+        except ValueError as e:
+            raise ConfigError(f"model.ssl_head: {e}") from None
     if o.ssl != "none":
         from ..ssl import method_class
 
         if method_class(o.ssl).needs_visual_tokenizer and not o.tokenizer:
             raise ConfigError(f"objective.tokenizer: {o.ssl} needs a visual tokenizer (a FLAVA codebook directory, "
                               "or a k-means codebook file from `slip fit-tokenizer`)")
+    from .optim import check_optim_config
+
+    check_optim_config(cfg.optim)
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")

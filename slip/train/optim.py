@@ -4,25 +4,71 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lars, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+LARS_TRUST_COEFF = 1e-3  # SwAV's (and timm's default); no config key for it
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW; weight decay only on parameters with two or more dimensions (matrices, conv and
-    positional tensors), never on biases, norms, the logit scale or other 1-D parameters."""
-    groups = param_groups_weight_decay(model, cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.name``. In all three, weight decay falls only on parameters with
+    two or more dimensions (matrices, conv and positional tensors), never on biases, norms, the
+    logit scale or other 1-D parameters (timm's ``param_groups_weight_decay``); frozen parameters
+    are left out. ``fused`` asks for torch's fused kernels (CUDA) where the optimizer has them.
+
+    * ``adamw`` (SLIP's): ``torch.optim.AdamW`` with ``betas`` and ``eps``.
+    * ``sgd`` (MoCo v2's): ``torch.optim.SGD``, heavy-ball ``momentum``, no Nesterov, no dampening,
+      weight decay as an L2 term added to the gradient. MoCo v2 itself also decays biases and
+      BatchNorm; here they are excluded, as in the other two.
+    * ``lars`` (SwAV's, SimCLR's): timm's ``Lars`` (SGD + LARS adaptation, the apex LARC update
+      without clipping): for an adapted parameter ``w`` with gradient ``g`` the step direction is
+      ``(g + wd * w) * trust_coeff * |w| / (|g| + wd * |w| + eps)`` (ratio 1 if ``|w|`` or ``|g|``
+      is 0), fed into the momentum buffer and scaled by ``lr``; ``trust_coeff`` is 0.001. timm
+      adapts a group when its ``weight_decay`` is non-zero or its ``always_adapt`` option is set, so
+      the decayed group gets ``always_adapt=True`` (adapted even when ``weight_decay`` is 0) and
+      the 1-D group gets weight decay 0 and ``always_adapt=False``: biases and norms take plain
+      momentum-SGD steps, neither decayed nor adapted (SimCLR's exclusion; SwAV's released code
+      decays and adapts every parameter).
+    """
+    if cfg.name == "adamw":
+        groups = param_groups_weight_decay(model, cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    if cfg.name == "sgd":
+        groups = param_groups_weight_decay(model, cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused or None)
+    if cfg.name == "lars":
+        # Split with a non-zero rate: with 0, timm puts every parameter in one group, and the
+        # matrices would lose their adaptation along with the (absent) decay.
+        groups = param_groups_weight_decay(model, weight_decay=1.0)
+        for group in groups:
+            adapted = group["weight_decay"] != 0
+            group["weight_decay"] = cfg.weight_decay if adapted else 0.0
+            group["always_adapt"] = adapted
+        return Lars(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coeff=LARS_TRUST_COEFF, trust_clip=False)
+    raise ConfigError(f"optim.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def check_optim_config(cfg: OptimConfig) -> None:
+    """Raise ConfigError naming the key when the optimizer settings cannot work."""
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"optim.momentum: must be in [0, 1), got {cfg.momentum}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {cfg.lr}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be 0 or more, got {cfg.weight_decay}")
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
                    steps_per_epoch: int) -> CosineLRScheduler:
     """Per-step schedule: linear warm-up from ``start_lr`` over ``warmup_epochs``, then cosine to
     ``min_lr`` at ``total_steps`` (SLIP's). Call ``step_update(step)`` before each update."""
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
     return CosineLRScheduler(
         optimizer, t_initial=max(1, total_steps - warmup), lr_min=cfg.min_lr,
         warmup_t=warmup, warmup_lr_init=cfg.start_lr, warmup_prefix=True, t_in_epochs=False,

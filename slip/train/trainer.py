@@ -69,7 +69,8 @@ def resolve_architecture(cfg: Config, tokenizer=None):
     arch = get_architecture(cfg.model.name)
     if cfg.objective.ssl == "none":
         return arch
-    return arch.with_ssl_method(cfg.objective.ssl, tokenizer.vocab_size if tokenizer is not None else None)
+    return arch.with_ssl_method(cfg.objective.ssl, tokenizer.vocab_size if tokenizer is not None else None,
+                                **cfg.model.ssl_head.given())
 
 
 def data_views(cfg: Config, model, image_size: int):
@@ -191,6 +192,8 @@ class Trainer:
         self.last_step = min(self.total_steps, t.max_steps or self.total_steps)
         self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
         self.schedule = build_schedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        if model.has_ssl_head:
+            model.ssl.configure_training(cfg.objective, self.steps_per_epoch, self.total_steps)
         self.scaler = self.rt.grad_scaler()
 
         # DDP when each step is one forward; accumulation syncs gradients once by hand.
@@ -321,6 +324,8 @@ class Trainer:
         if not allowed:
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            if self.model.has_ssl_head:
+                self.model.ssl.before_optimizer_step(self.step)
             if self.cfg.optim.clip_grad_norm:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
