@@ -410,7 +410,7 @@ def test_pipeline_batches_carry_a_block_patch_mask_and_two_beit_views(corpus):
     target = int(0.4 * 16)
     counts = []
     for batch in batches:
-        assert set(batch) == {"key", "views", "patch_mask"}  # no text: BEiT alone needs none
+        assert set(batch) == {"key", "index", "views", "patch_mask"}  # no text: BEiT alone needs none
         mask = batch["patch_mask"]
         assert mask.shape == (8, 16) and mask.dtype == torch.bool
         counts += mask.sum(dim=1).tolist()

@@ -409,7 +409,7 @@ class DeviceDecoder:
                                "replaced by a copy of another sample of its batch", key)
             for target in out:
                 target[i] = target[good]
-            for name in ("text", "patch_mask"):
+            for name in ("text", "patch_mask", "index"):
                 if name in batch:
                     batch[name][i] = batch[name][good]
             self.replaced += 1

@@ -26,7 +26,9 @@ Batch layout (every entry has the batch size B as its first dimension):
   captions truncated as ``PipelineConfig.text_truncation`` says (:func:`slip.tokenizer.get_tokenizer`);
 * ``patch_mask``: ``(B, H * W)`` bool, the views' blockwise patch mask (only when the views
   declare one, e.g. BEiT's); drawn per sample from the sample's own RNG;
-* ``key``: list of B sample keys (strings).
+* ``key``: list of B sample keys (strings);
+* ``index``: ``(B,)`` int64, each sample's global index in the corpus (see "Sample indices";
+  absent when a source of the spec has no ``index.json`` with sample counts).
 
 :class:`~slip.data.augment.BatchAugment` turns ``image`` and ``views`` into normalised float.
 
@@ -64,6 +66,32 @@ Modes
 Ranks come from ``rank``/``world_size`` when given, else ``torch.distributed`` when initialised,
 else the ``RANK``/``WORLD_SIZE`` environment variables, else 0/1 (:func:`resolve_rank_world`).
 
+Sample indices
+--------------
+Methods that keep one entry per sample of the corpus (PIRL's memory bank) need a number for each
+sample that is the same on every rank, for any number of ranks and workers, in every epoch and
+after any resume. A source whose shards have an ``index.json`` (``slip make-shards`` writes it:
+the shards with their sample counts) numbers its samples: a sample's index is
+
+    (the sample counts of the shards the index lists before its shard)
+    + (its ordinal in its shard: the sample groups before it in the tar, in file order).
+
+Every sample group counts, also one later skipped as a bad image or caption, so a skipped sample
+never shifts the others (its index is just never seen). In a spec of several sources each later
+source's indices are offset by the totals of the sources before it, in the order the spec lists
+them; every index lies in ``range(SlipLoader.sample_index.size)``. A brace pattern over shards of
+one folder whose ``index.json`` lists them all is numbered by that index (the whole index's
+numbering, so a subset keeps the corpus's numbers); the index of remote shards (``pipe:``, HTTP)
+is an ``index.json`` listing their URLs, given as the spec.
+
+When a source has no such index (a folder or pattern without ``index.json``, an index without
+sample counts, a pattern the index does not cover) the batches have no ``index`` entry at all --
+never a made-up number -- and :meth:`SlipLoader.require_sample_index` raises a
+:class:`~slip.data.specs.SampleIndexError` naming each such source and the ``index.json`` it
+lacks; a method that needs indices calls it when it starts. A shard that holds more samples than
+its index says ends at the indexed count (the rest would take the next shard's numbers), counted
+once as ``tar_error`` with a message saying so: the index is stale, rebuild it.
+
 Resume
 ------
 :meth:`SlipLoader.state_dict` is an exact position in the epoch; a loader given it by
@@ -72,7 +100,10 @@ Resume
 its shuffle buffer held and continues its shard at the saved byte offset, so a resume reads
 one buffer plus the rest of one shard per worker, wherever it falls in the epoch. Shards that
 cannot be read from an offset (``pipe:`` and HTTP sources, compressed tars) are read again from
-the epoch's start instead, consumed samples undecoded, with a log line saying why.
+the epoch's start instead, consumed samples undecoded, with a log line saying why. The state
+says which samples its positions are (each shard position and buffered sample carries its
+ordinal in its shard and its global index), so the resumed batches carry the same ``index``; a
+state of an older slip, which does not, is replayed the same way when the batches have indices.
 
 Bad input
 ---------
@@ -106,7 +137,16 @@ from slip.data.decode import DeviceDecoder
 from slip.data.degrade import DegradeImages, KeepSubset
 from slip.data.errors import TAR_ERROR
 from slip.data.images import DEFAULT_MAX_PIXELS
-from slip.data.specs import ShardSource, ShardSpecError, SpecLike, parse_shard_spec
+from slip.data.specs import (
+    SampleIndex,
+    SampleIndexError,
+    ShardSource,
+    ShardSpecError,
+    SpecLike,
+    parse_shard_spec,
+    require_sample_index,
+    sample_index,
+)
 from slip.data.stages import (
     IMAGE_EXTENSIONS,
     SKIP_REASONS,
@@ -135,9 +175,9 @@ logger = logging.getLogger(__name__)
 
 # Re-exported: the loader's public vocabulary lives here, its parts in slip.data.specs/stages.
 __all__ = [
-    "IMAGE_EXTENSIONS", "SKIP_REASONS", "PipelineConfig", "ShardSource", "ShardSpecError", "SharedEpoch",
-    "SkipCounter", "SlipLoader", "SpecLike", "build_dataset", "build_loader", "choose_caption",
-    "default_tokenizer", "parse_shard_spec", "resolve_rank_world",
+    "IMAGE_EXTENSIONS", "SKIP_REASONS", "PipelineConfig", "SampleIndex", "SampleIndexError", "ShardSource",
+    "ShardSpecError", "SharedEpoch", "SkipCounter", "SlipLoader", "SpecLike", "build_dataset", "build_loader",
+    "choose_caption", "default_tokenizer", "parse_shard_spec", "resolve_rank_world",
 ]
 
 
@@ -239,7 +279,8 @@ def batches_per_worker(config: PipelineConfig, world_size: int) -> int | None:
 
 
 def _source_samples(
-    source: ShardSource, config: PipelineConfig, rank: int, world_size: int, epoch: SharedEpoch, handler: TarErrorHandler
+    source: ShardSource, config: PipelineConfig, rank: int, world_size: int, epoch: SharedEpoch, handler: TarErrorHandler,
+    spans: dict[str, tuple[int, int]] | None,
 ) -> list[Any]:
     if config.mode == "resampled":
         shards: Any = wds.ResampledShards(
@@ -252,7 +293,7 @@ def _source_samples(
             wds.split_by_worker,
             PassShuffle(config.seed, rank, epoch),
         ]
-    stages.append(ReadShards(handler))
+    stages.append(ReadShards(handler, spans))
     stages.append(wds.map(TagCorpus(source.corpus)))
     return stages
 
@@ -267,10 +308,11 @@ def build_dataset(
 ) -> wds.DataPipeline:
     """The webdataset pipeline yielding ready batches (run it in DataLoader workers).
 
-    Stages: shard list (epoch split or resampled) -> tar reading (errors counted) -> weighted
-    mix of sources -> shuffle buffer -> caption choice + one decode + crops -> batches with
-    tokenised text. ``counter`` and ``epoch`` are created when not given; reach them through
-    the returned pipeline's ``skip_counter`` and ``shared_epoch`` attributes.
+    Stages: shard list (epoch split or resampled) -> tar reading (errors counted, samples
+    numbered) -> weighted mix of sources -> shuffle buffer -> caption choice + one decode + crops
+    -> batches with tokenised text. ``counter`` and ``epoch`` are created when not given; reach
+    them through the returned pipeline's ``skip_counter`` and ``shared_epoch`` attributes; its
+    ``sample_index`` is the spec's :class:`~slip.data.specs.SampleIndex` (None when unnumbered).
     """
     config = config or PipelineConfig()
     if config.mode not in ("epoch", "resampled"):
@@ -298,7 +340,10 @@ def build_dataset(
                     source.name, len(source.urls), world_size, max(1, config.workers),
                 )
 
-    per_source = [_source_samples(s, config, rank, world_size, epoch, handler) for s in sources]
+    numbering = sample_index(sources)
+    per_source = [_source_samples(s, config, rank, world_size, epoch, handler,
+                                  None if numbering is None else numbering.spans(i))
+                  for i, s in enumerate(sources)]
     mix = None
     if len(sources) == 1:
         stages = list(per_source[0])
@@ -332,6 +377,7 @@ def build_dataset(
     pipeline.readers = [next(st for st in source if isinstance(st, ReadShards)) for source in per_source]
     pipeline.mix_stage, pipeline.shuffle_stage = mix, shuffle
     pipeline.sources = sources
+    pipeline.sample_index = numbering
     pipeline.rank, pipeline.world_size = rank, world_size
     return pipeline
 
@@ -351,18 +397,26 @@ def set_passes(pipeline: wds.DataPipeline, passes: int = 0) -> None:
                 set_passes(stream, passes)
 
 
-def _stream_not_addressable(stream: Mapping[str, Any] | None, live: Sequence[int]) -> str | None:
-    """Why a worker's saved stream state cannot be restored by seeking (None when it can)."""
+def _stream_not_addressable(stream: Mapping[str, Any] | None, live: Sequence[int], numbered: bool) -> str | None:
+    """Why a worker's saved stream state cannot be restored by seeking (None when it can).
+    ``numbered``: the samples get global indices, so the state must say which samples its
+    positions and buffered samples are (their ordinals and indices)."""
     if stream is None:
         return "the checkpoint holds no stream position (written by an older slip)"
+    unnumbered = ("the checkpoint does not say which samples its positions are (written by an older slip, or "
+                  "while the shards had no index.json): the samples' global indices are counted again")
     for i in live:
         reader = stream["readers"][i]
         if reader["shards"] and reader["next"] is None:
             return f"shard {reader['url']} cannot be read from an offset (not a seekable, uncompressed tar file)"
+        if numbered and reader["shards"] and reader["next"] != SHARD_DONE and reader.get("ordinal") is None:
+            return unnumbered
     shuffle = stream.get("shuffle")
-    for url, offset, _key, _corpus in (shuffle or {}).get("buffer", ()):
-        if offset is None:
-            return f"shard {url} cannot be read from an offset (not a seekable, uncompressed tar file)"
+    for ref in (shuffle or {}).get("buffer", ()):
+        if ref[1] is None:
+            return f"shard {ref[0]} cannot be read from an offset (not a seekable, uncompressed tar file)"
+        if numbered and (len(ref) < 6 or ref[5] is None):
+            return unnumbered
     return None
 
 
@@ -371,8 +425,9 @@ class _ResumableBatches(IterableDataset):
 
     Each batch is tagged with its worker, the (pass, index) of its last sample in that worker's
     stream and the state of the worker's stream right after that sample (``__stream__``: each
-    source's shard and byte offset, the mixture's RNG and live sources, the shuffle buffer's
-    sample places and RNG; see :class:`~slip.data.tars.ReadShards`). ``resume`` (set before
+    source's shard, byte offset and ordinal of its next sample, the mixture's RNG and live
+    sources, the shuffle buffer's sample places, ordinals and global indices and its RNG; see
+    :class:`~slip.data.tars.ReadShards`). ``resume`` (set before
     iterating; workers get it in their copy) maps a worker to where it stopped. The worker then
     re-reads only its buffered samples, seeking to each, and continues its current shard at its
     offset. A state that cannot be restored by seeking (shards behind ``pipe:``/HTTP, compressed
@@ -420,7 +475,7 @@ class _ResumableBatches(IterableDataset):
         live = list(range(len(pipeline.readers)))
         if stream is not None and pipeline.mix_stage is not None and stream.get("mix") is not None:
             live = [int(i) for i in stream["mix"]["live"]]
-        why = _stream_not_addressable(stream, live)
+        why = _stream_not_addressable(stream, live, pipeline.sample_index is not None)
         if why is not None:
             logger.info("%s: resuming by re-reading its shards from the epoch's start up to sample %d of pass %d, "
                         "without decoding them: %s", who, position[1], position[0], why)
@@ -495,7 +550,8 @@ class SlipLoader:
     offset, so a resume reads about one shuffle buffer and one shard per worker wherever it
     falls in the epoch; shards that cannot seek (``pipe:``, HTTP, compressed tars) are re-read
     from the epoch's start instead, without decoding the consumed samples (logged with the
-    reason and progress lines). Batches are re-ordered to continue the DataLoader's round robin
+    reason and progress lines), and so are the states of an older slip that do not say which
+    samples their positions are when the batches carry global indices (``index``). Batches are re-ordered to continue the DataLoader's round robin
     where it stopped.
     """
 
@@ -506,6 +562,8 @@ class SlipLoader:
         self.counter: SkipCounter = self.dataset.skip_counter
         self.epoch: SharedEpoch = self.dataset.shared_epoch
         self.sources: list[ShardSource] = self.dataset.sources
+        # The numbering of the samples (batch["index"]), None when a source has no index.json.
+        self.sample_index: SampleIndex | None = self.dataset.sample_index
         self.rank, self.world_size = self.dataset.rank, self.dataset.world_size
         workers = self.config.workers
         per_worker = batches_per_worker(self.config, self.world_size)
@@ -542,6 +600,12 @@ class SlipLoader:
             if self.config.persistent_workers:
                 raise ValueError("resuming at a position needs persistent_workers=False")
             self._pending = dict(state)
+
+    def require_sample_index(self, who: str = "this run") -> SampleIndex:
+        """The numbering of the samples (their ``batch["index"]`` lies in ``range(size)``); raises
+        :class:`~slip.data.specs.SampleIndexError`, naming each source without an ``index.json``
+        and ``who`` needs it (e.g. ``"pirl"``), when the batches carry no ``index``."""
+        return self.sample_index if self.sample_index is not None else require_sample_index(self.sources, who)
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, over all workers so far."""

@@ -445,6 +445,30 @@ def load_index(path: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+def shard_sample_counts(index: Mapping[str, Any], path: str | os.PathLike = INDEX_NAME) -> list[tuple[str, int]]:
+    """(name, samples) of every shard an index (as :func:`load_index` returns it) lists, in its
+    order: what the loader's global sample indices are counted from
+    (:mod:`slip.data.pipeline`, "Sample indices").
+
+    Raises:
+        ShardIndexError: a shard without a sample count (an index written by hand may list bare
+            names), or a shard listed twice (its samples would have two indices); the message
+            names ``path`` and the shard.
+    """
+    out: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(index["shards"]):
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        samples = entry.get("samples") if isinstance(entry, dict) else None
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+            raise ShardIndexError(f"{path}: shards[{i}] ({name}) has no sample count (\"samples\": n), got {samples!r}")
+        if name in seen:
+            raise ShardIndexError(f"{path}: lists shard {name} twice")
+        seen.add(name)
+        out.append((name, samples))
+    return out
+
+
 def _sample_count(samples: Iterable[Sample]) -> int | None:
     count = getattr(samples, "num_samples", None)
     if count is None and hasattr(samples, "__len__"):

@@ -236,8 +236,10 @@ class SampleShuffle:
     buffer holds ``bufsize`` samples it takes two for each one it releases, it releases once it
     holds ``initial``, and it drains at the end of the stream.
 
-    State (:meth:`state`): where each buffered sample lives (``[url, offset, key, corpus]``) and
-    the RNG state. ``restore`` = (buffered samples, RNG state) makes the next pass start from them.
+    State (:meth:`state`): where each buffered sample lives and what it is (``[url, offset, key,
+    corpus, ordinal, index]``: its shard, byte offset and key, its corpus tag, its ordinal in the
+    shard and its global index, None when unnumbered) and the RNG state. ``restore`` = (buffered
+    samples, RNG state) makes the next pass start from them.
     """
 
     def __init__(self, bufsize: int, initial: int, seed: int, rank: int, epoch: SharedEpoch) -> None:
@@ -249,7 +251,8 @@ class SampleShuffle:
         self.restore: tuple[list[dict[str, Any]], Sequence[Any]] | None = None
 
     def state(self) -> dict[str, Any]:
-        refs = [[s["__url__"], s.get("__offset__"), s["__key__"], s.get("__corpus__")] for s in self.buffer]
+        refs = [[s["__url__"], s.get("__offset__"), s["__key__"], s.get("__corpus__"), s.get("__ordinal__"),
+                 s.get("__index__")] for s in self.buffer]
         return {"rng": _rng_state(self.rng), "buffer": refs}
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -440,10 +443,11 @@ DECODE_MODES = ("workers", "device")
 
 
 class DecodeSamples:
-    """Pipeline stage: raw samples -> ``{"key", "caption", "views"}`` with uint8 crops (``decode``
-    ``workers``), or ``{"key", "caption", "planned"}`` with the JPEG's bytes and its crop boxes for
-    the training device to decode (``device``, :func:`~slip.data.decode.plan_views`); bad samples
-    are counted in ``counter`` and dropped."""
+    """Pipeline stage: raw samples -> ``{"key", "index", "caption", "views"}`` with uint8 crops
+    (``decode`` ``workers``), or ``{"key", "index", "caption", "planned"}`` with the JPEG's bytes
+    and its crop boxes for the training device to decode (``device``,
+    :func:`~slip.data.decode.plan_views`); ``index`` is the sample's global index (None when the
+    shards are not numbered); bad samples are counted in ``counter`` and dropped."""
 
     def __init__(
         self,
@@ -516,7 +520,8 @@ class DecodeSamples:
                 logger.debug("unexpected error on sample %s", key, exc_info=True)
                 continue
             images = "planned" if self.decode == "device" else "views"
-            yield {"key": key, "caption": caption, images: made, "mask": mask, "position": (pass_no, index)}
+            yield {"key": key, "index": sample.get("__index__"), "caption": caption, images: made, "mask": mask,
+                   "position": (pass_no, index)}
 
 
 class Batches:
@@ -542,13 +547,17 @@ class Batches:
 class Collate:
     """Stack decoded samples into a batch dict and tokenise the captions in one call; samples
     planned for decoding on the training device become the batch's ``encoded`` entry
-    (:class:`~slip.data.decode.EncodedBatch`) instead of ``image`` and ``views``."""
+    (:class:`~slip.data.decode.EncodedBatch`) instead of ``image`` and ``views``. The samples'
+    global indices become ``index``, an int64 tensor, when the shards are numbered (all samples
+    of a pipeline are, or none)."""
 
     def __init__(self, views: MethodViews, tokenizer: Tokenizer | None) -> None:
         self.views, self.tokenizer = views, tokenizer
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"key": [s["key"] for s in samples], "__position__": samples[-1]["position"]}
+        if samples[0].get("index") is not None:
+            batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         offset = 0
         if "planned" in samples[0]:
             batch["encoded"] = EncodedBatch.collate([s["planned"] for s in samples])
