@@ -4,6 +4,7 @@ what a GPU runs too, with nvJPEG as the decoder."""
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def test_images_the_device_cannot_decode_are_decoded_in_the_workers_and_bad_ones
     broken = _sample("broken", jpeg[:400] + bytes(300) + b"\xff\xd9")
     members = [m for sample in [*good[:2], png, broken, cmyk, *good[2:], truncated] for m in sample]
     spec = str(_shards(tmp_path / "mixed", [members]))
+    # numbered, so the batch carries each sample's global index (its place in the tar)
+    (tmp_path / "mixed" / "index.json").write_text(json.dumps(
+        {"format": "slip-shards/1", "shards": [{"name": "s-000000.tar", "samples": 9}]}))
     config = _config(decode="device", shuffle_buffer=0, batch_size=9, allow_draft=False)
     batches, loader, decoder = _device_batches(spec, config)
     (batch,) = batches
@@ -119,6 +123,7 @@ def test_images_the_device_cannot_decode_are_decoded_in_the_workers_and_bad_ones
     i = batch["key"].index("broken")
     for x in _views_of(batch):
         assert torch.equal(x[i], x[0])
+    assert batch["index"].tolist() == [0, 1, 2, 0, 4, 5, 6, 7]  # the copy's index too (a bank must not misfile it)
     # PNG and CMYK were decoded in the worker: their views equal the worker path's.
     worker = list(P.SlipLoader(spec, _config(shuffle_buffer=0, batch_size=9, allow_draft=False), tokenizer=_tokens))
     for key in ("png", "cmyk", "g0"):
