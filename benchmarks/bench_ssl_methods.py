@@ -207,7 +207,7 @@ def ssl_state_bytes(model) -> int:
     buffers (queues, counters, BatchNorm statistics) and frozen copies (momentum branches)."""
     if not model.has_ssl_head:
         return 0
-    kept = [b for b in model.ssl.buffers()] + [p for p in model.ssl.parameters() if not p.requires_grad]
+    kept = [*model.ssl.buffers(), *(p for p in model.ssl.parameters() if not p.requires_grad)]
     return sum(t.numel() * t.element_size() for t in kept)
 
 

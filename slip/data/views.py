@@ -34,7 +34,7 @@ The views SLIP's methods use:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -194,10 +194,9 @@ def mocov2_views(size: int | tuple[int, int] = 224, prefix: str = "mocov2") -> t
     """MoCo v2's two views (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum
     Contrastive Learning", Sec. 3 and its ``aug_plus``): crop scale (0.2, 1), colour jitter
     (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale 0.2, Gaussian blur sigma in [0.1, 2] with
-    p=0.5 (the blur MoCo v2 adds to MoCo), flip 0.5; the same distribution for both views."""
-    common = dict(size=_pair(size), scale=(0.2, 1.0), hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
-                  grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
-    return (ViewSpec(name=f"{prefix}1", **common), ViewSpec(name=f"{prefix}2", **common))
+    p=0.5 (the blur MoCo v2 adds to MoCo), flip 0.5; the same distribution for both views: SLIP's
+    SimCLR view (:func:`simclr_view`) with MoCo's crop scale."""
+    return tuple(replace(simclr_view(size, f"{prefix}{i}"), scale=(0.2, 1.0)) for i in (1, 2))  # type: ignore[return-value]
 
 
 def small_crop_size(size: int | tuple[int, int], patch_size: int = 16) -> tuple[int, int]:

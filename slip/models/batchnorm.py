@@ -51,6 +51,22 @@ class GlobalBatchNorm2d(_GlobalStatistics, nn.BatchNorm2d):
     tower's, on CPU ranks). (N, C, H, W) input."""
 
 
+def _synchronised(bn: nn.modules.batchnorm._BatchNorm, device: torch.device) -> nn.Module | None:
+    """``bn`` with global-batch statistics (None for a kind this module does not convert)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(bn)
+    globalised = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d}.get(type(bn))
+    if globalised is None:
+        return None
+    new = globalised(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new.load_state_dict(bn.state_dict())
+    # The same Parameter objects, as torch's convert_sync_batchnorm does: a frozen BatchNorm (a
+    # momentum branch's) stays frozen, and optimizers built earlier still hold them.
+    if bn.affine:
+        new.weight, new.bias = bn.weight, bn.bias
+    return new
+
+
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Make every BatchNorm in ``module`` use global-batch statistics under torch.distributed:
     torch's SyncBatchNorm on CUDA, :class:`GlobalBatchNorm1d` elsewhere. Weights are kept.
@@ -59,21 +75,9 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     for name, child in module.named_children():
         if getattr(child, "slip_local_batchnorm", False):
             continue
-        if device.type == "cuda":
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-            else:
-                sync_batchnorm(child, device)
-            continue
-        globalised = {nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d}.get(type(child))
-        if globalised is not None:
-            new = globalised(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            # The same Parameter objects, as torch's convert_sync_batchnorm does: a frozen
-            # BatchNorm (a momentum branch's) stays frozen, and optimizers built earlier still hold them.
-            if child.affine:
-                new.weight, new.bias = child.weight, child.bias
-            setattr(module, name, new)
+        synchronised = _synchronised(child, device) if isinstance(child, nn.modules.batchnorm._BatchNorm) else None
+        if synchronised is not None:
+            setattr(module, name, synchronised)
         else:
             sync_batchnorm(child, device)
     return module

@@ -114,9 +114,8 @@ class Architecture:
         ``vocab_size`` visual-token codes."""
         if self.ssl_head is None:
             raise ValueError(f"this architecture has no SSL head to run {method!r} ({self.vision})")
-        from ..ssl import (
-            method_class,  # the registry (importing slip.ssl registers the methods)
-        )
+        # the registry (importing slip.ssl registers the methods)
+        from ..ssl import method_class
 
         known = {f.name for f in dataclasses.fields(SSLHeadConfig)} - {"method"}
         unknown = sorted(set(head) - known)
