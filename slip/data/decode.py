@@ -6,7 +6,7 @@ import math
 import random
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,14 @@ from PIL import Image
 
 from slip.data.errors import CORRUPT_IMAGE, SampleSkip
 from slip.data.images import DEFAULT_MAX_PIXELS, decode_error, open_image, to_rgb
+from slip.data.saliency import (
+    SALIENCY_MODES,
+    draw_masked,
+    estimate_mask,
+    mask_crop,
+    read_mask,
+    remove_background,
+)
 from slip.data.views import ViewSpec
 
 # JPEG DCT scaling factors PIL's draft() can apply (libjpeg supports 1/1, 1/2, 1/4, 1/8).
@@ -210,6 +218,8 @@ def decode_views(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allow_draft: bool = True,
+    mask_data: bytes | None = None,
+    saliency: str = "auto",
 ) -> list[torch.Tensor]:
     """Decode an encoded image once and cut every view's crop out of it.
 
@@ -220,21 +230,40 @@ def decode_views(
         max_pixels: images with more pixels (read from the header) are rejected undecoded.
         allow_draft: permit reduced-size JPEG decoding when every crop stays larger than its
             output size (see :func:`plan_crops`).
+        mask_data: the sample's foreground mask (``{key}.mask.png``), if it has one, for views
+            with ``saliency_p`` (:mod:`slip.data.saliency`).
+        saliency: ``auto`` (the sample's mask when it has one, else an estimate) or
+            ``estimate`` (always the estimate).
 
     Returns:
         One ``(3, h, w)`` uint8 tensor per view (contiguous).
 
     Raises:
-        SampleSkip: the bytes are empty, not an image, corrupt, truncated or too large.
+        SampleSkip: the bytes are empty, not an image, corrupt, truncated or too large, or the
+            sample's mask, needed for a view, is unreadable.
     """
-    return _decode_opened(data, open_image(data, max_pixels), views, rng, allow_draft)
+    return _decode_opened(data, open_image(data, max_pixels), views, rng, allow_draft, mask_data, saliency)
+
+
+def _shard_mask(mask_data: bytes | None, saliency: str, width: int, height: int) -> torch.Tensor | None:
+    """The sample's own mask on the image's mask grid, when it has one and ``saliency`` takes it."""
+    if saliency not in SALIENCY_MODES:
+        raise ValueError(f"saliency must be one of {', '.join(SALIENCY_MODES)}, got {saliency!r}")
+    if mask_data is None or saliency != "auto":
+        return None
+    try:
+        return read_mask(mask_data, width, height)
+    except ValueError as exc:
+        raise SampleSkip(CORRUPT_IMAGE, f"mask.png: {exc}") from None
 
 
 def _decode_opened(data: bytes, im: Image.Image, views: Sequence[ViewSpec], rng: random.Random,
-                   allow_draft: bool) -> list[torch.Tensor]:
+                   allow_draft: bool, mask_data: bytes | None = None, saliency: str = "auto") -> list[torch.Tensor]:
     """:func:`decode_views` of an image whose header :func:`open_image` has read."""
     width, height = im.size
     factor, boxes = plan_crops(width, height, views, rng, allow_draft=allow_draft and im.format == "JPEG")
+    masked = draw_masked(views, rng)
+    mask = _shard_mask(mask_data, saliency, width, height) if any(masked) else None
     pixels = _decode_pixels(data, im, factor)
     dec_h, dec_w = pixels.shape[1], pixels.shape[2]
     if (dec_w, dec_h) == (-(-width // factor), -(-height // factor)) and factor > 1:
@@ -249,7 +278,19 @@ def _decode_opened(data: bytes, im: Image.Image, views: Sequence[ViewSpec], rng:
             for x, y, w, h in boxes
         ]
         boxes = [(x, y, min(w, dec_w - x), min(h, dec_h - y)) for x, y, w, h in boxes]
-    return [resize_crop(pixels, box, v.size) for box, v in zip(boxes, views)]
+    crops = [resize_crop(pixels, box, v.size) for box, v in zip(boxes, views)]
+    if any(masked):
+        apply_masks(crops, boxes, views, masked, estimate_mask(pixels) if mask is None else mask, (dec_w, dec_h))
+    return crops
+
+
+def apply_masks(crops: list[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]], views: Sequence[ViewSpec],
+                masked: Sequence[bool], mask: torch.Tensor, image_size: tuple[int, int]) -> None:
+    """Remove the background of the crops whose view drew ``masked`` (in place in ``crops``), with
+    ``mask`` on the mask grid of an image of ``image_size = (width, height)``, in which ``boxes`` lie."""
+    for i, (box, view) in enumerate(zip(boxes, views)):
+        if masked[i]:
+            crops[i] = remove_background(crops[i], mask_crop(mask, box, view.size, image_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +312,8 @@ class PlannedViews:
     data: bytes | None
     boxes: tuple[tuple[int, int, int, int], ...]
     decoded: list[torch.Tensor] | None = None
+    masked: tuple[bool, ...] = ()  # per view: background removed (saliency masking)
+    mask: torch.Tensor | None = None  # the sample's own mask on its grid; None: estimated on the device
 
 
 def plan_views(
@@ -280,21 +323,27 @@ def plan_views(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allow_draft: bool = True,
+    mask_data: bytes | None = None,
+    saliency: str = "auto",
 ) -> PlannedViews:
     """The worker's part of ``data.decode=device``: read the header, draw every view's crop box
     from ``rng`` exactly as :func:`decode_views` draws them (without the reduced-size decode,
     which the device decoder cannot do), and leave the decode to :class:`DeviceDecoder`. Images
     the device decoder does not take (:func:`device_decodable`) are decoded here with
-    :func:`decode_views` (``allow_draft`` applies to them).
+    :func:`decode_views` (``allow_draft`` applies to them). Saliency masking draws here too; a
+    sample's own mask is read here, an estimated one is made on the device.
 
     Raises:
-        SampleSkip: the bytes are empty, not an image, too large, or (decoded here) corrupt.
+        SampleSkip: the bytes are empty, not an image, too large, (decoded here) corrupt, or
+            with an unreadable mask that a view needs.
     """
     im = open_image(data, max_pixels)
     if device_decodable(data, im):
         _, boxes = plan_crops(im.width, im.height, views, rng, allow_draft=False)
-        return PlannedViews(bytes(data), tuple(boxes))
-    return PlannedViews(None, (), _decode_opened(data, im, views, rng, allow_draft))
+        masked = draw_masked(views, rng)
+        mask = _shard_mask(mask_data, saliency, im.width, im.height) if any(masked) else None
+        return PlannedViews(bytes(data), tuple(boxes), masked=masked if any(masked) else (), mask=mask)
+    return PlannedViews(None, (), _decode_opened(data, im, views, rng, allow_draft, mask_data, saliency))
 
 
 @dataclass
@@ -307,12 +356,15 @@ class EncodedBatch:
     data: list[torch.Tensor | None]
     boxes: list[tuple[tuple[int, int, int, int], ...]]
     decoded: dict[int, list[torch.Tensor]]
+    # samples with saliency-masked views: sample -> (per view masked, its own mask or None)
+    masked: dict[int, tuple[tuple[bool, ...], torch.Tensor | None]] = field(default_factory=dict)
 
     @classmethod
     def collate(cls, planned: Sequence[PlannedViews]) -> EncodedBatch:
         data = [None if p.data is None else torch.frombuffer(bytearray(p.data), dtype=torch.uint8) for p in planned]
         decoded = {i: p.decoded for i, p in enumerate(planned) if p.decoded is not None}
-        return cls(data, [p.boxes for p in planned], decoded)
+        masked = {i: (p.masked, p.mask) for i, p in enumerate(planned) if p.masked}
+        return cls(data, [p.boxes for p in planned], decoded, masked)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -384,8 +436,13 @@ class DeviceDecoder:
                     bad.append(i)
                     continue
                 self.cpu_fallback += 1
-            for view, box, target in zip(self.views, encoded.boxes[i], out):
-                target[i] = resize_crop_float(image, box, view.size)
+            crops = [resize_crop_float(image, box, view.size) for view, box in zip(self.views, encoded.boxes[i])]
+            if i in encoded.masked:
+                masked, mask = encoded.masked[i]
+                mask = estimate_mask(image) if mask is None else mask.to(self.device)
+                apply_masks(crops, encoded.boxes[i], self.views, masked, mask, (image.shape[2], image.shape[1]))
+            for crop, target in zip(crops, out):
+                target[i] = crop
         for i, crops in encoded.decoded.items():
             for crop, target in zip(crops, out):
                 target[i] = crop.to(self.device, non_blocking=True)

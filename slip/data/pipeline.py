@@ -207,6 +207,9 @@ class PipelineConfig:
         partial_batches: keep each worker's last, smaller batch (no sample lost in epoch mode).
         max_pixels: images with more pixels are skipped unread (decompression-bomb cap).
         allow_draft: decode JPEGs at reduced size when every crop keeps its resolution.
+        saliency: where the foreground of saliency-masked views comes from
+            (:mod:`slip.data.saliency`): ``auto``, the sample's ``mask.png`` when it has one and
+            an estimate otherwise, or ``estimate``, always the estimate.
         corpus: force the caption rules of a corpus (``yfcc15m``); default: from the index.
         pin_memory: pin batches for fast host-to-device copies; None = when CUDA is available.
         prefetch_factor: batches prefetched per worker.
@@ -249,6 +252,7 @@ class PipelineConfig:
     log_interval_s: float = 60.0
     text_truncation: str = "keep_eot"
     decode: str = "workers"
+    saliency: str = "auto"
     subset: float | None = None
     degrade: str | None = None
 
@@ -362,7 +366,7 @@ def build_dataset(
         DecodeSamples(
             views, counter, seed=config.seed, rank=rank, epoch=epoch,
             max_pixels=config.max_pixels, allow_draft=config.allow_draft, corpus=config.corpus,
-            resampled=config.mode == "resampled", decode=config.decode,
+            resampled=config.mode == "resampled", decode=config.decode, saliency=config.saliency,
         )
     )
     stages.append(Batches(config.batch_size, Collate(views, tokenizer), config.partial_batches))

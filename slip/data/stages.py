@@ -32,6 +32,7 @@ from slip.data.errors import (
     SampleSkip,
 )
 from slip.data.images import DEFAULT_MAX_PIXELS
+from slip.data.saliency import MASK_MEMBER, SALIENCY_MODES
 from slip.data.views import MethodViews
 from slip.tokenizer import trim_padding
 
@@ -462,10 +463,13 @@ class DecodeSamples:
         corpus: str | None = None,
         resampled: bool = False,
         decode: str = "workers",
+        saliency: str = "auto",
     ) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-        self.views, self.counter, self.decode = views, counter, decode
+        if saliency not in SALIENCY_MODES:
+            raise ValueError(f"saliency must be one of {', '.join(SALIENCY_MODES)}, got {saliency!r}")
+        self.views, self.counter, self.decode, self.saliency = views, counter, decode, saliency
         self.resampled = resampled
         self.seed, self.rank, self.epoch = seed, rank, epoch
         self.max_pixels, self.allow_draft, self.corpus = max_pixels, allow_draft, corpus
@@ -510,7 +514,8 @@ class DecodeSamples:
                 if self.views.needs_text:
                     caption = choose_caption(sample, rng, self.corpus or sample.get("__corpus__"))
                 make = plan_views if self.decode == "device" else decode_views
-                made = make(_image_bytes(sample), specs, rng, max_pixels=self.max_pixels, allow_draft=self.allow_draft)
+                made = make(_image_bytes(sample), specs, rng, max_pixels=self.max_pixels, allow_draft=self.allow_draft,
+                            mask_data=sample.get(MASK_MEMBER), saliency=self.saliency)
                 mask = None if self.views.mask is None else self.views.mask(rng).reshape(-1)
             except SampleSkip as skip:
                 self.counter.add(skip.reason, skip.detail, key)

@@ -68,6 +68,8 @@ class ViewSpec:
             and ``normalize`` may differ.
         normalize: apply the mean/std normalisation (False: float pixels in [0, 1], e.g. for
             a visual tokenizer with its own normalisation).
+        saliency_p: probability that the crop is cut from the image with its background
+            removed (RELICv2's saliency masking; :mod:`slip.data.saliency`).
     """
 
     name: str
@@ -83,6 +85,7 @@ class ViewSpec:
     solarize_p: float = 0.0
     shares: str | None = None
     normalize: bool = True
+    saliency_p: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -91,7 +94,7 @@ class ViewSpec:
             raise ValueError(f"view {self.name!r}: scale must satisfy 0 < lo <= hi <= 1")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"view {self.name!r}: ratio must satisfy 0 < lo <= hi")
-        for p in (self.hflip_p, self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p):
+        for p in (self.hflip_p, self.jitter_p, self.grayscale_p, self.blur_p, self.solarize_p, self.saliency_p):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"view {self.name!r}: probabilities must lie in [0, 1]")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
@@ -99,7 +102,8 @@ class ViewSpec:
 
 
 # What a view that ``shares`` another takes from it, and so must declare identically.
-_SHARED_FIELDS = ("scale", "ratio", "hflip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p")
+_SHARED_FIELDS = ("scale", "ratio", "hflip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
+                  "saliency_p")
 
 
 @dataclass(frozen=True)

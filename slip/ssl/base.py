@@ -124,8 +124,10 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
         or feed a visual tokenizer."""
         return MethodViews(clip=None, ssl=(simclr_view(image_size, "simclr1"), simclr_view(image_size, "simclr2")))
 
-    def data_views(self, image_size: int, mask_ratio: float = 0.4) -> MethodViews:
-        """:meth:`declare_views` for this instance (e.g. BEiT's patch grid and tokenizer)."""
+    def data_views(self, image_size: int, mask_ratio: float = 0.4, objective=None) -> MethodViews:
+        """:meth:`declare_views` for this instance (e.g. BEiT's patch grid and tokenizer);
+        ``objective`` is the training config's section, for methods whose views it sets
+        (RELICv2's saliency masking), None outside training."""
         return self.declare_views(image_size, mask_ratio=mask_ratio)
 
     def target_features(self, views: list[torch.Tensor]) -> list[torch.Tensor] | None:

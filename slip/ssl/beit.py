@@ -85,7 +85,7 @@ class BEiT(SSLMethod):
             tokenizer_size = (8 * grid[0], 8 * grid[1])
         return MethodViews(clip=None, ssl=beit_views(image_size, tokenizer_size), mask=beit_mask_generator(grid, mask_ratio))
 
-    def data_views(self, image_size: int, mask_ratio: float = 0.4) -> MethodViews:
+    def data_views(self, image_size: int, mask_ratio: float = 0.4, objective=None) -> MethodViews:
         views = self.declare_views(image_size, patch_size=image_size // self.grid[0], mask_ratio=mask_ratio,
                                    tokenizer_size=self.visual_tokenizer.input_size)
         if views.mask.grid != self.grid:

@@ -61,7 +61,7 @@ class SwAV(SSLMethod):
         return MethodViews(clip=None, ssl=swav_views(image_size, large=LARGE_CROPS, small=SMALL_CROPS,
                                                      patch_size=patch_size))
 
-    def data_views(self, image_size: int, mask_ratio: float = 0.4) -> MethodViews:
+    def data_views(self, image_size: int, mask_ratio: float = 0.4, objective=None) -> MethodViews:
         """The small crops in whole patches of this tower's ViT (e.g. 98 px for ViT-L/14 at 224)."""
         return self.declare_views(image_size, patch_size=self._patch_size)
 

@@ -62,6 +62,14 @@ class ObjectiveConfig:
     sinkhorn_iterations: int = 3
     freeze_prototypes_epochs: float = 1.0
     queue_start_epoch: float = 0.0
+    # RELICv2 (Tomasev et al. 2022, arXiv 2201.05119, its pseudocode's loss_relicv2(online, target,
+    # n_e)): the weight beta of the KL invariance term and n_e, the negatives drawn per anchor from
+    # the global batch (see slip/ssl/relicv2.py for where the defaults come from)
+    relic_beta: float = 1.0
+    relic_negatives: int = 10
+    # p_m: the probability that a large crop is cut from the background-removed image (the
+    # pseudocode's saliency masking; the mask from data.saliency)
+    relic_saliency_p: float = 0.1
 
 
 @dataclass
@@ -73,6 +81,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling, per worker
     image_size: int | None = None  # None: the model's input size
     decode: str = "auto"  # workers | device (JPEGs decoded on the training device) | auto: device on GPUs
+    # saliency-masked views (RELICv2): auto (a sample's own {key}.mask.png, else the spectral-residual
+    # estimate) | estimate (always the estimate); see slip/data/saliency.py
+    saliency: str = "auto"
     # Studies (slip.data.degrade): keep only the samples whose key hashes below this fraction of
     # (0, 1] (nested subsets, the same in every run); an epoch counted from the index shrinks with it
     subset: float | None = None
@@ -344,6 +355,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.sinkhorn_epsilon must be positive and objective.sinkhorn_iterations >= 1")
     if o.freeze_prototypes_epochs < 0 or o.queue_start_epoch < 0:
         raise ConfigError("objective.freeze_prototypes_epochs and objective.queue_start_epoch must be >= 0")
+    if o.relic_beta < 0 or o.relic_negatives < 1:
+        raise ConfigError("objective.relic_beta must be >= 0 and objective.relic_negatives >= 1")
+    if not 0 <= o.relic_saliency_p <= 1:
+        raise ConfigError(f"objective.relic_saliency_p: {o.relic_saliency_p} is not a probability in [0, 1]")
     head = cfg.model.ssl_head.given()
     if head:
         if arch.ssl_head is None or o.ssl == "none":
@@ -384,6 +399,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.workers: must be 0 or more")
     if cfg.data.decode not in ("auto", "workers", "device"):
         raise ConfigError(f"data.decode: {cfg.data.decode!r} is not one of auto, workers, device")
+    if cfg.data.saliency not in ("auto", "estimate"):
+        raise ConfigError(f"data.saliency: {cfg.data.saliency!r} is not one of auto, estimate")
     from ..data.degrade import DegradeError, check_subset, parse_degradations
 
     try:

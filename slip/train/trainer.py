@@ -81,7 +81,7 @@ def data_views(cfg: Config, model, image_size: int):
     clip = clip_view(image_size) if cfg.objective.clip else None
     if cfg.objective.ssl == "none":
         return MethodViews(clip=clip)
-    return dataclasses.replace(model.ssl.data_views(image_size, mask_ratio=cfg.objective.mask_ratio), clip=clip)
+    return dataclasses.replace(model.ssl.data_views(image_size, mask_ratio=cfg.objective.mask_ratio, objective=cfg.objective), clip=clip)
 
 
 def _samples_per_epoch(cfg: Config, sources) -> int:
@@ -250,7 +250,7 @@ class Trainer:
             mode="resampled" if cfg.data.resampled else "epoch", shuffle_buffer=cfg.data.shuffle_buffer,
             shuffle_initial=min(100, cfg.data.shuffle_buffer), seed=cfg.train.seed, workers=cfg.data.workers,
             rank=self.rank, world_size=self.world, partial_batches=False, epoch_samples=samples,
-            text_truncation=cfg.model.text_truncation, decode=self._decode_mode(),
+            text_truncation=cfg.model.text_truncation, decode=self._decode_mode(), saliency=cfg.data.saliency,
             subset=cfg.data.subset,  # checked by config.validate
             degrade=cfg.data.degrade if parse_degradations(cfg.data.degrade) else None,
         )
