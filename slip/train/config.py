@@ -49,9 +49,9 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     clip: bool = True  # the image-text contrastive branch
-    ssl: str = "simclr"  # self-supervised branch: simclr | mocov3 | byol | beit | none (slip.ssl registry)
+    ssl: str = "simclr"  # self-supervised branch: simclr | mocov2 | mocov3 | byol | swav | pirl | beit | none (slip.ssl registry)
     ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
-    ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2)
+    ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2, PIRL 0.07)
     momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
     tokenizer: str | None = None  # BEiT's visual tokenizer: a FLAVA codebook directory or a k-means file
     mask_ratio: float = 0.4  # BEiT: fraction of patches masked (in blocks); 75/196 reproduces BEiT's code
@@ -62,6 +62,12 @@ class ObjectiveConfig:
     sinkhorn_iterations: int = 3
     freeze_prototypes_epochs: float = 1.0
     queue_start_epoch: float = 0.0
+    # PIRL (Misra & van der Maaten 2020, Sec. 3.2-4.1, slip/ssl/pirl.py): negatives drawn from the
+    # memory bank per step (32,000), the weight lambda of the jigsaw term (0.5), and the weight
+    # of a bank row's old value in its update m <- normalize(w m + (1 - w) f) (0.5)
+    nce_negatives: int = 32000
+    pirl_lambda: float = 0.5
+    bank_momentum: float = 0.5
 
 
 @dataclass
@@ -344,6 +350,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.sinkhorn_epsilon must be positive and objective.sinkhorn_iterations >= 1")
     if o.freeze_prototypes_epochs < 0 or o.queue_start_epoch < 0:
         raise ConfigError("objective.freeze_prototypes_epochs and objective.queue_start_epoch must be >= 0")
+    if o.nce_negatives < 1:
+        raise ConfigError(f"objective.nce_negatives: must be at least 1, got {o.nce_negatives}")
+    if not 0 <= o.pirl_lambda <= 1:
+        raise ConfigError(f"objective.pirl_lambda: must be in [0, 1], got {o.pirl_lambda}")
+    if not 0 <= o.bank_momentum < 1:
+        raise ConfigError(f"objective.bank_momentum: must be in [0, 1), got {o.bank_momentum}")
     head = cfg.model.ssl_head.given()
     if head:
         if arch.ssl_head is None or o.ssl == "none":
