@@ -23,11 +23,13 @@ simclr_* model with its SSL method swapped, as ``objective.ssl`` does in trainin
 What a step is: the trainer's plain step (slip.train.step.plain_step) on a fixed random batch --
 zero_grad, forward + slip_objective under autocast (bf16) or in fp32, backward, AdamW step
 (the trainer's parameter groups, torch's fused kernel on CUDA), then the SSL method's
-``before_optimizer_step`` / ``on_step_end`` (EMA updates, queues, SwAV's prototypes). Data loading and augmentation are not
-included. Inputs (made on the device): normalised-looking randn images at the tower's size
+``before_optimizer_step`` / ``on_step_end`` (EMA updates, queues, SwAV's prototypes, PIRL's
+memory bank, whose ``--corpus`` rows its ``configure_training`` allocates). Data loading and
+augmentation are not included. Inputs (made on the device): normalised-looking randn images at the tower's size
 (in the autocast dtype, as BatchAugment hands them over), random caption tokens with the EOT
 (49407) at a random position, and for a method with a visual tokenizer (BEiT) the tokenizer's
-view as float32 in [0, 1] plus a block mask from the method's own mask generator. BEiT's
+view as float32 in [0, 1] plus a block mask from the method's own mask generator, and for a
+method with a memory bank (PIRL) distinct random global sample indices. BEiT's
 targets come from a KMeansPatchTokenizer with random centroids (8192 codes of p x p pixel
 patches, p = tokenizer input / grid side, e.g. 112 / 14 = 8 at ViT-B/16), about the vocabulary
 of the FLAVA codebook, or from ``--tokenizer PATH`` (slip.ssl.visual_tokenizers
@@ -54,7 +56,8 @@ Columns:
                       checkpointing (whose count includes the recomputation: that is HFU).
   state MiB           what the SSL method keeps across steps besides trained weights: its
                       buffers (MoCo v2's key queue, SwAV's embedding queue, BatchNorm
-                      statistics) and frozen momentum copies of the tower and heads.
+                      statistics), frozen momentum copies of the tower and heads, and PIRL's
+                      memory bank (``--corpus`` rows of the head's output size, one process).
   x clip              ratio to the clip row of the same run, batch size and checkpointing
                       setting (samples/s, activations).
 
@@ -88,13 +91,16 @@ from slip.train.optim import build_optimizer
 from slip.train.step import plain_step
 
 SIZES = {"tiny": "vit_tiny", "s16": "vit_s16", "b16": "vit_b16", "l16": "vit_l16"}
-_ORDER = ("simclr", "mocov2", "mocov3", "byol", "swav", "relicv2", "beit")  # display order of the methods known when this was written
+_ORDER = ("simclr", "mocov2", "mocov3", "byol", "swav", "relicv2", "pirl", "beit")  # display order of the methods known when this was written
 SSL_METHODS = tuple([m for m in _ORDER if m in method_names()] + [m for m in method_names() if m not in _ORDER])
 COMBINATIONS = ("clip", *SSL_METHODS, *(f"slip+{m}" for m in SSL_METHODS))
 EOT = 49407  # CLIP's end-of-text id, the highest of the vocabulary
 SOT = 49406
 MASK_RATIO = 0.4  # objective.mask_ratio's default
 VOCAB = 8192  # codes of the random benchmark tokenizer (DALL-E / FLAVA codebook size)
+# Rows of the memory bank of a method with one row per sample (PIRL), as for ImageNet-1k's
+# training set, PIRL's corpus (--corpus); the batch's samples get random distinct indices in it.
+CORPUS = 1_281_167
 # Peak dense bf16 tensor-core FLOP/s (no sparsity) by a substring of torch.cuda.get_device_name,
 # first match wins; the H100 entry is the SXM part (whose name reads "H100 80GB HBM3"), not
 # the PCIe / NVL boards, which are slower and not listed.
@@ -166,6 +172,18 @@ def build_model(combo: Combination, tokenizer, device: torch.device, grad_checkp
     return model.to(device).train()
 
 
+def configure(model, combo: Combination, total_steps: int, corpus: int = CORPUS) -> None:
+    """The trainer's ``configure_training`` with the default objective settings; a method with
+    one memory-bank row per sample (PIRL) gets a corpus of ``corpus`` samples."""
+    if combo.ssl is None:
+        return
+    from slip.train.config import ObjectiveConfig
+
+    needs_index = model.ssl.needs_sample_index
+    model.ssl.configure_training(ObjectiveConfig(ssl=combo.ssl), total_steps, total_steps,
+                                 corpus_size=corpus if needs_index else None, seed=0)
+
+
 def random_batch(model, combo: Combination, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
     """One batch as the trainer hands it to the model after augmentation, made on ``device``
     (drawn from a generator of that device, so a CPU and a CUDA batch differ)."""
@@ -199,15 +217,20 @@ def random_batch(model, combo: Combination, batch: int, device: torch.device, dt
         out["views"] = views
         if declared.mask is not None:
             out["patch_mask"] = declared.mask.sample_masks(batch, np.random.default_rng(2)).to(device)
+        if model.ssl.needs_sample_index:  # the samples' global indices (PIRL's memory bank)
+            corpus = model.ssl.corpus_size or CORPUS
+            out["index"] = torch.randperm(corpus, generator=torch.Generator().manual_seed(3))[:batch].to(device)
     return out
 
 
 def ssl_state_bytes(model) -> int:
     """Bytes the SSL method keeps from step to step besides what the optimizer trains: its
-    buffers (queues, counters, BatchNorm statistics) and frozen copies (momentum branches)."""
+    buffers (queues, counters, BatchNorm statistics), frozen copies (momentum branches) and
+    tensors it holds outside its buffers (PIRL's memory bank, this rank's share of it)."""
     if not model.has_ssl_head:
         return 0
     kept = [*model.ssl.buffers(), *(p for p in model.ssl.parameters() if not p.requires_grad)]
+    kept += [t for t in vars(model.ssl).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in kept)
 
 
@@ -336,6 +359,7 @@ def measure_batches(combo: Combination, batches: list[int], args, device: torch.
     optimizer = build_optimizer(model, OptimConfig(), fused=device.type == "cuda")
     ssl_loss = model.ssl.loss if combo.ssl is not None else None
     total_steps = args.warmup + args.steps
+    configure(model, combo, total_steps, getattr(args, "corpus", CORPUS))
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def autocast():
@@ -482,6 +506,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: random 8192-code patch centroids")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute block activations in backward (the trainer's model.grad_checkpointing)")
+    parser.add_argument("--corpus", type=int, default=CORPUS,
+                        help=f"samples in the corpus, the memory bank's rows of PIRL (default {CORPUS:,}, ImageNet-1k)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a busy machine")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results to this file")

@@ -215,6 +215,43 @@ def swav_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature
     return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
 
 
+def nce_loss(v: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, log_z: torch.Tensor | float,
+             bank_size: int, temperature: float = 0.07, exclude: torch.Tensor | None = None) -> dict:
+    """The noise-contrastive estimation loss of Wu et al. 2018 as PIRL uses it (Misra & van der
+    Maaten 2020, Eq. 2-4), per sample, against memory-bank rows.
+
+    Args:
+        v: (B, D) embeddings (normalised here), the ones that get gradient.
+        positives: (B, D) each sample's own memory-bank row m_I (normalised, no gradient).
+        negatives: (M, D) memory-bank rows m_I' drawn uniformly from the bank (normalised, no
+            gradient), shared by the batch.
+        log_z: log of the normalisation constant Z (a constant, estimated once; see
+            :class:`slip.ssl.pirl.PIRL`).
+        bank_size: N, the bank's rows: the noise distribution is uniform, P_n = 1 / N.
+        temperature: tau (0.07 in PIRL).
+        exclude: (B, M) bool, negatives left out of a sample's sum (its own row).
+    With s(a, b) = a . b / tau, P(a, b) = exp(s(a, b)) / Z and h(a, b) = P / (P + M / N):
+    ``loss[i] = -log h(m_i, v_i) - sum over negatives j of log(1 - h(v_i, m_j))``, computed as
+    softplus(log(M/N) - log P) + sum_j softplus(log P_j - log(M/N)) (the same, without overflow).
+    ``acc``: percent of samples whose positive scores above every negative. Float32.
+    """
+    with _fp32(v):
+        v = F.normalize(_up(v), dim=-1)
+        positives, negatives = _up(positives.detach()), _up(negatives.detach())
+        log_noise = torch.log(torch.tensor(negatives.shape[0] / bank_size, dtype=v.dtype, device=v.device))
+        log_z = torch.as_tensor(log_z, dtype=v.dtype, device=v.device)
+        s_pos = (v * positives).sum(dim=1) / temperature
+        s_neg = v @ negatives.t() / temperature
+        neg = F.softplus(s_neg - log_z - log_noise)
+        if exclude is not None:
+            neg = neg.masked_fill(exclude, 0.0)
+        loss = F.softplus(log_noise - (s_pos - log_z)) + neg.sum(dim=1)
+        with torch.no_grad():
+            best = s_neg if exclude is None else s_neg.masked_fill(exclude, float("-inf"))
+            acc = (s_pos > best.amax(dim=1)).float().mean() * 100 if best.shape[1] else torch.tensor(100.0)
+    return {"loss": loss, "acc": acc}
+
+
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> dict:
     """BYOL's symmetrised normalised MSE (Grill et al. 2020): each view's prediction regresses
     the target projection of the other view, ``2 - 2 cos(p, z)``, averaged over the batch.

@@ -31,7 +31,7 @@ from slip.losses import slip_objective
 from slip.models import get_architecture
 from slip.ssl import method_class, method_names, method_views, view_method_names
 from slip.ssl.visual_tokenizers import KMeansPatchTokenizer
-from slip.train.config import OptimConfig
+from slip.train.config import ObjectiveConfig, OptimConfig
 from slip.train.optim import build_optimizer
 from slip.train.step import plain_step
 from slip.transforms import IMAGENET_STD
@@ -65,7 +65,10 @@ def _model(preset: str, ssl: str | None) -> slip.SLIPModel:
     model = slip.create_model(arch)
     if needs_tokenizer:
         model.ssl.attach_visual_tokenizer(tokenizer.to(DEVICE))
-    return model.to(DEVICE).train()
+    model = model.to(DEVICE).train()
+    if ssl is not None and model.ssl.needs_sample_index:  # PIRL's memory bank, on the GPU
+        model.ssl.configure_training(ObjectiveConfig(ssl=ssl, nce_negatives=64), 1, 10, corpus_size=64, seed=0)
+    return model
 
 
 def _batch(model: slip.SLIPModel, ssl: str | None, out_dtype: torch.dtype) -> dict:
@@ -88,6 +91,8 @@ def _batch(model: slip.SLIPModel, ssl: str | None, out_dtype: torch.dtype) -> di
         batch["views"] = [pixels(spec) for spec in views.ssl]
     if views.mask is not None:
         batch["patch_mask"] = views.mask.sample_masks(BATCH, np.random.default_rng(0)).to(DEVICE)
+    if ssl is not None and model.ssl.needs_sample_index:
+        batch["index"] = torch.arange(BATCH, device=DEVICE)  # the samples' global indices
     augment = BatchAugment(views, out_dtype=out_dtype).to(DEVICE)
     return augment(batch, generator=torch.Generator(DEVICE).manual_seed(0), rows=(0, BATCH))
 

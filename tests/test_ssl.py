@@ -109,6 +109,11 @@ def _run(corpus, out, recipe, *overrides):
 # MoCo v2 is not here: its loss first rises while the queue's random keys give way to real ones
 # and stays near ln(K + 1) for the first epochs (as MoCo's own training logs show); a few dozen
 # steps on this corpus show nothing. tests/test_ssl_swav_mocov2.py shows it learning on a small set.
+# Nor is PIRL: its NCE normalisation Z is fixed at the first step, against a bank of random unit
+# vectors; as the bank's rows give way to the tiny ViT's embeddings, which start nearly
+# collinear, every negative outscores that Z and the loss rises (measured here with the
+# tiny recipe over 4 epochs: about 15 over the first 16 steps, 58 over the last 16).
+# tests/test_ssl_pirl.py shows it learning on a small set once the bank holds real embeddings.
 @pytest.mark.parametrize("recipe", ["simclr", "mocov3", "byol", "swav", "beit"])
 def test_each_method_lowers_its_loss_on_the_synthetic_corpus(corpus, tokenizer, tmp_path, recipe):
     result, records = _run(corpus, tmp_path / "run", recipe, "train.epochs=4", "optim.lr=2e-3")
@@ -127,7 +132,7 @@ def test_each_method_lowers_its_loss_on_the_synthetic_corpus(corpus, tokenizer, 
 
 
 @pytest.mark.parametrize("recipe", ["clip", "slip_simclr", "slip_mocov2", "slip_mocov3", "slip_byol", "slip_swav",
-                                    "slip_beit", "mocov2"])  # (the other methods alone train in the test above)
+                                    "slip_pirl", "slip_beit", "mocov2", "pirl"])  # (the other methods alone train in the test above)
 def test_every_tiny_recipe_trains(corpus, tokenizer, tmp_path, recipe):
     result, records = _run(corpus, tmp_path / "run", recipe, "train.max_steps=2")
     assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)

@@ -174,12 +174,14 @@ _NOT_REPRODUCIBLE = {"kind", "time", "samples_per_s", "data_wait", "peak_mem_gib
     pytest.param([], id="clip+simclr"),
     pytest.param(["objective.ssl=mocov2", "model.ssl_head.queue_size=48"], id="clip+mocov2"),
     pytest.param(["objective.ssl=swav", "model.ssl_head.prototypes=16", "model.ssl_head.queue_size=32",
-                  "objective.freeze_prototypes_epochs=0.25"], id="clip+swav")])
+                  "objective.freeze_prototypes_epochs=0.25"], id="clip+swav"),
+    pytest.param(["objective.ssl=pirl", "objective.nce_negatives=64"], id="clip+pirl")])
 def test_sigkill_at_any_moment_then_rerun_reproduces_the_uninterrupted_run(corpus, tmp_path, objective):
     # Loader workers with shuffle buffers (rebuilt from the re-read samples on resume); with MoCo
     # v2, the momentum branch and its queue of keys; with SwAV, multi-crop views, the prototypes
-    # (frozen for 2 steps) and the queue (in use from step 3): all restored so that every logged
-    # step and the final weights equal those of a run that was never killed.
+    # (frozen for 2 steps) and the queue (in use from step 3); with PIRL, the jigsaw tiles, the
+    # memory bank (in the checkpoint's ssl_state), Z and the negatives' seed: all restored so that
+    # every logged step and the final weights (and PIRL's bank) equal those of a run that was never killed.
     cfg_args = ["model.name=slip_vit_tiny", *objective, f"data.train={corpus / 'train'}", "data.workers=2",
                 "data.shuffle_buffer=16", "data.samples_per_epoch=128", "train.batch_size=16", "train.epochs=1",
                 "train.precision=fp32", "train.log_every=1", "train.save_every=1", "train.keep_last=2"]
@@ -215,11 +217,15 @@ def test_sigkill_at_any_moment_then_rerun_reproduces_the_uninterrupted_run(corpu
         assert rec.keys() == want.keys()
         for key in want.keys() - _NOT_REPRODUCIBLE:
             assert rec[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (rec["step"], key)
-    w_full = torch.load(tmp_path / "full" / "checkpoints" / "step-00000008.pt", weights_only=True)["state_dict"]
-    w_run = torch.load(ckpts / "step-00000008.pt", weights_only=True)["state_dict"]
+    full_ckpt = torch.load(tmp_path / "full" / "checkpoints" / "step-00000008.pt", weights_only=True)
+    run_ckpt = torch.load(ckpts / "step-00000008.pt", weights_only=True)
+    w_full, w_run = full_ckpt["state_dict"], run_ckpt["state_dict"]
     assert w_full.keys() == w_run.keys()
     for k in w_full:
         assert torch.allclose(w_run[k].float(), w_full[k].float(), rtol=1e-6, atol=1e-7), k
+    assert full_ckpt.get("ssl_state", {}).keys() == run_ckpt.get("ssl_state", {}).keys()
+    for k, v in full_ckpt.get("ssl_state", {}).items():  # PIRL's memory bank
+        assert torch.allclose(run_ckpt["ssl_state"][k], v, rtol=1e-6, atol=1e-7), k
 
 
 # SLIP with SimCLR; MoCo v3 alone: its keys come from every rank's momentum branch, whose

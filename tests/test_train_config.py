@@ -26,7 +26,8 @@ EXPECTED = {  # recipe prefix -> (lr, weight decay, clip, ssl method, model kind
     "slip_beit": (3e-3, 0.1, True, "beit", "slip"), "mocov2": (2.4e-3, 0.1, False, "mocov2", "simclr"),
     "slip_mocov2": (3e-3, 0.1, True, "mocov2", "slip"), "swav": (2.4e-3, 0.1, False, "swav", "simclr"),
     "slip_swav": (3e-3, 0.1, True, "swav", "slip"), "relicv2": (2.4e-3, 0.1, False, "relicv2", "simclr"),
-    "slip_relicv2": (3e-3, 0.1, True, "relicv2", "slip"),
+    "slip_relicv2": (3e-3, 0.1, True, "relicv2", "slip"), "pirl": (2.4e-3, 0.1, False, "pirl", "simclr"),
+    "slip_pirl": (3e-3, 0.1, True, "pirl", "slip"),
 }
 
 
@@ -41,9 +42,9 @@ def test_every_recipe_loads_and_validates(recipe):
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.objective.clip, cfg.objective.ssl) == (lr, wd, clip, ssl)
     assert cfg.train.epochs == {"yfcc15m": 25, "cc3m": 40, "cc12m": 35}[recipe.parent.name]
     assert cfg.model.name == f"{kind}_vit_{size}"
-    if ssl in ("simclr", "mocov2", "mocov3", "swav", "relicv2"):
+    if ssl in ("simclr", "mocov2", "mocov3", "swav", "relicv2", "pirl"):
         assert cfg.objective.ssl_temperature == {"simclr": 0.1, "mocov2": 0.2, "mocov3": 0.2, "swav": 0.1,
-                                                 "relicv2": 0.2}[ssl]
+                                                 "relicv2": 0.2, "pirl": 0.07}[ssl]
     if ssl in ("mocov2", "swav"):  # the papers' 2048 -> 128 head; MoCo v2's 0.999, SwAV's 3000 prototypes
         assert (cfg.model.ssl_head.mlp_dim, cfg.model.ssl_head.out_dim) == (2048, 128)
         assert cfg.objective.momentum == 0.999 if ssl == "mocov2" else cfg.model.ssl_head.prototypes == 3000
@@ -52,6 +53,9 @@ def test_every_recipe_loads_and_validates(recipe):
     if ssl == "relicv2":  # BYOL's head and target momentum; beta and n_e of the loss
         assert (cfg.model.ssl_head.mlp_dim, cfg.model.ssl_head.out_dim, cfg.objective.momentum) == (4096, 256, 0.996)
         assert (cfg.objective.relic_beta, cfg.objective.relic_negatives) == (1.0, 10)
+    if ssl == "pirl":  # PIRL's 128-d heads, 32,000 negatives, lambda 0.5, bank weight 0.5
+        assert cfg.model.ssl_head.out_dim == 128
+        assert (cfg.objective.nce_negatives, cfg.objective.pirl_lambda, cfg.objective.bank_momentum) == (32000, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
@@ -68,8 +72,8 @@ def test_recipes_cover_every_method_size_and_corpus():
         for method in ("clip", "simclr", "slip"):
             for size in ("s16", "b16", "l16"):
                 assert (corpus, f"{method}_vit_{size}") in names
-    for combo in ("mocov2", "mocov3", "byol", "swav", "beit", "relicv2", "slip_mocov2", "slip_mocov3", "slip_byol",
-                  "slip_swav", "slip_beit", "slip_relicv2"):  # every SSL method, alone and in SLIP
+    for combo in ("mocov2", "mocov3", "byol", "swav", "beit", "relicv2", "pirl", "slip_mocov2", "slip_mocov3",
+                  "slip_byol", "slip_swav", "slip_beit", "slip_relicv2", "slip_pirl"):  # every SSL method, alone and in SLIP
         assert ("yfcc15m", f"{combo}_vit_b16") in names
         assert ("tiny", combo) in names
 
@@ -84,6 +88,12 @@ def test_imagenet_resnet50_recipes_are_their_papers(recipe):
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("lars", 3.2, 0.0, 1.5e-6)
         assert (head.mlp_dim, head.out_dim, cfg.objective.momentum, cfg.objective.ssl) == (4096, 256, 0.996, "relicv2")
         assert (cfg.objective.ssl_temperature, cfg.objective.relic_beta, cfg.objective.relic_negatives) == (0.2, 1.0, 10)
+        return
+    if recipe.stem == "pirl_resnet50":  # VISSL's reproduction (not verified against the paper's text)
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (1024, 800, 0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("sgd", 0.12, 1.2e-4, 1e-4)
+        assert (cfg.objective.ssl, cfg.objective.ssl_temperature, head.out_dim) == ("pirl", 0.07, 128)
+        assert (cfg.objective.nce_negatives, cfg.objective.pirl_lambda, cfg.objective.bank_momentum) == (32000, 0.5, 0.5)
         return
     assert cfg.train.batch_size == 256 and cfg.train.epochs == 200 and cfg.optim.warmup_epochs == 0
     if recipe.stem == "mocov2_resnet50":  # SGD 0.03, wd 1e-4, T 0.2, m 0.999, K 65536
@@ -117,9 +127,12 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
     (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
     (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
-    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of beit, byol, mocov2, mocov3, relicv2, simclr, swav, none"),
+    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of beit, byol, mocov2, mocov3, pirl, relicv2, simclr, swav, none"),
     (["objective.ssl=beit"], r"objective\.tokenizer: beit needs a visual tokenizer"),
     (["objective.mask_ratio=1.2"], r"objective\.mask_ratio: must be in \(0, 1\)"),
+    (["objective.nce_negatives=0"], r"objective\.nce_negatives: must be at least 1"),
+    (["objective.pirl_lambda=1.5"], r"objective\.pirl_lambda: must be in \[0, 1\]"),
+    (["objective.bank_momentum=1"], r"objective\.bank_momentum: must be in \[0, 1\)"),
     (["train.batch_size=100", "train.accum_steps=3"], r"not divisible by train\.accum_steps"),
     (["train.precision=fp8"], r"train\.precision: 'fp8'"),
     (["objective.gather=no_grad"], r"objective\.gather: 'no_grad' is not one of with_grad, slip"),

@@ -80,6 +80,10 @@ def _model_and_batch(name: str, method: str | None, n: int = 8):
     if tokenizer is not None:
         model.ssl.attach_visual_tokenizer(tokenizer)
     g = torch.Generator().manual_seed(1)
+    if method is not None and model.ssl.needs_sample_index:  # a memory bank of one row per sample (PIRL)
+        from slip.train.config import ObjectiveConfig
+
+        model.ssl.configure_training(ObjectiveConfig(ssl=method, nce_negatives=64), 1, 1, corpus_size=32, seed=0)
     size = arch.vision.image_size
     batch: dict = {}
     if model.has_text:
@@ -92,6 +96,8 @@ def _model_and_batch(name: str, method: str | None, n: int = 8):
         if views.mask is not None:
             patches = views.mask(random.Random(0)).reshape(-1).numel()
             batch["patch_mask"] = _unequal_masks(n, patches, g)
+        if model.ssl.needs_sample_index:  # the micro-batches must hand their rows' indices on in order
+            batch["index"] = torch.randperm(32, generator=g)[:n]
     return model, batch
 
 
@@ -144,6 +150,7 @@ SLIP = (None, ["model.name=slip_vit_tiny"])  # CLIP + SimCLR
 SLIP_MOCOV3 = (str(ROOT / "configs" / "tiny" / "slip_mocov3.yaml"), [])
 SWAV = (str(ROOT / "configs" / "tiny" / "swav.yaml"), [])  # a queue of 64 = 4 global batches, in use from step 5
 MOCOV2 = (str(ROOT / "configs" / "tiny" / "slip_mocov2.yaml"), [])
+PIRL = (str(ROOT / "configs" / "tiny" / "slip_pirl.yaml"), ["objective.nce_negatives=96"])  # a bank of 256 rows
 
 
 def _job(tmp, name: str, recipe, *overrides: str, out: bool = True, batches: bool = False) -> dict:
@@ -183,6 +190,9 @@ def two_ranks(corpus, tmp_path_factory):  # noqa: F811
         # Memory across steps: SwAV's queue and Sinkhorn over both ranks, MoCo v2's queue of gathered keys.
         "swav": _job(tmp, "swav", SWAV, data, "train.max_steps=6", batches=True),
         "mocov2": _job(tmp, "mocov2", MOCOV2, data, "train.max_steps=4", batches=True),
+        # PIRL's memory bank, sharded over the ranks: lookups and updates by ownership, Z estimated
+        # over both ranks at step 1. Its last checkpoint (step 4) ends epoch 0.
+        "pirl": _job(tmp, "pirl", PIRL, data, "train.max_steps=4", batches=True),
     }
     (tmp / "jobs.json").write_text(json.dumps(list(jobs.values())))
     proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -263,6 +273,52 @@ def test_two_ranks_with_a_queue_compute_the_one_process_gradient(two_ranks, tmp_
             two["ssl.prototypes.weight"].norm(dim=1), torch.ones(16), atol=1e-5)
     else:
         assert int(two["ssl.queue_ptr"]) == int(single["ssl.queue_ptr"]) == (16 * last) % 128
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_ranks_with_a_sharded_memory_bank_compute_the_one_process_gradient_and_bank(two_ranks, tmp_path):
+    # PIRL: each rank holds every other row of the bank; the global batch's rows and the step's
+    # negatives (drawn alike on both ranks) are looked up over both, Z is estimated over both
+    # ranks' rows, and after each update both ranks' embeddings go to the rows' owners. The
+    # gradients, the bank gathered into the checkpoint, Z and the update count equal one process's.
+    ranks = two_ranks["records"]["pirl"]
+    one = _replay_on_one_process(two_ranks, "pirl", tmp_path)
+    for step, (got, want) in enumerate(zip(ranks[0]["grads"], one), start=1):
+        assert_same_gradients(got, want, rel=1e-3, what=f"pirl step {step}")
+    last = len(one)
+    two = torch.load(two_ranks["dir"] / "pirl" / "checkpoints" / f"step-{last:08d}.pt", weights_only=True)
+    single = torch.load(tmp_path / "one" / "checkpoints" / f"step-{last:08d}.pt", weights_only=True)
+    bank = two["ssl_state"]["bank"]
+    assert two["world_size"] == 2 and bank.shape == (256, 32)  # every row of the corpus, in global order
+    assert torch.allclose(bank, single["ssl_state"]["bank"], atol=1e-5)
+    trained = {int(i) for r in ranks for b in r["batches"] for i in b["index"]}
+    assert len(trained) == 16 * last  # 64 distinct samples: each row was updated once
+    untouched = sorted(set(range(256)) - trained)
+    assert torch.allclose(bank.norm(dim=1), torch.ones(256), atol=1e-5)
+    fresh = Trainer(load_config(PIRL[0], [*two_ranks["jobs"]["pirl"]["overrides"],
+                                          f"train.output_dir={tmp_path / 'fresh'}"])).model.ssl.bank
+    assert torch.equal(bank[untouched], fresh[untouched]), "rows outside the batches keep their initial values"
+    assert not torch.allclose(bank[sorted(trained)], fresh[sorted(trained)])
+    for key in ("ssl.nce_z", "ssl.num_updates"):
+        assert torch.allclose(two["state_dict"][key].double(), single["state_dict"][key].double(), rtol=1e-5), key
+    assert int(two["state_dict"]["ssl.num_updates"]) == last and (two["state_dict"]["ssl.nce_z"] > 0).all()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_memory_bank_saved_by_two_ranks_resumes_in_one_process(two_ranks, tmp_path):
+    # The two-rank PIRL run stopped at the end of epoch 0; one process resumes it (another world
+    # size keeps the data position at an epoch boundary): it holds all rows of the gathered bank.
+    import shutil
+
+    job = two_ranks["jobs"]["pirl"]
+    shutil.copytree(two_ranks["dir"] / "pirl", tmp_path / "run")
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-00000004.pt", weights_only=True)
+    trainer = Trainer(load_config(job["config"], [*job["overrides"], f"train.output_dir={tmp_path / 'run'}",
+                                                  "train.max_steps=5"]))
+    assert trainer.try_resume() and trainer.step == 4
+    assert torch.equal(trainer.model.ssl.bank, saved["ssl_state"]["bank"])
+    assert torch.equal(trainer.model.ssl.nce_z, saved["state_dict"]["ssl.nce_z"])
+    assert torch.equal(trainer.model.ssl.gathered_state()["bank"], saved["ssl_state"]["bank"])
 
 
 def _assert_resumed_run_matches_the_full_run(two_ranks, name: str, stopped_at: int):

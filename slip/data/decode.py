@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,58 @@ def sample_crop(
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass(frozen=True)
+class Jigsaw:
+    """One sample's jigsaw (PIRL): the parent crop box, the grid cell each slot holds
+    (``cells[k]``: a permutation of ``range(grid * grid)``, cell ``r * grid + c`` in row r,
+    column c), every cell's box (row-major) and each slot's tile box; boxes are
+    ``(left, top, width, height)`` in image pixels."""
+
+    parent: tuple[int, int, int, int]
+    cells: tuple[int, ...]
+    cell_boxes: tuple[tuple[int, int, int, int], ...]
+    tiles: tuple[tuple[int, int, int, int], ...]
+
+
+def jigsaw_boxes(
+    rng: random.Random,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    grid: int = 3,
+    tile_fraction: float = 64 / 85,
+) -> Jigsaw:
+    """Draw a jigsaw transform's tiles for a ``width x height`` image (PIRL, after Noroozi &
+    Favaro's jigsaw): ONE RandomResizedCrop box (:func:`sample_crop` with ``scale``/``ratio``),
+    divided into a ``grid x grid`` grid of cells (edges at rounded multiples of a third of the
+    box); a random permutation of the cells; for slot k a tile inside cell ``cells[k]``, each
+    side ``tile_fraction`` of the cell's (rounded, at least 1 px) at a uniformly random offset
+    (PIRL: a random 64 px crop of each 85 px cell of the crop resized to 255 px). The tiles are
+    cut from the image itself, one resampling each, rather than from a resized parent.
+
+    Draws from ``rng`` in this order: the parent box, the permutation, then per slot the
+    horizontal and vertical offsets.
+    """
+    left, top, w, h = sample_crop(rng, width, height, scale, ratio)
+    xs = [left + round(j * w / grid) for j in range(grid + 1)]
+    ys = [top + round(i * h / grid) for i in range(grid + 1)]
+    cell_boxes = []
+    for r in range(grid):
+        for c in range(grid):
+            # A parent narrower than the grid leaves empty cells: they take one pixel at their edge.
+            x0, y0 = min(xs[c], width - 1), min(ys[r], height - 1)
+            cell_boxes.append((x0, y0, max(1, xs[c + 1] - x0), max(1, ys[r + 1] - y0)))
+    cells = list(range(grid * grid))
+    rng.shuffle(cells)
+    tiles = []
+    for cell in cells:
+        x0, y0, cw, ch = cell_boxes[cell]
+        tw, th = max(1, round(cw * tile_fraction)), max(1, round(ch * tile_fraction))
+        tiles.append((x0 + rng.randint(0, cw - tw), y0 + rng.randint(0, ch - th), tw, th))
+    return Jigsaw((left, top, w, h), tuple(cells), tuple(cell_boxes), tuple(tiles))
 
 
 def draft_factor(
@@ -184,9 +236,19 @@ def plan_crops(
     """
     boxes: list[tuple[int, int, int, int]] = []
     by_name: dict[str, int] = {}
+    jigsaws: dict[str, Iterator[tuple[int, int, int, int]]] = {}  # a group's tile boxes, slot by slot
     for i, v in enumerate(views):
-        # A sharing view takes its source's box (validated by MethodViews) and draws nothing.
-        boxes.append(boxes[by_name[v.shares]] if v.shares is not None else sample_crop(rng, width, height, v.scale, v.ratio))
+        if v.shares is not None:
+            # A sharing view takes its source's box (validated by MethodViews) and draws nothing.
+            boxes.append(boxes[by_name[v.shares]])
+        elif v.tile_of is not None:
+            # The first tile of a group draws the whole jigsaw; the others take their slots in turn.
+            if v.tile_of not in jigsaws:
+                drawn = jigsaw_boxes(rng, width, height, v.scale, v.ratio, v.grid, v.tile_fraction)
+                jigsaws[v.tile_of] = iter(drawn.tiles)
+            boxes.append(next(jigsaws[v.tile_of]))
+        else:
+            boxes.append(sample_crop(rng, width, height, v.scale, v.ratio))
         by_name[v.name] = i
     factor = draft_factor(boxes, [v.size for v in views]) if allow_draft else 1
     while factor > 1:

@@ -31,6 +31,11 @@ The views SLIP's methods use:
   tower's view (ImageNet-normalised) and the visual tokenizer's (``normalize=False``: float
   pixels in [0, 1]). A view declares the sharing with ``shares="<name of the earlier view>"``.
   :attr:`MethodViews.mask` adds a blockwise patch mask per sample, drawn in the workers.
+* PIRL views (:func:`pirl_views`): the image's own view, and the nine tiles of its jigsaw
+  transform as nine ordinary views that declare one parent group (``tile_of``): the workers draw
+  ONE parent crop per sample, a random permutation of its 3 x 3 grid cells, and for tile slot k
+  a random sub-box of cell perm[k] (:func:`slip.data.decode.jigsaw_boxes`); each tile is then
+  cut, resized and augmented like any other view, independently of the others.
 """
 from __future__ import annotations
 
@@ -70,6 +75,16 @@ class ViewSpec:
             a visual tokenizer with its own normalisation).
         saliency_p: probability that the crop is cut from the image with its background
             removed (RELICv2's saliency masking; :mod:`slip.data.saliency`).
+        tile_of: name of a jigsaw group this view is a tile of (None: an ordinary view). The
+            ``grid * grid`` views of a group, in declaration order, are its slots: per sample
+            ONE parent crop is drawn with the group's ``scale``/``ratio`` and divided into a
+            ``grid x grid`` grid of cells, the cells are randomly permuted, and slot k is a
+            random sub-box of cell perm[k] whose sides are ``tile_fraction`` of the cell's
+            (PIRL's jigsaw; :func:`slip.data.decode.jigsaw_boxes`). Every view of a group
+            declares the same ``scale``, ``ratio``, ``grid`` and ``tile_fraction``; its own
+            size and photometric settings apply to it alone.
+        grid: cells per side of the parent crop of a ``tile_of`` group.
+        tile_fraction: a tile's side as a fraction of its cell's (PIRL: 64 px of an 85 px cell).
     """
 
     name: str
@@ -86,6 +101,9 @@ class ViewSpec:
     shares: str | None = None
     normalize: bool = True
     saliency_p: float = 0.0
+    tile_of: str | None = None
+    grid: int = 3
+    tile_fraction: float = 64 / 85
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -99,11 +117,17 @@ class ViewSpec:
                 raise ValueError(f"view {self.name!r}: probabilities must lie in [0, 1]")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"view {self.name!r}: blur_sigma must satisfy 0 < lo <= hi")
+        if self.grid < 1 or not 0 < self.tile_fraction <= 1:
+            raise ValueError(f"view {self.name!r}: grid must be >= 1 and tile_fraction in (0, 1]")
+        if self.tile_of is not None and self.shares is not None:
+            raise ValueError(f"view {self.name!r}: a tile (tile_of) cannot also share another view's crop")
 
 
 # What a view that ``shares`` another takes from it, and so must declare identically.
 _SHARED_FIELDS = ("scale", "ratio", "hflip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
                   "saliency_p")
+# What the tiles of one jigsaw group (``tile_of``) have in common: the parent crop and its grid.
+_TILE_FIELDS = ("scale", "ratio", "grid", "tile_fraction")
 
 
 @dataclass(frozen=True)
@@ -138,6 +162,17 @@ class MethodViews:
                     raise ValueError(f"view {view.name!r} shares the crop and draws of {view.shares!r} but declares "
                                      f"other {', '.join(differ)}")
             seen[view.name] = view
+        groups: dict[str, list[ViewSpec]] = {}
+        for view in self.all:
+            if view.tile_of is not None:
+                groups.setdefault(view.tile_of, []).append(view)
+        for group, tiles in groups.items():
+            differ = [f for f in _TILE_FIELDS if len({getattr(t, f) for t in tiles}) > 1]
+            if differ:
+                raise ValueError(f"the tiles of jigsaw group {group!r} declare different {', '.join(differ)}")
+            if len(tiles) != tiles[0].grid ** 2:
+                raise ValueError(f"jigsaw group {group!r} has {len(tiles)} tiles; a {tiles[0].grid} x {tiles[0].grid} "
+                                 f"grid needs {tiles[0].grid ** 2}")
 
     @property
     def all(self) -> tuple[ViewSpec, ...]:
@@ -223,3 +258,41 @@ def swav_views(size: int | tuple[int, int] = 224, *, large: int = 2, small: int 
                   for i in range(large))
             + tuple(ViewSpec(name=f"{prefix}_small{i + 1}", size=small_size, scale=(0.05, 0.14), **common)
                     for i in range(small)))
+
+
+# PIRL (Misra & van der Maaten 2020, Sec. 4): the jigsaw's parent crop resized to 255 px is cut
+# into a 3 x 3 grid of 85 px cells, and a random 64 px tile is taken from each cell.
+PIRL_GRID = 3
+PIRL_TILE_FRACTION = 64 / 85
+
+
+def pirl_tile_size(size: int | tuple[int, int], patch_size: int = 16) -> tuple[int, int]:
+    """PIRL's tiles are 64 px for 224 px images: the same ratio at any size, rounded to whole
+    patches of ``patch_size`` (at least one) so a ViT tower can take them."""
+    return tuple(max(patch_size, round(s * 64 / 224 / patch_size) * patch_size) for s in _pair(size))  # type: ignore[return-value]
+
+
+def pirl_views(size: int | tuple[int, int] = 224, *, patch_size: int = 16, prefix: str = "pirl") -> tuple[ViewSpec, ...]:
+    """PIRL's views (Misra & van der Maaten 2020): ``{prefix}_image``, the image's own view I,
+    then ``{prefix}_tile1`` .. ``{prefix}_tile9``, the nine tiles of its jigsaw transform I^t in
+    one group (``tile_of``): a parent crop divided into a 3 x 3 grid, the cells in a random
+    order per image (slot k holds cell perm[k]), from each cell a random sub-crop of 64/85 of its
+    side (the paper's 64 px of an 85 px cell of a 255 px crop), each tile resized to
+    :func:`pirl_tile_size` (64 px at 224) and augmented on its own.
+
+    From the paper: the 3 x 3 grid, the 255 / 85 / 64 px geometry, each tile encoded on its own.
+    Not verified against the paper's text (taken from VISSL's reproduction,
+    ``pirl_jigsaw_4node_resnet50.yaml`` and its ``ImgPilToPatchesAndImage``): the image view's
+    crop scale (0.08, 1), the parent crop's scale (0.6, 1), and the photometric augmentation of
+    the image and of every tile alike: colour jitter (0.4, 0.4, 0.4, 0.2) always, grayscale
+    p=0.2, horizontal flip p=0.5, no blur. VISSL also applies, with p=0.66, a posterise /
+    sharpness / solarise / autocontrast group that slip's batched augmentation does not have
+    (left out here).
+    """
+    photometric = {"hflip_p": 0.5, "jitter": (0.4, 0.4, 0.4, 0.2), "jitter_p": 1.0, "grayscale_p": 0.2}
+    tile = pirl_tile_size(size, patch_size)
+    image = ViewSpec(name=f"{prefix}_image", size=_pair(size), scale=(0.08, 1.0), **photometric)
+    return (image,) + tuple(
+        ViewSpec(name=f"{prefix}_tile{k + 1}", size=tile, scale=(0.6, 1.0), tile_of=f"{prefix}_jigsaw",
+                 grid=PIRL_GRID, tile_fraction=PIRL_TILE_FRACTION, **photometric)
+        for k in range(PIRL_GRID * PIRL_GRID))

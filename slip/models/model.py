@@ -66,7 +66,8 @@ class SLIPModel(nn.Module):
     ``image_embed`` (N, E) and ``text_embed`` (N, E) unnormalised, ``logit_scale`` (scalar,
     already exponentiated) when there is a text tower and ``image``/``text`` are given, and
     ``ssl``, the SSL method's outputs (for SimCLR ``{"embeds": [z1, z2]}``), when ``views``
-    are given (the method's views, in its order; BEiT also takes ``patch_mask``).
+    are given (the method's views, in its order; BEiT also takes ``patch_mask``, PIRL ``index``,
+    each sample's global index in the corpus, which reaches its loss as ``out["ssl"]["index"]``).
     """
 
     def __init__(self, arch: Architecture):
@@ -206,11 +207,15 @@ class SLIPModel(nn.Module):
         views: Sequence[torch.Tensor] | None = None,
         patch_mask: torch.Tensor | None = None,
         targets: bool = True,
+        index: torch.Tensor | None = None,
     ) -> dict:
         """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (per tower view of
         the SSL method: (N, width), or (N, L, width) patch tokens for a masked view), with
         ``patch_mask`` the mask it was given, and with ``targets`` the SSL method's targets
         ``ssl_targets`` (the momentum tower's features, tokenizer codes; no gradient).
+        ``index`` (the batch's global sample indices) is passed on as ``index`` when the SSL
+        method needs it (``needs_sample_index``: PIRL's memory bank), so that micro-batches
+        keep their rows' indices in order like any other feature.
 
         With a ViT everything here is per-sample (no batch statistics), so features of
         micro-batches can be computed separately and concatenated; :meth:`forward_heads`
@@ -240,6 +245,8 @@ class SLIPModel(nn.Module):
                 feats["patch_mask"] = patch_mask
             if targets and self.ssl.has_targets:
                 feats["ssl_targets"] = self.ssl.target_features(views)
+            if index is not None and self.ssl.needs_sample_index:
+                feats["index"] = index
         if text is not None:
             feats["text"] = self.text_features(text)
         return feats
@@ -255,6 +262,8 @@ class SLIPModel(nn.Module):
             out["logit_scale"] = self.logit_scale.exp()
         if "views" in feats:
             out["ssl"] = self.ssl(feats["views"], feats.get("ssl_targets"), feats.get("patch_mask"))
+            if "index" in feats:
+                out["ssl"]["index"] = feats["index"]
         return out
 
     def forward(
@@ -263,8 +272,10 @@ class SLIPModel(nn.Module):
         text: torch.Tensor | None = None,
         views: Sequence[torch.Tensor] | None = None,
         patch_mask: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
     ) -> dict:
-        return self.forward_heads(self.forward_features(image=image, text=text, views=views, patch_mask=patch_mask))
+        return self.forward_heads(self.forward_features(image=image, text=text, views=views, patch_mask=patch_mask,
+                                                        index=index))
 
 
 def create_model(name: str | Architecture) -> SLIPModel:

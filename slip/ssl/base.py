@@ -87,6 +87,11 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str] = ""
     view_roles: ClassVar[tuple[str, ...]] = (POOLED, POOLED)
     needs_visual_tokenizer: ClassVar[bool] = False  # True: the trainer calls attach_visual_tokenizer(...)
+    # True: the method's loss needs each sample's global index in the corpus (a memory bank of
+    # one row per image): the model puts the batch's ``index`` into :meth:`forward`'s output
+    # (``out["index"]``), and the trainer refuses data without indices and passes the corpus
+    # size to :meth:`configure_training`.
+    needs_sample_index: ClassVar[bool] = False
     default_temperature: ClassVar[float | None] = None
     default_momentum: ClassVar[float | None] = None
     # SSLHeadConfig fields the method sets when chosen (Architecture.with_ssl_method), e.g. MoCo
@@ -102,10 +107,26 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
         means a ViT tower must take several input sizes (timm's ``dynamic_img_size``)."""
         return {v.size for v in cls.declare_views(image_size).ssl if v.normalize}
 
-    def configure_training(self, objective, steps_per_epoch: int, total_steps: int) -> None:
-        """Called once by the trainer before the first step, with the ``objective`` config
-        section and the schedule: methods with training-time settings (SwAV's Sinkhorn, when
-        its queue starts) read them here. Default: nothing."""
+    def configure_training(self, objective, steps_per_epoch: int, total_steps: int, *,
+                           corpus_size: int | None = None, seed: int = 0) -> None:
+        """Called once by the trainer before the first step (and before a resume loads the
+        checkpoint), on the training device, with the ``objective`` config section and the
+        schedule: methods with training-time settings (SwAV's Sinkhorn, when its queue starts)
+        read them here. ``corpus_size``: the number of samples of the training corpus (the
+        shards' index; given to methods that set ``needs_sample_index``, else None); ``seed``:
+        the run's ``train.seed``. Default: nothing."""
+
+    def gathered_state(self) -> dict[str, torch.Tensor]:
+        """State kept outside the module's buffers (because it is sharded over ranks), for the
+        checkpoint: a collective that every rank calls; rank 0 gets the whole state (e.g. PIRL's
+        memory bank in global row order, on the CPU), the other ranks an empty dict. Default:
+        none."""
+        return {}
+
+    def load_gathered_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`gathered_state`'s result (read from a checkpoint by every rank), each
+        rank keeping its own share, whatever the number of ranks that wrote it. Default:
+        nothing to restore."""
 
     @property
     def num_views(self) -> int:

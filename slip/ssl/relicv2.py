@@ -209,7 +209,8 @@ class RELICv2(MomentumMethod):
         p = self.default_saliency_p if objective is None else objective.relic_saliency_p
         return MethodViews(clip=None, ssl=relicv2_views(image_size, patch_size=self._patch_size, saliency_p=p))
 
-    def configure_training(self, objective, steps_per_epoch: int, total_steps: int) -> None:
+    def configure_training(self, objective, steps_per_epoch: int, total_steps: int, *,
+                           corpus_size: int | None = None, seed: int = 0) -> None:
         self.beta, self.negatives = objective.relic_beta, objective.relic_negatives
 
     @torch.no_grad()

@@ -65,7 +65,8 @@ class SwAV(SSLMethod):
         """The small crops in whole patches of this tower's ViT (e.g. 98 px for ViT-L/14 at 224)."""
         return self.declare_views(image_size, patch_size=self._patch_size)
 
-    def configure_training(self, objective, steps_per_epoch: int, total_steps: int) -> None:
+    def configure_training(self, objective, steps_per_epoch: int, total_steps: int, *,
+                           corpus_size: int | None = None, seed: int = 0) -> None:
         self.epsilon, self.iterations = objective.sinkhorn_epsilon, objective.sinkhorn_iterations
         self.freeze_steps = math.ceil(objective.freeze_prototypes_epochs * steps_per_epoch)
         self.queue_start_step = math.ceil(objective.queue_start_epoch * steps_per_epoch)

@@ -49,9 +49,9 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     clip: bool = True  # the image-text contrastive branch
-    ssl: str = "simclr"  # self-supervised branch: simclr | mocov3 | byol | beit | none (slip.ssl registry)
+    ssl: str = "simclr"  # self-supervised branch: simclr | mocov2 | mocov3 | byol | swav | pirl | beit | none (slip.ssl registry)
     ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
-    ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2)
+    ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2, PIRL 0.07)
     momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
     tokenizer: str | None = None  # BEiT's visual tokenizer: a FLAVA codebook directory or a k-means file
     mask_ratio: float = 0.4  # BEiT: fraction of patches masked (in blocks); 75/196 reproduces BEiT's code
@@ -70,6 +70,12 @@ class ObjectiveConfig:
     # p_m: the probability that a large crop is cut from the background-removed image (the
     # pseudocode's saliency masking; the mask from data.saliency)
     relic_saliency_p: float = 0.1
+    # PIRL (Misra & van der Maaten 2020, Sec. 3.2-4.1, slip/ssl/pirl.py): negatives drawn from the
+    # memory bank per step (32,000), the weight lambda of the jigsaw term (0.5), and the weight
+    # of a bank row's old value in its update m <- normalize(w m + (1 - w) f) (0.5)
+    nce_negatives: int = 32000
+    pirl_lambda: float = 0.5
+    bank_momentum: float = 0.5
 
 
 @dataclass
@@ -359,6 +365,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.relic_beta must be >= 0 and objective.relic_negatives >= 1")
     if not 0 <= o.relic_saliency_p <= 1:
         raise ConfigError(f"objective.relic_saliency_p: {o.relic_saliency_p} is not a probability in [0, 1]")
+    if o.nce_negatives < 1:
+        raise ConfigError(f"objective.nce_negatives: must be at least 1, got {o.nce_negatives}")
+    if not 0 <= o.pirl_lambda <= 1:
+        raise ConfigError(f"objective.pirl_lambda: must be in [0, 1], got {o.pirl_lambda}")
+    if not 0 <= o.bank_momentum < 1:
+        raise ConfigError(f"objective.bank_momentum: must be in [0, 1), got {o.bank_momentum}")
     head = cfg.model.ssl_head.given()
     if head:
         if arch.ssl_head is None or o.ssl == "none":

@@ -10,7 +10,8 @@ Accumulation keeps the contrastive losses over the whole batch (GradCache, Gao e
 The towers have no batch statistics and no randomness, so this equals one big batch exactly,
 at the cost of a second tower forward. Targets without gradient are cached the same way: the
 momentum tower's features (its projector, which has BatchNorm, runs in step 2 on the whole
-batch), BEiT's tokenizer codes and patch masks.
+batch), BEiT's tokenizer codes and patch masks, and the samples' global indices (PIRL's memory
+bank), concatenated in micro-batch order so step 2 sees the whole batch's in its order.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ Objective = Callable[[dict], dict]
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("image", "text", "views", "patch_mask") if k in batch}
+    # ``index``: each sample's global index (the model hands it to a method that needs it, PIRL)
+    return {k: batch[k] for k in ("image", "text", "views", "patch_mask", "index") if k in batch}
 
 
 def batch_size_of(batch: dict) -> int:

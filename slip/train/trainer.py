@@ -193,7 +193,11 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, fused=self.device.type == "cuda")
         self.schedule = build_schedule(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
         if model.has_ssl_head:
-            model.ssl.configure_training(cfg.objective, self.steps_per_epoch, self.total_steps)
+            corpus_size = None
+            if model.ssl.needs_sample_index:  # a memory bank of one row per sample (PIRL)
+                corpus_size = self.loader.require_sample_index(f"objective.ssl={cfg.objective.ssl}").size
+            model.ssl.configure_training(cfg.objective, self.steps_per_epoch, self.total_steps,
+                                         corpus_size=corpus_size, seed=t.seed)
         self.scaler = self.rt.grad_scaler()
 
         # DDP when each step is one forward; accumulation syncs gradients once by hand.
@@ -363,7 +367,10 @@ class Trainer:
     def _state(self) -> dict:
         ranks = D.all_gather_object({"rng": rng_state(), "data": self.loader.state_dict(),
                                      "skipped_samples": self.skipped_samples()})
+        # State an SSL method shards over ranks (PIRL's memory bank), whole on rank 0: collective.
+        ssl_state = self.model.ssl.gathered_state() if self.model.has_ssl_head else {}
         return {
+            **({"ssl_state": ssl_state} if ssl_state else {}),
             "epoch": self.step // self.steps_per_epoch,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -400,6 +407,8 @@ class Trainer:
                 logger.warning("resuming with a changed setting (%s): the run's numbers will differ from an "
                                "uninterrupted one from here on", text)
         self.model.load_state_dict(ckpt.state_dict)
+        if self.model.has_ssl_head:  # each rank keeps its share, whatever the ranks that wrote it
+            self.model.ssl.load_gathered_state(meta.get("ssl_state", {}))
         self.optimizer.load_state_dict(meta["optimizer"])
         if self.scaler.is_enabled() and meta["scaler"]:  # empty when saved without fp16 loss scaling
             self.scaler.load_state_dict(meta["scaler"])
