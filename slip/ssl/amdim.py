@@ -51,8 +51,8 @@ def amdim_views(size: int | tuple[int, int] = 224, prefix: str = "amdim") -> tup
     against the paper's text): RandomResizedCrop scale (0.3, 1) and aspect ratio (0.7, 1.4),
     colour jitter (0.4, 0.4, 0.4, 0.2) with p=0.8, grayscale with p=0.25, and a horizontal flip
     with p=0.5 (AMDIM flips the image once for both views; here each view flips on its own). No blur."""
-    common = dict(size=_pair(size), scale=(0.3, 1.0), ratio=(0.7, 1.4), hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.2),
-                  jitter_p=0.8, grayscale_p=0.25)
+    common = {"size": _pair(size), "scale": (0.3, 1.0), "ratio": (0.7, 1.4), "hflip_p": 0.5,
+              "jitter": (0.4, 0.4, 0.4, 0.2), "jitter_p": 0.8, "grayscale_p": 0.25}
     return ViewSpec(name=f"{prefix}1", **common), ViewSpec(name=f"{prefix}2", **common)
 
 
