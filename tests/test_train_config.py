@@ -29,7 +29,8 @@ EXPECTED = {  # recipe prefix -> (lr, weight decay, clip, ssl method, model kind
     "slip_relicv2": (3e-3, 0.1, True, "relicv2", "slip"), "pirl": (2.4e-3, 0.1, False, "pirl", "simclr"),
     "slip_pirl": (3e-3, 0.1, True, "pirl", "slip"), "amdim": (2.4e-3, 0.1, False, "amdim", "simclr"),
     "slip_amdim": (3e-3, 0.1, True, "amdim", "slip"), "cpc": (2.4e-3, 0.1, False, "cpc", "simclr"),
-    "slip_cpc": (3e-3, 0.1, True, "cpc", "slip"),
+    "slip_cpc": (3e-3, 0.1, True, "cpc", "slip"), "yadim": (2.4e-3, 0.1, False, "yadim", "simclr"),
+    "slip_yadim": (3e-3, 0.1, True, "yadim", "slip"),
 }
 
 
@@ -63,6 +64,8 @@ def test_every_recipe_loads_and_validates(recipe):
         assert (cfg.objective.amdim_clip, cfg.objective.amdim_reg_weight) == (20.0, 5e-2)
     if ssl == "cpc":  # the paper's 7 x 7 patch grid; plain dot products (temperature 1)
         assert (cfg.model.ssl_head.patch_grid, cfg.objective.ssl_temperature) == (7, 1.0)
+    if ssl == "yadim":  # no head; dot products / sqrt(C) at temperature 1
+        assert cfg.objective.ssl_temperature == 1.0
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
@@ -81,7 +84,7 @@ def test_recipes_cover_every_method_size_and_corpus():
                 assert (corpus, f"{method}_vit_{size}") in names
     for combo in ("mocov2", "mocov3", "byol", "swav", "beit", "relicv2", "pirl", "amdim", "cpc", "slip_mocov2",
                   "slip_mocov3", "slip_byol", "slip_swav", "slip_beit", "slip_relicv2", "slip_pirl", "slip_amdim",
-                  "slip_cpc"):  # every SSL method, alone and in SLIP
+                  "slip_cpc", "yadim", "slip_yadim"):  # every SSL method, alone and in SLIP
         assert ("yfcc15m", f"{combo}_vit_b16") in names
         assert ("tiny", combo) in names
 
@@ -113,6 +116,11 @@ def test_imagenet_resnet50_recipes_are_their_papers(recipe):
         assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (512, 200, 0)
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 4e-4, 4e-4, 0.0)
         assert (cfg.objective.ssl, head.patch_grid, cfg.objective.ssl_temperature) == ("cpc", 7, 1.0)
+        return
+    if recipe.stem == "yadim_resnet50":  # this project's choice (not verified): AMDIM's Adam 2e-4 constant
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (256, 150, 0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
+        assert (cfg.objective.ssl, cfg.objective.ssl_temperature) == ("yadim", 1.0)
         return
     assert cfg.train.batch_size == 256 and cfg.train.epochs == 200 and cfg.optim.warmup_epochs == 0
     if recipe.stem == "mocov2_resnet50":  # SGD 0.03, wd 1e-4, T 0.2, m 0.999, K 65536
@@ -146,7 +154,7 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
     (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
     (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
-    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of amdim, beit, byol, cpc, mocov2, mocov3, pirl, relicv2, simclr, swav, none"),
+    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of amdim, beit, byol, cpc, mocov2, mocov3, pirl, relicv2, simclr, swav, yadim, none"),
     (["objective.ssl=beit"], r"objective\.tokenizer: beit needs a visual tokenizer"),
     (["objective.mask_ratio=1.2"], r"objective\.mask_ratio: must be in \(0, 1\)"),
     (["objective.nce_negatives=0"], r"objective\.nce_negatives: must be at least 1"),

@@ -50,7 +50,7 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     clip: bool = True  # the image-text contrastive branch
-    ssl: str = "simclr"  # self-supervised branch: simclr | mocov2 | mocov3 | byol | swav | pirl | amdim | cpc | beit | none (slip.ssl registry)
+    ssl: str = "simclr"  # self-supervised branch: simclr | mocov2 | mocov3 | byol | swav | pirl | amdim | cpc | yadim | beit | none (slip.ssl registry)
     ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
     ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2, PIRL 0.07)
     momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
