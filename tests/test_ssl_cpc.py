@@ -70,6 +70,27 @@ def test_a_perfect_prediction_scores_its_target_above_every_other_patch():
     assert cpc_nce(wrong, z)["acc"].item() == 0.0
 
 
+def test_scores_in_chunks_give_the_loss_accuracy_and_gradients_of_all_at_once(monkeypatch):
+    import slip.ssl.cpc as cpc
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 6, 4, 4, generator=g)
+    preds = [torch.randn(3, 6, 4, 4, generator=g) for _ in range(2)]
+
+    def run():
+        zz, pp = z.clone().requires_grad_(), [p.clone().requires_grad_() for p in preds]
+        out = cpc_nce(pp, zz)
+        out["loss"].backward()
+        return out, zz.grad, [p.grad for p in pp]
+
+    whole, z_grad, p_grads = run()
+    monkeypatch.setattr(cpc, "SCORE_CHUNK_ELEMENTS", 5 * 48)  # 5 rows of 48 keys per chunk, recomputed in backward
+    chunked, z_grad2, p_grads2 = run()
+    assert chunked["loss"].item() == pytest.approx(whole["loss"].item(), rel=1e-6)
+    assert chunked["acc"].item() == whole["acc"].item()
+    assert torch.allclose(z_grad2, z_grad, atol=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p_grads2, p_grads))
+
+
 # ------------------------------------------------------------------ the context network
 def test_the_context_network_sees_only_the_rows_above():
     model = _model(grid=7).eval()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data.views import CPC_GRID, MethodViews, cpc_views
 from ..distributed import all_gather_with_grad, get_rank
@@ -85,6 +86,33 @@ class ContextNetwork(nn.Module):
         return self.blocks(z)
 
 
+SCORE_CHUNK_ELEMENTS = 1 << 28  # scores held at once by the InfoNCE (1 GiB of float32)
+
+
+def _scores_cross_entropy(q: torch.Tensor, keys: torch.Tensor, target: torch.Tensor,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = q @ keys.T / temperature
+    return F.cross_entropy(logits, target, reduction="sum"), (logits.argmax(dim=1) == target).sum().float()
+
+
+def _chunked_cross_entropy(q: torch.Tensor, keys: torch.Tensor, target: torch.Tensor,
+                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the scores ``q @ keys.T / temperature`` against ``target``, and the
+    count of rows whose target scores highest, over chunks of rows holding at most
+    ``SCORE_CHUNK_ELEMENTS`` scores each; each chunk's scores are recomputed in the backward pass
+    (activation checkpointing) rather than kept, so the memory is one chunk's whatever the batch
+    (the full scores of the YFCC15M recipe would be 512 x 42 x 200,704 floats per rank, 17 GB)."""
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, keys.shape[0]))
+    if q.shape[0] <= rows:
+        return _scores_cross_entropy(q, keys, target, temperature)
+    total = right = 0.0
+    for start in range(0, q.shape[0], rows):
+        part = checkpoint(_scores_cross_entropy, q[start:start + rows], keys, target[start:start + rows],
+                          temperature, use_reentrant=False)
+        total, right = total + part[0], right + part[1]
+    return total, right
+
+
 def cpc_nce(preds: list[torch.Tensor], z: torch.Tensor, temperature: float = 1.0) -> dict:
     """CPC's InfoNCE: ``preds[k - 1]`` (N, C, G, G) predicts, at (r, c), the feature at
     (r + k, c) of ``z`` (N, C, G, G), this rank's patch features; rows r + k >= G are ignored.
@@ -99,13 +127,13 @@ def cpc_nce(preds: list[torch.Tensor], z: torch.Tensor, temperature: float = 1.0
         for k, p in enumerate(preds, start=1):
             p = _up(p)[:, :, : g - k]  # rows that have a target k rows below
             q = p.permute(0, 2, 3, 1).reshape(-1, c)  # (N (G - k) G, C), image-major, row-major
-            logits = q @ keys.T / temperature
             img = get_rank() * n + torch.arange(n, device=z.device)
             rows = torch.arange(g - k, device=z.device) + k
             cols = torch.arange(g, device=z.device)
             target = (img[:, None, None] * g * g + rows[None, :, None] * g + cols[None, None, :]).reshape(-1)
-            losses.append(F.cross_entropy(logits, target))
-            hits = hits + (logits.argmax(dim=1) == target).float().sum()
+            total, right = _chunked_cross_entropy(q, keys, target, temperature)
+            losses.append(total / target.numel())
+            hits = hits + right
             count += target.numel()
         loss = torch.stack(losses).mean()
     return {"loss": loss, "acc": (hits / count * 100).detach()}
