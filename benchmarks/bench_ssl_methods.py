@@ -91,7 +91,7 @@ from slip.train.optim import build_optimizer
 from slip.train.step import plain_step
 
 SIZES = {"tiny": "vit_tiny", "s16": "vit_s16", "b16": "vit_b16", "l16": "vit_l16"}
-_ORDER = ("simclr", "mocov2", "mocov3", "byol", "swav", "relicv2", "pirl", "beit")  # display order of the methods known when this was written
+_ORDER = ("simclr", "mocov2", "mocov3", "byol", "swav", "relicv2", "pirl", "amdim", "cpc", "yadim", "beit")  # display order of the methods known when this was written
 SSL_METHODS = tuple([m for m in _ORDER if m in method_names()] + [m for m in method_names() if m not in _ORDER])
 COMBINATIONS = ("clip", *SSL_METHODS, *(f"slip+{m}" for m in SSL_METHODS))
 EOT = 49407  # CLIP's end-of-text id, the highest of the vocabulary

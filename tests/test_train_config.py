@@ -27,7 +27,10 @@ EXPECTED = {  # recipe prefix -> (lr, weight decay, clip, ssl method, model kind
     "slip_mocov2": (3e-3, 0.1, True, "mocov2", "slip"), "swav": (2.4e-3, 0.1, False, "swav", "simclr"),
     "slip_swav": (3e-3, 0.1, True, "swav", "slip"), "relicv2": (2.4e-3, 0.1, False, "relicv2", "simclr"),
     "slip_relicv2": (3e-3, 0.1, True, "relicv2", "slip"), "pirl": (2.4e-3, 0.1, False, "pirl", "simclr"),
-    "slip_pirl": (3e-3, 0.1, True, "pirl", "slip"),
+    "slip_pirl": (3e-3, 0.1, True, "pirl", "slip"), "amdim": (2.4e-3, 0.1, False, "amdim", "simclr"),
+    "slip_amdim": (3e-3, 0.1, True, "amdim", "slip"), "cpc": (2.4e-3, 0.1, False, "cpc", "simclr"),
+    "slip_cpc": (3e-3, 0.1, True, "cpc", "slip"), "yadim": (2.4e-3, 0.1, False, "yadim", "simclr"),
+    "slip_yadim": (3e-3, 0.1, True, "yadim", "slip"),
 }
 
 
@@ -56,6 +59,13 @@ def test_every_recipe_loads_and_validates(recipe):
     if ssl == "pirl":  # PIRL's 128-d heads, 32,000 negatives, lambda 0.5, bank weight 0.5
         assert cfg.model.ssl_head.out_dim == 128
         assert (cfg.objective.nce_negatives, cfg.objective.pirl_lambda, cfg.objective.bank_momentum) == (32000, 0.5, 0.5)
+    if ssl == "amdim":  # 1024-d heads (its n_rkhs), tanh clipping at 20, penalty 5e-2
+        assert cfg.model.ssl_head.out_dim == 1024
+        assert (cfg.objective.amdim_clip, cfg.objective.amdim_reg_weight) == (20.0, 5e-2)
+    if ssl == "cpc":  # the paper's 7 x 7 patch grid; plain dot products (temperature 1)
+        assert (cfg.model.ssl_head.patch_grid, cfg.objective.ssl_temperature) == (7, 1.0)
+    if ssl == "yadim":  # no head; dot products / sqrt(C) at temperature 1
+        assert cfg.objective.ssl_temperature == 1.0
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "tiny").glob("*.yaml")), ids=lambda p: p.stem)
@@ -72,8 +82,9 @@ def test_recipes_cover_every_method_size_and_corpus():
         for method in ("clip", "simclr", "slip"):
             for size in ("s16", "b16", "l16"):
                 assert (corpus, f"{method}_vit_{size}") in names
-    for combo in ("mocov2", "mocov3", "byol", "swav", "beit", "relicv2", "pirl", "slip_mocov2", "slip_mocov3",
-                  "slip_byol", "slip_swav", "slip_beit", "slip_relicv2", "slip_pirl"):  # every SSL method, alone and in SLIP
+    for combo in ("mocov2", "mocov3", "byol", "swav", "beit", "relicv2", "pirl", "amdim", "cpc", "slip_mocov2",
+                  "slip_mocov3", "slip_byol", "slip_swav", "slip_beit", "slip_relicv2", "slip_pirl", "slip_amdim",
+                  "slip_cpc", "yadim", "slip_yadim"):  # every SSL method, alone and in SLIP
         assert ("yfcc15m", f"{combo}_vit_b16") in names
         assert ("tiny", combo) in names
 
@@ -94,6 +105,22 @@ def test_imagenet_resnet50_recipes_are_their_papers(recipe):
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("sgd", 0.12, 1.2e-4, 1e-4)
         assert (cfg.objective.ssl, cfg.objective.ssl_temperature, head.out_dim) == ("pirl", 0.07, 128)
         assert (cfg.objective.nce_negatives, cfg.objective.pirl_lambda, cfg.objective.bank_momentum) == (32000, 0.5, 0.5)
+        return
+    if recipe.stem == "amdim_resnet50":  # recalled from AMDIM's code (not verified): Adam 2e-4 constant
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (256, 150, 0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
+        assert (cfg.objective.ssl, head.out_dim, cfg.objective.amdim_clip, cfg.objective.amdim_reg_weight) == (
+            "amdim", 1024, 20.0, 5e-2)
+        return
+    if recipe.stem == "cpc_resnet50":  # recalled (not verified): Adam 4e-4 constant, batch 512, 200 epochs
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (512, 200, 0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 4e-4, 4e-4, 0.0)
+        assert (cfg.objective.ssl, head.patch_grid, cfg.objective.ssl_temperature) == ("cpc", 7, 1.0)
+        return
+    if recipe.stem == "yadim_resnet50":  # this project's choice (not verified): AMDIM's Adam 2e-4 constant
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (256, 150, 0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
+        assert (cfg.objective.ssl, cfg.objective.ssl_temperature) == ("yadim", 1.0)
         return
     assert cfg.train.batch_size == 256 and cfg.train.epochs == 200 and cfg.optim.warmup_epochs == 0
     if recipe.stem == "mocov2_resnet50":  # SGD 0.03, wd 1e-4, T 0.2, m 0.999, K 65536
@@ -127,7 +154,7 @@ def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     (["objective.clip=false", "objective.ssl=none"], r"nothing to train"),
     (["objective.ssl=none"], r"objective\.ssl is none but model 'slip_vit_b16' has an SSL head"),
     (["objective.clip=false"], r"objective\.clip is false but model 'slip_vit_b16' has a text tower"),
-    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of beit, byol, mocov2, mocov3, pirl, relicv2, simclr, swav, none"),
+    (["objective.ssl=dino"], r"objective\.ssl: 'dino' is not one of amdim, beit, byol, cpc, mocov2, mocov3, pirl, relicv2, simclr, swav, yadim, none"),
     (["objective.ssl=beit"], r"objective\.tokenizer: beit needs a visual tokenizer"),
     (["objective.mask_ratio=1.2"], r"objective\.mask_ratio: must be in \(0, 1\)"),
     (["objective.nce_negatives=0"], r"objective\.nce_negatives: must be at least 1"),

@@ -121,6 +121,33 @@ def jigsaw_boxes(
     return Jigsaw((left, top, w, h), tuple(cells), tuple(cell_boxes), tuple(tiles))
 
 
+def grid_boxes(
+    rng: random.Random,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    grid: int,
+    tile_fraction: float,
+    tile_stride: float,
+) -> tuple[tuple[int, int, int, int], tuple[tuple[int, int, int, int], ...]]:
+    """Draw CPC's overlapping patch grid for a ``width x height`` image: ONE RandomResizedCrop
+    box (:func:`sample_crop`, the only draw from ``rng``) and its ``grid x grid`` patches in
+    row-major order, no permutation: patch (r, c) at ``(left + round(c * tile_stride * w),
+    top + round(r * tile_stride * h))`` with sides ``round(tile_fraction * w)`` x
+    ``round(tile_fraction * h)`` (at least 1 px, clipped to the parent). Returns
+    ``(parent, patches)``, boxes ``(left, top, width, height)`` in image pixels."""
+    left, top, w, h = sample_crop(rng, width, height, scale, ratio)
+    pw, ph = max(1, round(tile_fraction * w)), max(1, round(tile_fraction * h))
+    patches = []
+    for r in range(grid):
+        for c in range(grid):
+            x0 = min(left + round(c * tile_stride * w), left + w - 1)
+            y0 = min(top + round(r * tile_stride * h), top + h - 1)
+            patches.append((x0, y0, min(pw, left + w - x0), min(ph, top + h - y0)))
+    return (left, top, w, h), tuple(patches)
+
+
 def draft_factor(
     boxes: Sequence[tuple[int, int, int, int]], sizes: Sequence[tuple[int, int]]
 ) -> int:
@@ -244,8 +271,12 @@ def plan_crops(
         elif v.tile_of is not None:
             # The first tile of a group draws the whole jigsaw; the others take their slots in turn.
             if v.tile_of not in jigsaws:
-                drawn = jigsaw_boxes(rng, width, height, v.scale, v.ratio, v.grid, v.tile_fraction)
-                jigsaws[v.tile_of] = iter(drawn.tiles)
+                if v.tile_layout == "grid":  # CPC's patch grid, row-major
+                    _, tiles = grid_boxes(rng, width, height, v.scale, v.ratio, v.grid, v.tile_fraction,
+                                          v.tile_stride)
+                else:
+                    tiles = jigsaw_boxes(rng, width, height, v.scale, v.ratio, v.grid, v.tile_fraction).tiles
+                jigsaws[v.tile_of] = iter(tiles)
             boxes.append(next(jigsaws[v.tile_of]))
         else:
             boxes.append(sample_crop(rng, width, height, v.scale, v.ratio))

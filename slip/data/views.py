@@ -36,6 +36,9 @@ The views SLIP's methods use:
   ONE parent crop per sample, a random permutation of its 3 x 3 grid cells, and for tile slot k
   a random sub-box of cell perm[k] (:func:`slip.data.decode.jigsaw_boxes`); each tile is then
   cut, resized and augmented like any other view, independently of the others.
+* CPC v2 patches (:func:`cpc_views`): the same group mechanism with ``tile_layout="grid"``: ONE
+  parent crop per sample cut into an overlapping ``n x n`` grid of patches in row-major order
+  (:func:`slip.data.decode.grid_boxes`), each patch an ordinary view, augmented on its own.
 """
 from __future__ import annotations
 
@@ -84,7 +87,19 @@ class ViewSpec:
             declares the same ``scale``, ``ratio``, ``grid`` and ``tile_fraction``; its own
             size and photometric settings apply to it alone.
         grid: cells per side of the parent crop of a ``tile_of`` group.
-        tile_fraction: a tile's side as a fraction of its cell's (PIRL: 64 px of an 85 px cell).
+        tile_fraction: a tile's side as a fraction of its cell's (PIRL: 64 px of an 85 px cell);
+            with ``tile_layout="grid"``, a patch's side as a fraction of the parent's.
+        tile_layout: ``"jigsaw"`` (PIRL's, above) or ``"grid"``: CPC's overlapping patch grid.
+            The ``grid * grid`` views of the group are then the patches of ONE parent crop in
+            row-major order (slot ``r * grid + c`` is row r, column c), no permutation: patch
+            (r, c) has its left edge at ``c * tile_stride`` and its top at ``r * tile_stride``
+            of the parent's width / height, and sides ``tile_fraction`` of them
+            (:func:`slip.data.decode.grid_boxes`; CPC v2: 7 x 7 patches of 64 px at stride 32
+            from 256 px, ``tile_fraction = 1/4``, ``tile_stride = 1/8``). Each patch is cut,
+            resized and augmented on its own like any other view.
+        tile_stride: ``"grid"`` layout only: the step between neighbouring patches as a fraction
+            of the parent's side; the patches must fit: ``(grid - 1) * tile_stride +
+            tile_fraction <= 1``.
     """
 
     name: str
@@ -104,6 +119,8 @@ class ViewSpec:
     tile_of: str | None = None
     grid: int = 3
     tile_fraction: float = 64 / 85
+    tile_layout: str = "jigsaw"
+    tile_stride: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -119,6 +136,18 @@ class ViewSpec:
             raise ValueError(f"view {self.name!r}: blur_sigma must satisfy 0 < lo <= hi")
         if self.grid < 1 or not 0 < self.tile_fraction <= 1:
             raise ValueError(f"view {self.name!r}: grid must be >= 1 and tile_fraction in (0, 1]")
+        if self.tile_layout not in ("jigsaw", "grid"):
+            raise ValueError(f"view {self.name!r}: tile_layout must be 'jigsaw' or 'grid', got {self.tile_layout!r}")
+        if self.tile_layout == "grid":
+            if self.tile_of is None:
+                raise ValueError(f"view {self.name!r}: tile_layout 'grid' is for the patches of a tile_of group")
+            if self.tile_stride < 0 or (self.grid > 1 and self.tile_stride <= 0):
+                raise ValueError(f"view {self.name!r}: a patch grid needs a positive tile_stride")
+            if (self.grid - 1) * self.tile_stride + self.tile_fraction > 1 + 1e-9:
+                raise ValueError(f"view {self.name!r}: {self.grid} patches of {self.tile_fraction} at stride "
+                                 f"{self.tile_stride} do not fit in the parent crop")
+        elif self.tile_stride != 0.0:
+            raise ValueError(f"view {self.name!r}: tile_stride is for tile_layout 'grid' only")
         if self.tile_of is not None and self.shares is not None:
             raise ValueError(f"view {self.name!r}: a tile (tile_of) cannot also share another view's crop")
 
@@ -127,7 +156,7 @@ class ViewSpec:
 _SHARED_FIELDS = ("scale", "ratio", "hflip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
                   "saliency_p")
 # What the tiles of one jigsaw group (``tile_of``) have in common: the parent crop and its grid.
-_TILE_FIELDS = ("scale", "ratio", "grid", "tile_fraction")
+_TILE_FIELDS = ("scale", "ratio", "grid", "tile_fraction", "tile_layout", "tile_stride")
 
 
 @dataclass(frozen=True)
@@ -296,3 +325,43 @@ def pirl_views(size: int | tuple[int, int] = 224, *, patch_size: int = 16, prefi
         ViewSpec(name=f"{prefix}_tile{k + 1}", size=tile, scale=(0.6, 1.0), tile_of=f"{prefix}_jigsaw",
                  grid=PIRL_GRID, tile_fraction=PIRL_TILE_FRACTION, **photometric)
         for k in range(PIRL_GRID * PIRL_GRID))
+
+
+# CPC v2 (Henaff et al. 2020, Sec. 4.1 / Fig. 2): a 256 px crop cut into a 7 x 7 grid of 64 px
+# patches at stride 32 (half-overlapping): a patch is 2 strides, n patches span n + 1 strides.
+CPC_GRID = 7
+
+
+def cpc_patch_size(size: int | tuple[int, int], grid: int = CPC_GRID, patch_size: int = 16) -> tuple[int, int]:
+    """A CPC patch's output size: ``2 / (grid + 1)`` of the tower's input size (64 px of 256 for a
+    7 x 7 grid; 56 px of 224, rounded), rounded to whole patches of ``patch_size`` (at least one)
+    so a ViT tower can take it: 64 px at 224 with patch 16 (4 x 4 tokens), 16 px at 32 with
+    patch 8 and a 3 x 3 grid."""
+    return tuple(max(patch_size, round(s * 2 / (grid + 1) / patch_size) * patch_size)  # type: ignore[return-value]
+                 for s in _pair(size))
+
+
+def cpc_views(size: int | tuple[int, int] = 224, *, grid: int = CPC_GRID, patch_size: int = 16,
+              prefix: str = "cpc") -> tuple[ViewSpec, ...]:
+    """CPC v2's views: ``{prefix}_patch1`` .. ``{prefix}_patch{grid ** 2}``, the patches of one
+    parent crop in row-major order (one ``tile_of`` group, ``tile_layout="grid"``), each
+    ``2 / (grid + 1)`` of the parent's side at stride ``1 / (grid + 1)`` (half-overlapping, as the
+    paper's 64 px at stride 32 from 256 px), resized to :func:`cpc_patch_size` and augmented on
+    its own (CPC v2 augments every patch independently).
+
+    From the paper (as we recall it, not verified against its text): the 7 x 7 grid of 64 px
+    patches at stride 32 from a 256 px crop; each patch augmented independently. Not verified,
+    this implementation's choice: the parent crop's scale (0.3, 1) and ratio (3/4, 4/3), and the
+    per-patch augmentation: AMDIM's photometric set (colour jitter (0.4, 0.4, 0.4, 0.2) with
+    p=0.8, grayscale p=0.25, flip p=0.5). CPC v2's colour dropping (two of three channels
+    dropped) and its AutoAugment-style primitives (shear, rotation, elastic deformation) are not
+    in slip's batched augmentation and are left out.
+    """
+    if grid < 2:
+        raise ValueError(f"a CPC patch grid needs at least 2 x 2 patches, got {grid}")
+    photometric = {"hflip_p": 0.5, "jitter": (0.4, 0.4, 0.4, 0.2), "jitter_p": 0.8, "grayscale_p": 0.25}
+    patch = cpc_patch_size(size, grid, patch_size)
+    return tuple(
+        ViewSpec(name=f"{prefix}_patch{k + 1}", size=patch, scale=(0.3, 1.0), tile_of=f"{prefix}_grid", grid=grid,
+                 tile_layout="grid", tile_fraction=2 / (grid + 1), tile_stride=1 / (grid + 1), **photometric)
+        for k in range(grid * grid))

@@ -18,7 +18,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..ssl.base import MASKED, TARGET
+from ..ssl.base import MAP, MASKED, POOLED, TARGET
 from .presets import TIMM_NORM_EPS, Architecture, VisionConfig, get_architecture
 from .text import TextTransformer
 
@@ -161,7 +161,8 @@ class SLIPModel(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def image_features(self, images: Sequence[torch.Tensor],
-                       masks: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                       masks: Sequence[torch.Tensor | None] | None = None,
+                       requests: Sequence[tuple] | None = None) -> list:
         """Tower features of several image batches in as few tower calls as possible.
 
         Batches of the same shape are concatenated into one call (the ViT has no batch
@@ -170,9 +171,13 @@ class SLIPModel(nn.Module):
         them. Results come back in input order. ``masks`` gives, per batch, None or an
         ``(N, L)`` bool patch mask: masked batches come back as ``(N, L, width)`` patch tokens
         with the SSL method's mask token substituted (BEiT), the others as pooled
-        ``(N, width)`` features.
+        ``(N, width)`` features. ``requests`` gives, per batch, the features wanted besides the
+        pooled one (representation extraction, see :data:`slip.ssl.base.MAP`): a batch with
+        requests comes back as the tuple ``(pooled, *features)``, each feature (N, C, H, W), from
+        the same tower call; an empty tuple (the default) gives the pooled feature as always.
         """
         masks = list(masks) if masks is not None else [None] * len(images)
+        requests = list(requests) if requests is not None else [()] * len(images)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, x in enumerate(images):
             groups[(i,) if self.arch.vision.has_batchnorm else tuple(x.shape[1:])].append(i)
@@ -181,9 +186,19 @@ class SLIPModel(nn.Module):
             x = torch.cat([images[i] for i in idx])
             sizes = [images[i].shape[0] for i in idx]
             if all(masks[i] is None for i in idx):
-                for i, f in zip(idx, self.visual(x).split(sizes)):
-                    out[i] = f
+                wanted = list(dict.fromkeys(r for i in idx for r in requests[i]))
+                if not wanted:
+                    for i, f in zip(idx, self.visual(x).split(sizes)):
+                        out[i] = f
+                    continue
+                pooled, extra = self._tower_with_features(x, wanted)
+                parts = [t.split(sizes) for t in [pooled, *extra]]
+                for k, i in enumerate(idx):
+                    f = [p[k] for p in parts]
+                    out[i] = (f[0], *(f[1 + wanted.index(r)] for r in requests[i])) if requests[i] else f[0]
                 continue
+            if any(requests[i] for i in idx):
+                raise ValueError("a masked view cannot also request features besides its patch tokens")
             num_patches = self.visual.patch_embed.num_patches
             mask = torch.cat([masks[i] if masks[i] is not None else
                               torch.zeros(n, num_patches, dtype=torch.bool, device=x.device) for i, n in zip(idx, sizes)])
@@ -191,6 +206,31 @@ class SLIPModel(nn.Module):
             for i, t in zip(idx, self._masked_tower(x, mask).split(sizes)):
                 out[i] = t[:, prefix:] if masks[i] is not None else self.visual.forward_head(t)
         return out  # type: ignore[return-value]
+
+    def _tower_with_features(self, x: torch.Tensor, wanted: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The pooled feature and the ``wanted`` features (MAP or intermediate indices) of one
+        tower call: timm's ``forward_intermediates`` (its blocks/stages and final norm are
+        ``forward_features``'s), then ``forward_head`` on its final output, as ``forward`` does."""
+        v = self.visual
+        vit = self.arch.vision.kind == "vit"
+        count = len(v.blocks) if vit else 5  # a ResNet's stem and four stages
+        ints = sorted({(r + count if r < 0 else r) for r in wanted if r != MAP})
+        if ints:
+            final, inter = v.forward_intermediates(x, indices=ints, output_fmt="NCHW")
+        else:
+            final, inter = v.forward_features(x), []
+        pooled = v.forward_head(final)
+        extra = []
+        for r in wanted:
+            if r != MAP:
+                extra.append(inter[ints.index(r + count if r < 0 else r)])
+            elif vit:
+                h, w = v.patch_embed.dynamic_feat_size(x.shape[-2:])
+                grid = final[:, v.num_prefix_tokens:]
+                extra.append(grid.reshape(grid.shape[0], h, w, -1).permute(0, 3, 1, 2))
+            else:
+                extra.append(final)
+        return pooled, extra
 
     def _masked_tower(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` with masked patch embeddings replaced by the mask token."""
@@ -210,7 +250,8 @@ class SLIPModel(nn.Module):
         index: torch.Tensor | None = None,
     ) -> dict:
         """The towers: ``image`` (N, width), ``text`` (N, text width), ``views`` (per tower view of
-        the SSL method: (N, width), or (N, L, width) patch tokens for a masked view), with
+        the SSL method: (N, width), or (N, L, width) patch tokens for a masked view, or the tuple
+        (pooled, *features) when the method requests features, ``SSLMethod.view_features``), with
         ``patch_mask`` the mask it was given, and with ``targets`` the SSL method's targets
         ``ssl_targets`` (the momentum tower's features, tokenizer codes; no gradient).
         ``index`` (the batch's global sample indices) is passed on as ``index`` when the SSL
@@ -235,7 +276,9 @@ class SLIPModel(nn.Module):
         tower_views = [(v, r) for v, r in zip(views, roles) if r != TARGET]
         inputs = ([image] if image is not None else []) + [v for v, _ in tower_views]
         masks = ([None] if image is not None else []) + [patch_mask if r == MASKED else None for _, r in tower_views]
-        tower = self.image_features(inputs, masks) if inputs else []
+        wanted = tuple(self.ssl.view_features) if views else ()
+        requests = ([()] if image is not None else []) + [wanted if r == POOLED else () for _, r in tower_views]
+        tower = self.image_features(inputs, masks, requests) if inputs else []
         feats: dict = {}
         if image is not None:
             feats["image"] = tower.pop(0)

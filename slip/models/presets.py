@@ -89,6 +89,7 @@ class SSLHeadConfig:
     vocab_size: int = 8192  # BEiT: codes of the visual tokenizer (DALL-E/FLAVA: 8192)
     prototypes: int = 3000  # SwAV: number of prototypes (cluster centres)
     queue_size: int = 0  # MoCo v2: keys in the queue; SwAV: past features per large crop (0: no queue)
+    patch_grid: int = 7  # CPC v2: patches per side of its overlapping patch grid (the paper's 7 x 7; sets the views)
 
     def __post_init__(self) -> None:
         for name in ("mlp_dim", "out_dim", "vocab_size", "prototypes"):
@@ -96,6 +97,8 @@ class SSLHeadConfig:
                 raise ValueError(f"ssl_head.{name} must be positive, got {getattr(self, name)}")
         if self.queue_size < 0:
             raise ValueError(f"ssl_head.queue_size must be >= 0, got {self.queue_size}")
+        if self.patch_grid < 2:
+            raise ValueError(f"ssl_head.patch_grid must be at least 2, got {self.patch_grid}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ and its per-step hook. Adding one is a new file with a
 from __future__ import annotations
 
 # Importing a method's module registers it.
-from . import beit, byol, mocov2, mocov3, pirl, relicv2, simclr, swav  # noqa: E402,F401
+from . import amdim, beit, byol, cpc, mocov2, mocov3, pirl, relicv2, simclr, swav, yadim  # noqa: E402,F401
 from .base import (  # noqa: F401
     SSLMethod,
     build_method,

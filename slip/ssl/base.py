@@ -72,6 +72,21 @@ POOLED = "pooled"  # through the online tower; the method gets the pooled (N, wi
 MASKED = "masked"  # through the online tower with ``patch_mask``; the method gets (N, L, width) patch tokens
 TARGET = "target"  # not through the online tower; only ``target_features`` sees it (e.g. a tokenizer's view)
 
+# Representation extraction (Falcon & Cho 2020's third design choice): what the tower returns
+# for a ``pooled`` view besides the pooled feature (``SSLMethod.view_features``). A request is
+# MAP, the last block's patch-token grid of a ViT (after its final norm, prefix tokens dropped) or
+# the last stage's feature map of a ResNet, or an int, an intermediate feature as timm's
+# ``forward_intermediates`` indexes them: a ViT's block (0-based, negative from the end; its
+# output before the final norm), a ResNet's stage (0 the stem, 1-4 layer1-layer4).
+MAP = "map"
+
+
+def feature_channels(encoder: nn.Module, request: str | int) -> int:
+    """The channels of the feature ``request`` (see :data:`MAP`) of the timm tower ``encoder``."""
+    if request == MAP:
+        return int(encoder.num_features)
+    return int(encoder.feature_info[request]["num_chs"])
+
 
 class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     """One self-supervised objective on two (or more) views of each image.
@@ -92,6 +107,13 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     # (``out["index"]``), and the trainer refuses data without indices and passes the corpus
     # size to :meth:`configure_training`.
     needs_sample_index: ClassVar[bool] = False
+    # Representation extraction: the features the tower returns for each ``pooled`` view besides
+    # the pooled one (requests: MAP or intermediate indices, see there). Empty (every method but
+    # AMDIM): each view's feature is the pooled (N, width) tensor, computed as always. Otherwise
+    # each ``pooled`` view's feature is the tuple (pooled (N, width), *one (N, C, H, W) tensor per
+    # request, in order), from the same tower call; the CLIP view stays pooled. A method may set it
+    # per instance (from its tower) in ``__init__``. Gradient accumulation caches the tuples.
+    view_features: tuple[str | int, ...] = ()
     default_temperature: ClassVar[float | None] = None
     default_momentum: ClassVar[float | None] = None
     # SSLHeadConfig fields the method sets when chosen (Architecture.with_ssl_method), e.g. MoCo
@@ -164,9 +186,9 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def forward(self, feats: list[torch.Tensor], targets: list[torch.Tensor] | None,
                 patch_mask: torch.Tensor | None = None) -> dict:
-        """Heads on the online tower features of the ``pooled``/``masked`` views (in order);
-        ``patch_mask`` is the batch's mask when the method has a ``masked`` view. Returns
-        what :meth:`loss` needs."""
+        """Heads on the online tower features of the ``pooled``/``masked`` views (in order; a
+        ``pooled`` view's is a tuple when the method sets ``view_features``); ``patch_mask`` is
+        the batch's mask when the method has a ``masked`` view. Returns what :meth:`loss` needs."""
 
     @abc.abstractmethod
     def loss(self, out: dict, temperature: float | None = None) -> dict:

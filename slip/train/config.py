@@ -31,6 +31,7 @@ class SSLHeadSettings:
     out_dim: int | None = None  # SSL embedding size
     prototypes: int | None = None  # SwAV: number of prototypes
     queue_size: int | None = None  # MoCo v2: keys in the queue; SwAV: past embeddings per large crop (0: none)
+    patch_grid: int | None = None  # CPC v2: patches per side of the patch grid (7 in the paper)
 
     def given(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -49,7 +50,7 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     clip: bool = True  # the image-text contrastive branch
-    ssl: str = "simclr"  # self-supervised branch: simclr | mocov2 | mocov3 | byol | swav | pirl | beit | none (slip.ssl registry)
+    ssl: str = "simclr"  # self-supervised branch: simclr | mocov2 | mocov3 | byol | swav | pirl | amdim | cpc | yadim | beit | none (slip.ssl registry)
     ssl_scale: float = 1.0  # loss = clip_loss + ssl_scale * ssl_loss
     ssl_temperature: float | None = None  # None: the method's (SimCLR 0.1, MoCo v3 0.2, PIRL 0.07)
     momentum: float | None = None  # EMA momentum at step 0 for momentum methods; None: the method's
@@ -76,6 +77,11 @@ class ObjectiveConfig:
     nce_negatives: int = 32000
     pirl_lambda: float = 0.5
     bank_momentum: float = 0.5
+    # AMDIM (Bachman et al. 2019, slip/ssl/amdim.py; recalled from its released code, not verified
+    # against the paper's text): c of the scores' soft clipping c * tanh(s / c) (its --tclip 20),
+    # and the weight of the squared-score penalty on the unclipped scores s = g . l / sqrt(D) (5e-2)
+    amdim_clip: float = 20.0
+    amdim_reg_weight: float = 5e-2
 
 
 @dataclass
@@ -371,6 +377,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"objective.pirl_lambda: must be in [0, 1], got {o.pirl_lambda}")
     if not 0 <= o.bank_momentum < 1:
         raise ConfigError(f"objective.bank_momentum: must be in [0, 1), got {o.bank_momentum}")
+    if o.amdim_clip <= 0:
+        raise ConfigError(f"objective.amdim_clip: must be positive, got {o.amdim_clip}")
+    if o.amdim_reg_weight < 0:
+        raise ConfigError(f"objective.amdim_reg_weight: must be >= 0, got {o.amdim_reg_weight}")
     head = cfg.model.ssl_head.given()
     if head:
         if arch.ssl_head is None or o.ssl == "none":

@@ -11,7 +11,9 @@ The towers have no batch statistics and no randomness, so this equals one big ba
 at the cost of a second tower forward. Targets without gradient are cached the same way: the
 momentum tower's features (its projector, which has BatchNorm, runs in step 2 on the whole
 batch), BEiT's tokenizer codes and patch masks, and the samples' global indices (PIRL's memory
-bank), concatenated in micro-batch order so step 2 sees the whole batch's in its order.
+bank), concatenated in micro-batch order so step 2 sees the whole batch's in its order. A view
+whose method asks for more than the pooled feature (``SSLMethod.view_features``: AMDIM's local
+feature maps) is a tuple of tensors, each cached, concatenated and given its gradient the same way.
 """
 from __future__ import annotations
 
@@ -40,25 +42,39 @@ _LISTS = ("views", "ssl_targets")  # feature entries holding one tensor per view
 _TRAINED = ("image", "text", "views")  # entries that carry gradient back into the towers
 
 
+def _cat(items: list):
+    """Concatenate micro-batches' tensors, or their tuples of tensors element-wise."""
+    if isinstance(items[0], tuple):
+        return tuple(torch.cat(ts) for ts in zip(*items))
+    return torch.cat(items)
+
+
 def _concat_features(parts: list[dict]) -> dict:
     out: dict = {}
     for key in parts[0]:
         if key in _LISTS:
-            out[key] = [torch.cat([p[key][i] for p in parts]) for i in range(len(parts[0][key]))]
+            out[key] = [_cat([p[key][i] for p in parts]) for i in range(len(parts[0][key]))]
         else:
             out[key] = torch.cat([p[key] for p in parts])
     return out
 
 
 def _leaves(feats: dict) -> dict:
-    def leaf(t: torch.Tensor, key: str) -> torch.Tensor:
+    def leaf(t, key: str):
+        if isinstance(t, tuple):
+            return tuple(leaf(x, key) for x in t)
         return t.detach().requires_grad_(key in _TRAINED)
 
     return {k: ([leaf(v, k) for v in vs] if k in _LISTS else leaf(vs, k)) for k, vs in feats.items()}
 
 
 def _flat(feats: dict) -> list[torch.Tensor]:
-    return [t for k in sorted(feats) if k in _TRAINED for t in (feats[k] if k in _LISTS else [feats[k]])]
+    out: list[torch.Tensor] = []
+    for k in sorted(feats):
+        if k in _TRAINED:
+            for t in (feats[k] if k in _LISTS else [feats[k]]):
+                out.extend(t if isinstance(t, tuple) else [t])
+    return out
 
 
 def plain_step(model: torch.nn.Module, batch: dict, objective: Objective, autocast, scale: Callable) -> dict:
@@ -82,10 +98,12 @@ def accumulated_step(model: SLIPModel, micro_batches: list[dict], objective: Obj
         losses = objective(model.forward_heads(feats))
     scale(losses["loss"]).backward()
     sizes = [batch_size_of(mb) for mb in micro_batches]
-    grads = [g.grad.split(sizes) for g in _flat(feats)]
+    # (a feature the loss did not use has no gradient and sends none back)
+    grads = [g.grad.split(sizes) if g.grad is not None else None for g in _flat(feats)]
     for i, mb in enumerate(micro_batches):
         with autocast():
             again = _flat(model.forward_features(**model_inputs(mb), targets=False))
-        surrogate = sum((f * g[i].to(f.dtype)).sum() for f, g in zip(again, grads))
-        surrogate.backward()
+        surrogate = sum((f * g[i].to(f.dtype)).sum() for f, g in zip(again, grads) if g is not None)
+        if torch.is_tensor(surrogate):
+            surrogate.backward()
     return losses

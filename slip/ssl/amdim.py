@@ -1,0 +1,156 @@
+"""AMDIM (Bachman, Hjelm, Buchwalter 2019, "Learning Representations by Maximizing Mutual
+Information Across Views", arXiv 1906.00910): the global feature of one augmented view against
+the local features of the other, at two scales, with NCE over the batch.
+
+Representation extraction (:data:`slip.ssl.base.MAP`, ``SSLMethod.view_features``): each of the
+two views gives, from one tower call, its pooled feature (the global one, AMDIM's 1 x 1 feature)
+and the feature grids of two layers (the local ones, AMDIM's 7 x 7 and 5 x 5 maps): a ResNet's
+stages 3 and 4 (14 x 14 and 7 x 7 at 224 px), a ViT's block round(2 depth / 3) and its last block
+(blocks 8 and 12 of ViT-B/16, both 14 x 14 patch grids; 1 and 2 of the tiny ViT). The layers are
+this implementation's choice for these towers (AMDIM's own encoder is a custom ResNet), so they
+are fixed by the tower rather than a setting. Each feature goes through its own head to the
+embedding size D (``model.ssl_head.out_dim``): AMDIM's residual 1 x 1-conv head, here as linear
+layers applied at every position: ``shortcut(x) + layer2(relu(bn1(layer1(x))))``.
+
+Loss (:func:`amdim_nce`, AMDIM's released ``costs.py`` as we recall it): for global feature g_i
+of image i and local feature l_{j,p} at position p of image j (of the other view), the raw score
+is s = g_i . l_{j,p} / sqrt(D); the regulariser is ``reg_weight * mean(s^2)`` over all (i, j, p)
+(``objective.amdim_reg_weight``, 5e-2); scores are soft-clipped to c tanh(s / c), c = 20
+(``objective.amdim_clip``). Each positive (i, p) (image i's own local feature at p) is scored
+against every local feature of every other image j != i at every position:
+-log(exp(s_ip) / (exp(s_ip) + sum_{j != i, q} exp(s_ijq))), averaged over i and p. The two
+directions (view 1's global against view 2's locals, and back) are averaged per scale, and the
+scales' NCE terms and regularisers are summed (AMDIM's 1-5 + 1-7 terms; its local-to-local 5-5
+term is not here).
+
+Distributed: the local features of the whole global batch are gathered WITH gradient (like
+SimCLR's keys), so each rank's anchors meet every image's locals as negatives, and W ranks of
+batch B compute the loss and gradients of one process of batch W x B (DDP averages the ranks'
+losses; the heads' BatchNorm is synchronised by the trainer).
+
+Not verified against the paper's text (recalled from AMDIM's released code): the score scaling
+by sqrt(D), the regulariser weight 5e-2 on the unclipped scores, the head's form, the
+directions averaged and the scales summed, and the augmentation (:func:`amdim_views`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.views import MethodViews, ViewSpec, _pair
+from ..distributed import all_gather_with_grad, get_rank
+from ..losses import _fp32, _up
+from .base import POOLED, SSLMethod, feature_channels, register_method
+
+
+def amdim_views(size: int | tuple[int, int] = 224, prefix: str = "amdim") -> tuple[ViewSpec, ViewSpec]:
+    """AMDIM's two views, as its released ``datasets.py`` augments ImageNet (recalled, not verified
+    against the paper's text): RandomResizedCrop scale (0.3, 1) and aspect ratio (0.7, 1.4),
+    colour jitter (0.4, 0.4, 0.4, 0.2) with p=0.8, grayscale with p=0.25, and a horizontal flip
+    with p=0.5 (AMDIM flips the image once for both views; here each view flips on its own). No blur."""
+    common = {"size": _pair(size), "scale": (0.3, 1.0), "ratio": (0.7, 1.4), "hflip_p": 0.5,
+              "jitter": (0.4, 0.4, 0.4, 0.2), "jitter_p": 0.8, "grayscale_p": 0.25}
+    return ViewSpec(name=f"{prefix}1", **common), ViewSpec(name=f"{prefix}2", **common)
+
+
+def local_layers(encoder: nn.Module) -> tuple[int, int]:
+    """The two layers whose feature grids are AMDIM's local features (timm's
+    ``forward_intermediates`` indices): a ViT's blocks round(2 depth / 3) - 1 and depth - 1
+    (0-based), a ResNet's stages 3 and 4."""
+    blocks = getattr(encoder, "blocks", None)
+    if blocks is None:
+        return (3, 4)
+    depth = len(blocks)
+    return (max(0, round(2 * depth / 3) - 1), depth - 1)
+
+
+class RKHSHead(nn.Module):
+    """AMDIM's residual 1 x 1 head applied at every position of (..., d_in) features:
+    ``shortcut(x) + layer2(relu(bn1(layer1(x))))`` to d_out (BatchNorm over all positions)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.shortcut = nn.Linear(d_in, d_out)
+        self.layer1 = nn.Linear(d_in, d_out, bias=False)
+        self.bn1 = nn.BatchNorm1d(d_out)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.layer2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        out = self.shortcut(x) + self.layer2(self.relu1(self.bn1(self.layer1(x))))
+        return out.reshape(*shape, -1)
+
+
+def amdim_nce(g: torch.Tensor, local: torch.Tensor, clip: float = 20.0, reg_weight: float = 5e-2) -> dict:
+    """AMDIM's NCE of this rank's global features ``g`` (B, D) against the local features
+    ``local`` (B, L, D) of the other view of the same images (gathered over ranks with gradient,
+    so the negatives are the global batch's). Returns ``nce`` (mean over anchors i and positions p),
+    ``reg`` (``reg_weight`` times the mean squared raw score) and ``acc`` (percent of (i, p) whose
+    positive outscores every negative). Float32 whatever the inputs' dtype."""
+    with _fp32(g):
+        g, local = _up(g), _up(local)
+        b, d = g.shape
+        keys = all_gather_with_grad(local)  # (W B, L, D) in rank order
+        raw = torch.einsum("bd,nld->bnl", g, keys) / math.sqrt(d)  # (B, W B, L)
+        reg = reg_weight * raw.pow(2).mean()
+        scores = clip * torch.tanh(raw / clip)
+        own = get_rank() * b + torch.arange(b, device=g.device)
+        pos = scores[torch.arange(b, device=g.device), own]  # (B, L): image i's own positions
+        is_pos = F.one_hot(own, keys.shape[0]).bool()[:, :, None].expand_as(scores)
+        neg = scores.masked_fill(is_pos, float("-inf")).reshape(b, -1)  # every other image, every position
+        neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (B, 1)
+        nce = -(pos - torch.logaddexp(pos, neg_lse)).mean()
+        acc = (pos > neg.max(dim=1, keepdim=True).values).float().mean() * 100
+    return {"nce": nce, "reg": reg, "acc": acc.detach()}
+
+
+@register_method("amdim")
+class AMDIM(SSLMethod):
+    """Heads: ``global_head`` (width -> D) on the pooled feature, ``local_heads[k]`` (the layer's
+    channels -> D) at every position of local layer k; D = ``model.ssl_head.out_dim``."""
+
+    view_roles = (POOLED, POOLED)
+
+    def __init__(self, encoder: nn.Module, width: int, head):
+        super().__init__(encoder, width, head)
+        self.view_features = local_layers(encoder)  # per instance: the tower decides the layers
+        d = head.out_dim
+        self.global_head = RKHSHead(width, d)
+        self.local_heads = nn.ModuleList(RKHSHead(feature_channels(encoder, k), d) for k in self.view_features)
+        self.clip, self.reg_weight = 20.0, 5e-2
+
+    @classmethod
+    def declare_views(cls, image_size, *, patch_size: int = 16, mask_ratio: float = 0.4,
+                      tokenizer_size: int | None = None) -> MethodViews:
+        return MethodViews(clip=None, ssl=amdim_views(image_size))
+
+    def configure_training(self, objective, steps_per_epoch: int, total_steps: int, *,
+                           corpus_size: int | None = None, seed: int = 0) -> None:
+        self.clip, self.reg_weight = objective.amdim_clip, objective.amdim_reg_weight
+
+    def forward(self, feats: list, targets=None, patch_mask=None) -> dict:
+        # One head call per view (BatchNorm sees each view's statistics, as SimCLR's head does).
+        # Local grids (N, C, H, W) -> (N, H W, C) -> (N, H W, D).
+        out: dict = {"global": [], "local": []}
+        for pooled, *grids in feats:
+            out["global"].append(self.global_head(pooled))
+            out["local"].append([h(m.flatten(2).transpose(1, 2)) for h, m in zip(self.local_heads, grids)])
+        return out
+
+    def loss(self, out: dict, temperature: float | None = None) -> dict:
+        (g1, g2), (l1, l2) = out["global"], out["local"]
+        nce = reg = acc = 0.0
+        for k in range(len(self.local_heads)):
+            a = amdim_nce(g1, l2[k], self.clip, self.reg_weight)
+            b = amdim_nce(g2, l1[k], self.clip, self.reg_weight)
+            nce = nce + (a["nce"] + b["nce"]) / 2
+            reg = reg + (a["reg"] + b["reg"]) / 2
+            acc = acc + (a["acc"] + b["acc"]) / 2 / len(self.local_heads)
+        loss = nce + reg
+        # ssl_acc: percent of (image, position) positives beating every negative, over scales and directions
+        return {"loss": loss, "ssl_loss": loss, "ssl_nce": nce.detach(), "ssl_reg": reg.detach(), "ssl_acc": acc}
