@@ -106,6 +106,27 @@ def _run(corpus, out, recipe, *overrides):
     return result, [r for r in records if r["kind"] == "train"]
 
 
+def check_exact_resume(corpus, tmp_path, recipe, keys, steps: int = 6):
+    """A run stopped after half its ``steps`` and run again logs the uninterrupted run's ``keys``
+    at every later step; returns the resumed run's result."""
+    _, full = _run(corpus, tmp_path / "full", recipe, f"train.max_steps={steps}")
+    _run(corpus, tmp_path / "part", recipe, f"train.max_steps={steps // 2}")
+    result, part = _run(corpus, tmp_path / "part", recipe, f"train.max_steps={steps}")
+    by_step = {r["step"]: r for r in part}
+    for r in full[steps // 2:]:
+        for key in keys:
+            assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+    return result
+
+
+def check_trains_beside_clip(corpus, tmp_path, recipe, keys=("clip_loss", "ssl_loss", "ssl_acc")):
+    """Two steps of the CLIP + method recipe: finite losses, and ``keys`` logged."""
+    result, records = _run(corpus, tmp_path / "run", recipe, "train.max_steps=2")
+    assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert all(k in records[-1] for k in keys)
+    return records
+
+
 # MoCo v2 is not here: its loss first rises while the queue's random keys give way to real ones
 # and stays near ln(K + 1) for the first epochs (as MoCo's own training logs show); a few dozen
 # steps on this corpus show nothing. tests/test_ssl_swav_mocov2.py shows it learning on a small set.

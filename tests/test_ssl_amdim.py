@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ssl import _run, corpus  # noqa: F401  (corpus: the shared fixture)
+from test_ssl import _run, check_exact_resume, corpus  # noqa: F401  (corpus: the shared fixture)
 
 import slip
 from slip.models import get_architecture
@@ -213,13 +213,7 @@ def test_amdim_beside_clip_trains_and_accumulates_like_the_plain_step(corpus, tm
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_amdim_resumes_exactly(corpus, tmp_path):  # noqa: F811
-    _, full = _run(corpus, tmp_path / "full", "amdim", "train.max_steps=6")
-    _run(corpus, tmp_path / "part", "amdim", "train.max_steps=3")
-    _, part = _run(corpus, tmp_path / "part", "amdim", "train.max_steps=6")
-    by_step = {r["step"]: r for r in part}
-    for r in full[3:]:
-        for key in ("loss", "ssl_nce", "ssl_reg", "ssl_acc"):
-            assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+    check_exact_resume(corpus, tmp_path, "amdim", ("loss", "ssl_nce", "ssl_reg", "ssl_acc"))
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from test_data_decode_device import _config, _encode, _photo, _tokens
-from test_ssl import _run, corpus  # noqa: F401  (corpus: the shared fixture)
+from test_ssl import _run, check_exact_resume, check_trains_beside_clip, corpus  # noqa: F401  (corpus: the shared fixture)
 from test_ssl_pirl import photos  # noqa: F401  (photos: a small JPEG corpus)
 
 import slip
@@ -71,7 +71,7 @@ def test_a_perfect_prediction_scores_its_target_above_every_other_patch():
 
 
 def test_scores_in_chunks_give_the_loss_accuracy_and_gradients_of_all_at_once(monkeypatch):
-    import slip.ssl.cpc as cpc
+    from slip.ssl import cpc
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 6, 4, 4, generator=g)
@@ -199,20 +199,12 @@ def test_cpc_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # noqa:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_cpc_beside_clip_trains(corpus, tmp_path):  # noqa: F811
-    result, records = _run(corpus, tmp_path / "run", "slip_cpc", "train.max_steps=2")
-    assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)
-    assert all(k in records[-1] for k in ("clip_loss", "ssl_loss", "ssl_acc"))
+    check_trains_beside_clip(corpus, tmp_path, "slip_cpc")
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_cpc_resumes_exactly(corpus, tmp_path):  # noqa: F811
-    _, full = _run(corpus, tmp_path / "full", "cpc", "train.max_steps=6")
-    _run(corpus, tmp_path / "part", "cpc", "train.max_steps=3")
-    _, part = _run(corpus, tmp_path / "part", "cpc", "train.max_steps=6")
-    by_step = {r["step"]: r for r in part}
-    for r in full[3:]:
-        for key in ("loss", "ssl_acc"):
-            assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+    check_exact_resume(corpus, tmp_path, "cpc", ("loss", "ssl_acc"))
 
 
 @pytest.mark.usefixtures("one_torch_thread")

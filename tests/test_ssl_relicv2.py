@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ssl import _run, corpus  # noqa: F401  (corpus: the shared fixture)
+from test_ssl import _run, check_exact_resume, check_trains_beside_clip, corpus  # noqa: F401  (corpus: the shared fixture)
 
 import slip
 from slip.models import get_architecture
@@ -246,19 +246,11 @@ def test_relicv2_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # n
 
 
 def test_relicv2_beside_clip_trains(corpus, tmp_path):  # noqa: F811
-    result, records = _run(corpus, tmp_path / "run", "slip_relicv2", "train.max_steps=2")
-    assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)
-    assert all(k in records[-1] for k in ("clip_loss", "ssl_loss", "ssl_kl", "ssl_acc"))
+    check_trains_beside_clip(corpus, tmp_path, "slip_relicv2", ("clip_loss", "ssl_loss", "ssl_kl", "ssl_acc"))
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_relicv2_resumes_exactly_with_the_same_negatives(corpus, tmp_path):  # noqa: F811
-    _, full = _run(corpus, tmp_path / "full", "relicv2", "train.max_steps=6")
-    _run(corpus, tmp_path / "part", "relicv2", "train.max_steps=3")
-    result, part = _run(corpus, tmp_path / "part", "relicv2", "train.max_steps=6")
-    by_step = {r["step"]: r for r in part}
-    for r in full[3:]:
-        for key in ("loss", "ssl_kl", "ssl_acc"):
-            assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+    result = check_exact_resume(corpus, tmp_path, "relicv2", ("loss", "ssl_kl", "ssl_acc"))
     state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     assert int(state["ssl.num_updates"]) == 6

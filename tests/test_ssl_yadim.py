@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_ssl import _run, corpus  # noqa: F401  (corpus: the shared fixture)
+from test_ssl import _run, check_exact_resume, check_trains_beside_clip, corpus  # noqa: F401  (corpus: the shared fixture)
 
 import slip
 from slip.data import views as V
@@ -79,17 +79,9 @@ def test_yadim_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # noq
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_yadim_beside_clip_trains(corpus, tmp_path):  # noqa: F811
-    result, records = _run(corpus, tmp_path / "run", "slip_yadim", "train.max_steps=2")
-    assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)
-    assert all(k in records[-1] for k in ("clip_loss", "ssl_loss", "ssl_acc"))
+    check_trains_beside_clip(corpus, tmp_path, "slip_yadim")
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_yadim_resumes_exactly(corpus, tmp_path):  # noqa: F811
-    _, full = _run(corpus, tmp_path / "full", "yadim", "train.max_steps=6")
-    _run(corpus, tmp_path / "part", "yadim", "train.max_steps=3")
-    _, part = _run(corpus, tmp_path / "part", "yadim", "train.max_steps=6")
-    by_step = {r["step"]: r for r in part}
-    for r in full[3:]:
-        for key in ("loss", "ssl_acc"):
-            assert by_step[r["step"]][key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+    check_exact_resume(corpus, tmp_path, "yadim", ("loss", "ssl_acc"))
