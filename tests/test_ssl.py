@@ -119,11 +119,18 @@ def check_exact_resume(corpus, tmp_path, recipe, keys, steps: int = 6):
     return result
 
 
-def check_trains_beside_clip(corpus, tmp_path, recipe, keys=("clip_loss", "ssl_loss", "ssl_acc")):
-    """Two steps of the CLIP + method recipe: finite losses, and ``keys`` logged."""
+def check_trains_beside_clip(corpus, tmp_path, recipe, keys=("clip_loss", "ssl_loss", "ssl_acc"),
+                             accumulated=("loss", "clip_loss", "ssl_loss")):
+    """Two steps of the CLIP + method recipe: finite losses, ``keys`` logged, and the same steps
+    with two accumulated micro-batches log the same ``accumulated`` values (features cached per
+    micro-batch, the losses over the whole batch)."""
     result, records = _run(corpus, tmp_path / "run", recipe, "train.max_steps=2")
     assert result.step == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert all(k in records[-1] for k in keys)
+    _, accum = _run(corpus, tmp_path / "accum", recipe, "train.max_steps=2", "train.accum_steps=2")
+    for a, b in zip(records, accum, strict=True):
+        for key in accumulated:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
     return records
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ssl import _run, check_exact_resume, corpus  # noqa: F401  (corpus: the shared fixture)
+from test_ssl import _run, check_exact_resume, check_trains_beside_clip, corpus  # noqa: F401  (corpus: the shared fixture)
 
 import slip
 from slip.models import get_architecture
@@ -202,13 +202,8 @@ def test_amdim_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # noq
 @pytest.mark.usefixtures("one_torch_thread")
 def test_amdim_beside_clip_trains_and_accumulates_like_the_plain_step(corpus, tmp_path):  # noqa: F811
     # The views' local grids are cached per micro-batch like pooled features.
-    result, plain = _run(corpus, tmp_path / "plain", "slip_amdim", "train.max_steps=2")
-    assert result.step == 2 and all(math.isfinite(r["loss"]) for r in plain)
-    assert all(k in plain[-1] for k in ("clip_loss", "ssl_loss", "ssl_nce", "ssl_reg", "ssl_acc"))
-    _, accum = _run(corpus, tmp_path / "accum", "slip_amdim", "train.max_steps=2", "train.accum_steps=2")
-    for a, b in zip(plain, accum):
-        for key in ("loss", "clip_loss", "ssl_loss", "ssl_reg"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    check_trains_beside_clip(corpus, tmp_path, "slip_amdim", ("clip_loss", "ssl_loss", "ssl_nce", "ssl_reg", "ssl_acc"),
+                             accumulated=("loss", "clip_loss", "ssl_loss", "ssl_reg"))
 
 
 @pytest.mark.usefixtures("one_torch_thread")

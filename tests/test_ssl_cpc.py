@@ -198,7 +198,7 @@ def test_cpc_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # noqa:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_cpc_beside_clip_trains(corpus, tmp_path):  # noqa: F811
+def test_cpc_beside_clip_trains_and_accumulates_like_the_plain_step(corpus, tmp_path):  # noqa: F811
     check_trains_beside_clip(corpus, tmp_path, "slip_cpc")
 
 

@@ -245,7 +245,7 @@ def test_relicv2_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # n
     assert records[0]["momentum"] < records[-1]["momentum"] <= 1.0
 
 
-def test_relicv2_beside_clip_trains(corpus, tmp_path):  # noqa: F811
+def test_relicv2_beside_clip_trains_and_accumulates_like_the_plain_step(corpus, tmp_path):  # noqa: F811
     check_trains_beside_clip(corpus, tmp_path, "slip_relicv2", ("clip_loss", "ssl_loss", "ssl_kl", "ssl_acc"))
 
 

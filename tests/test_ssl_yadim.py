@@ -78,7 +78,7 @@ def test_yadim_lowers_its_loss_on_the_synthetic_corpus(corpus, tmp_path):  # noq
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_yadim_beside_clip_trains(corpus, tmp_path):  # noqa: F811
+def test_yadim_beside_clip_trains_and_accumulates_like_the_plain_step(corpus, tmp_path):  # noqa: F811
     check_trains_beside_clip(corpus, tmp_path, "slip_yadim")
 
 
