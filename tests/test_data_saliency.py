@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_decode_device import _config, _encode, _photo, _shards, _tokens
+from test_data_decode_device import (
+    _config,
+    _device_batches,
+    _encode,
+    _photo,
+    _shards,
+    _tokens,
+)
 
 from slip.data import decode as D
 from slip.data import errors as E
@@ -134,9 +141,7 @@ def test_device_and_worker_decoding_mask_the_same_crops(masked_shards, saliency)
     views = MethodViews(clip=None, ssl=tuple(_masked_views(0.7)))
     config = {"views": views, "shuffle_buffer": 0, "batch_size": 6, "allow_draft": False, "saliency": saliency}
     (worker,) = list(P.SlipLoader(masked_shards, _config(**config), tokenizer=_tokens))
-    loader = P.SlipLoader(masked_shards, _config(decode="device", **config), tokenizer=_tokens)
-    decoder = loader.device_decoder("cpu")
-    (device,) = [decoder(b) for b in loader]
+    (device,), _, _ = _device_batches(masked_shards, _config(decode="device", **config))
     (unmasked,) = list(P.SlipLoader(masked_shards, _config(**{**config, "views": MethodViews(
         clip=None, ssl=tuple(_masked_views(0.0)))}), tokenizer=_tokens))
     assert device["key"] == worker["key"]

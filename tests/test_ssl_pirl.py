@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_data_decode_device import _config, _encode, _photo, _sample, _shards, _tokens
+from test_data_decode_device import (
+    _config,
+    _device_batches,
+    _encode,
+    _photo,
+    _sample,
+    _shards,
+    _tokens,
+)
 
 import slip
 from slip.data import decode as D
@@ -279,9 +287,7 @@ def test_tiles_are_drawn_per_sample_the_same_again_and_on_any_number_of_ranks(ph
 def test_device_decoded_tiles_equal_worker_decoded_ones_within_a_grey_level(photos):
     views = method_views("pirl", 32)
     worker = list(P.SlipLoader(photos, _config(views=views, allow_draft=False), tokenizer=_tokens))
-    loader = P.SlipLoader(photos, _config(views=views, decode="device"), tokenizer=_tokens)
-    decoder = loader.device_decoder("cpu")
-    device = [decoder(batch) for batch in loader]
+    device, _, _ = _device_batches(photos, _config(views=views, decode="device"))
     assert [b["key"] for b in device] == [b["key"] for b in worker]
     for a, b in zip(device, worker):
         assert torch.equal(a["index"], b["index"]) and len(a["views"]) == 10
