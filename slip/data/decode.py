@@ -338,6 +338,14 @@ def decode_views(
     return _decode_opened(data, open_image(data, max_pixels), views, rng, allow_draft, mask_data, saliency)
 
 
+def _draw_masking(views: Sequence[ViewSpec], rng: random.Random, mask_data: bytes | None, saliency: str,
+                  width: int, height: int) -> tuple[tuple[bool, ...], torch.Tensor | None]:
+    """Per view, whether its crop is saliency-masked (:func:`~slip.data.saliency.draw_masked`), and
+    the sample's own mask when a view is and ``saliency`` takes it (else None: estimated later)."""
+    masked = draw_masked(views, rng)
+    return masked, _shard_mask(mask_data, saliency, width, height) if any(masked) else None
+
+
 def _shard_mask(mask_data: bytes | None, saliency: str, width: int, height: int) -> torch.Tensor | None:
     """The sample's own mask on the image's mask grid, when it has one and ``saliency`` takes it."""
     if saliency not in SALIENCY_MODES:
@@ -355,8 +363,7 @@ def _decode_opened(data: bytes, im: Image.Image, views: Sequence[ViewSpec], rng:
     """:func:`decode_views` of an image whose header :func:`open_image` has read."""
     width, height = im.size
     factor, boxes = plan_crops(width, height, views, rng, allow_draft=allow_draft and im.format == "JPEG")
-    masked = draw_masked(views, rng)
-    mask = _shard_mask(mask_data, saliency, width, height) if any(masked) else None
+    masked, mask = _draw_masking(views, rng, mask_data, saliency, width, height)
     pixels = _decode_pixels(data, im, factor)
     dec_h, dec_w = pixels.shape[1], pixels.shape[2]
     if (dec_w, dec_h) == (-(-width // factor), -(-height // factor)) and factor > 1:
@@ -433,8 +440,7 @@ def plan_views(
     im = open_image(data, max_pixels)
     if device_decodable(data, im):
         _, boxes = plan_crops(im.width, im.height, views, rng, allow_draft=False)
-        masked = draw_masked(views, rng)
-        mask = _shard_mask(mask_data, saliency, im.width, im.height) if any(masked) else None
+        masked, mask = _draw_masking(views, rng, mask_data, saliency, im.width, im.height)
         return PlannedViews(bytes(data), tuple(boxes), masked=masked if any(masked) else (), mask=mask)
     return PlannedViews(None, (), _decode_opened(data, im, views, rng, allow_draft, mask_data, saliency))
 
