@@ -368,6 +368,28 @@ def test_cpu_chunking_and_seed_do_not_change_results():
     c = A.BatchAugment(views, seed=8).augment(x, spec)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert not torch.allclose(a, c)
+    # The blurred samples are convolved apart, in groups of any size, and the odd chunk size
+    # mixes blurred and unblurred samples in one chunk.
+    for chunk, blur_chunk in ((3, 1), (7, 2), (1, 64)):
+        d = A.BatchAugment(views, seed=7, cpu_chunk=chunk, cpu_blur_chunk=blur_chunk).augment(x, spec)
+        torch.testing.assert_close(a, d, atol=1e-5, rtol=0)
+
+
+def test_narrow_blur_kernels_hold_no_subnormal_weights(monkeypatch):
+    # exp(-0.5 (6 / 0.45)^2) is a subnormal float32; products with subnormals run ~15x slower on
+    # x86 CPUs, so such negligible weights must be zero.
+    seen = []
+    conv2d = A.F.conv2d
+    monkeypatch.setattr(A.F, "conv2d", lambda x, w, **kw: seen.append(w) or conv2d(x, w, **kw))
+    sigmas = torch.tensor([0.1, 0.45, 0.6, 2.0])
+    x = torch.rand(4, 3, 20, 20)
+    out = A.gaussian_blur(x, sigmas, 13)
+    tiny = torch.finfo(torch.float32).tiny
+    assert seen and all(not ((w != 0) & (w.abs() < tiny)).any() for w in seen)
+    assert (torch.exp(-0.5 * (6 / sigmas[1]) ** 2) < tiny) and (torch.exp(-0.5 * (6 / sigmas[1]) ** 2) > 0)
+    for i in range(4):
+        ref = TF.gaussian_blur(x[i], [13, 13], [float(sigmas[i])] * 2)
+        torch.testing.assert_close(out[i], ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["slip-simclr", "slip-byol", "slip-beit"])
