@@ -113,9 +113,10 @@ not an image, corrupt, truncated, over ``max_pixels`` -- checked from the header
 decode), missing/empty/non-UTF-8 captions, unparsable JSON, unreadable shards and corrupt or
 truncated tars (the exception handler logs, counts and moves to the next shard; ``tar_error``
 counts shards whose reading failed, one each, not samples -- the samples in the unreadable
-remainder of a shard cannot be counted. Python's tarfile ends a stream quietly at a header
-block that is cut short or invalid after the first member, so a tar cut there reads as a
-shorter archive and is not counted).
+remainder of a shard cannot be counted). Seekable uncompressed shards are read by slip's own
+tar parser (:mod:`slip.data.tars`), which counts a header cut short or failing its checksum
+anywhere in the shard; compressed and streamed shards go through Python's tarfile, which ends
+quietly at such a header after the first member, so a tar cut there reads as a shorter archive.
 Images in other modes (CMYK, palette, alpha, 16-bit) are converted, not skipped. The first
 skip of each reason in each process is logged with its detail; totals are logged every
 ``log_interval_s`` by the loader and are available from :meth:`SlipLoader.skipped`.
