@@ -160,7 +160,7 @@ def tiny_images() -> torch.Tensor:
 
 def test_byol_views_draw_each_op_at_its_declared_rate(tiny_images):
     views = V.MethodViews(clip=None, ssl=V.byol_views(8))
-    aug = A.BatchAugment(views, cpu_chunk=512)
+    aug = A.BatchAugment(views)
     n = tiny_images.shape[0]
     g = torch.Generator().manual_seed(3)
     for spec, (blur_p, solarize_p) in zip(views.ssl, BYOL_BLUR_SOLARIZE):
@@ -199,7 +199,7 @@ def test_byol_views_apply_each_op_at_its_declared_rate_in_the_output(op, tiny_im
                 "blur_p": tuple(b for b, _ in BYOL_BLUR_SOLARIZE), "solarize_p": tuple(s for _, s in BYOL_BLUR_SOLARIZE)}
     for spec, p in zip(V.byol_views(8), declared[op]):
         isolated = dataclasses.replace(spec, **off)
-        aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(isolated,)), seed=17, cpu_chunk=512)
+        aug = A.BatchAugment(V.MethodViews(clip=None, ssl=(isolated,)), seed=17)
         pixels = _unnormalise(aug.augment(x, isolated))
         changed = (pixels - x.float() / 255.0).abs().amax(dim=(1, 2, 3)) > 1e-4
         rate = _rate(changed)

@@ -217,10 +217,8 @@ def _jitter_by_slots(
     return x
 
 
-# The per-sample ops of BatchAugment in the order they apply; on CPU the blur runs apart.
+# The per-sample ops of BatchAugment, in the order they apply.
 _OPS = ("flip", "jitter", "grayscale", "blur", "solarize")
-_OPS_BEFORE_BLUR = _OPS[:3]
-_OPS_AFTER_BLUR = _OPS[4:]
 
 
 def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -249,7 +247,6 @@ class BatchAugment(torch.nn.Module):
         jitter_order: ``"random"`` (torchvision's ColorJitter behaviour) or ``"fixed"``.
         out_dtype: dtype of the returned views (e.g. ``torch.bfloat16`` on GPU).
         seed: seed for a private generator; None uses torch's global RNG.
-        cpu_chunk: samples processed together on CPU (cache blocking; no effect on results).
         cpu_blur_chunk: blurred samples convolved together on CPU (no effect on results).
         blend: how an op reaches the samples it applies to: computed for the whole batch and
             kept with ``torch.where`` (True; no host synchronisation, the accelerator default),
@@ -266,7 +263,6 @@ class BatchAugment(torch.nn.Module):
         jitter_order: str = "random",
         out_dtype: torch.dtype = torch.float32,
         seed: int | None = None,
-        cpu_chunk: int = 1,
         cpu_blur_chunk: int = 16,
         blend: bool | None = None,
     ) -> None:
@@ -277,7 +273,6 @@ class BatchAugment(torch.nn.Module):
         self.jitter_order = jitter_order
         self.out_dtype = out_dtype
         self.seed = seed
-        self.cpu_chunk = cpu_chunk
         self.cpu_blur_chunk = cpu_blur_chunk
         self.blend = blend
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -324,74 +319,83 @@ class BatchAugment(torch.nn.Module):
     def apply(self, x: torch.Tensor, spec: ViewSpec, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Apply drawn ``params`` (see :meth:`sample_params`) to a uint8 batch ``x``.
 
-        On an accelerator the whole batch goes at once. On CPU the per-pixel ops run
-        ``cpu_chunk`` samples at a time (one 224 px image in float32 is 0.6 MB, so its
-        intermediates stay in a core's L2 cache: several times faster than whole-batch ops), and
-        the blur runs on the blurred samples in groups of ``cpu_blur_chunk`` (oneDNN's depthwise
-        convolution is several times faster per image on many channels at once). No effect on
-        results.
+        On an accelerator (or with ``blend=True``) each op runs on the whole batch at once. On
+        CPU each sample goes through its own ops alone, with its parameters as Python numbers:
+        one 224 px image in float32 is 0.6 MB, so its intermediates stay in a core's L2 cache,
+        several times faster than whole-batch ops; the blurred samples are set aside and
+        convolved ``cpu_blur_chunk`` at a time (oneDNN's depthwise convolution is several times
+        faster per image on many channels at once). No effect on results.
         """
-        n = x.shape[0]
         # Unnormalised views feed visual tokenizers: kept in float32 whatever ``out_dtype`` is.
         out = torch.empty(x.shape, dtype=self.out_dtype if spec.normalize else torch.float32, device=x.device)
         active = tuple(s > 0 for s in spec.jitter) if spec.jitter is not None else (False,) * 4
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         blend = x.device.type != "cpu" if self.blend is None else self.blend
-        if x.device.type != "cpu":
-            y = self._apply_ops(x.to(torch.float32).div_(255.0), spec, params, active, blend, _OPS)
+        if x.device.type != "cpu" or blend:
+            y = self._apply_ops(x.to(torch.float32).div_(255.0), spec, params, active, blend)
             return self._normalize(y, spec, mean, std, out)
+        return self._apply_per_sample(x, spec, params, active, mean, std, out)
 
-        def finish(y: torch.Tensor, part: slice) -> None:
-            # The ops after the blur, then normalisation into ``out``.
-            sub = {k: v[part] for k, v in params.items()}
-            self._normalize(self._apply_ops(y, spec, sub, active, blend, _OPS_AFTER_BLUR), spec, mean, std, out[part])
-
-        # Blurred samples are set aside, in order, into one buffer and convolved in groups; the
-        # others are finished right away, while they are in cache.
-        blurred = params["blur"].nonzero().squeeze(1).tolist() if "blur" in params else []
-        slot = {row: j for j, row in enumerate(blurred)}
+    def _apply_per_sample(self, x: torch.Tensor, spec: ViewSpec, params: Mapping[str, torch.Tensor],
+                          active: tuple[bool, ...], mean: torch.Tensor, std: torch.Tensor,
+                          out: torch.Tensor) -> torch.Tensor:
+        """The CPU path of :meth:`apply`: sample by sample, the blur in groups."""
+        n = x.shape[0]
+        draws = {k: v.tolist() for k, v in params.items()}
+        flip, jitter, gray, blur, solar = (draws.get(k, [False] * n) for k in _OPS)
+        blurred = [i for i in range(n) if blur[i]]
         pending = torch.empty((len(blurred), *x.shape[1:]), dtype=torch.float32) if blurred else None
-        step = max(1, self.cpu_chunk)
-        for start in range(0, n, step):
-            part = slice(start, min(n, start + step))
-            sub = {k: v[part] for k, v in params.items()}
-            y = self._apply_ops(torch.div(x[part], 255.0), spec, sub, active, blend, _OPS_BEFORE_BLUR)
-            if not any(row in slot for row in range(part.start, part.stop)):
-                finish(y, part)
-                continue
-            for i, row in enumerate(range(part.start, part.stop)):
-                if row in slot:
-                    pending[slot[row]] = y[i]
-                else:
-                    finish(y[i : i + 1], slice(row, row + 1))
+
+        def finish(y: torch.Tensor, i: int) -> None:
+            # The ops after the blur, then normalisation into ``out``.
+            self._normalize(solarize(y) if solar[i] else y, spec, mean, std, out[i : i + 1])
+
+        for i in range(n):
+            y = torch.div(x[i : i + 1], 255.0)
+            if flip[i]:
+                y = y.flip(-1)
+            if jitter[i]:
+                factors = draws["jitter_factors"][i]
+                for op in draws["jitter_order"][i] if "jitter_order" in draws else range(4):
+                    if active[op]:
+                        y = _JITTER_OPS[op](y, factors[op])
+            if gray[i]:
+                y = rgb_to_grayscale(y).expand(-1, 3, -1, -1)
+            if blur[i]:
+                pending[len(blurred) - sum(blur[i:])] = y[0]
+            else:
+                finish(y, i)
         kernel = blur_kernel_size(spec.blur_sigma[1])
         group = max(1, self.cpu_blur_chunk)
         for start in range(0, len(blurred), group):
             rows = blurred[start : start + group]
             y = gaussian_blur(pending[start : start + len(rows)], params["blur_sigma"][rows], kernel)
-            for i, row in enumerate(rows):
-                finish(y[i : i + 1], slice(row, row + 1))
+            for j, i in enumerate(rows):
+                finish(y[j : j + 1], i)
         return out
 
     @staticmethod
     def _normalize(y: torch.Tensor, spec: ViewSpec, mean: torch.Tensor, std: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
-        """``(y - mean) / std`` (or ``y`` for an unnormalised view) written into ``out``."""
-        if spec.normalize:
-            return torch.div(y.sub_(mean), std, out=out) if out.dtype == y.dtype else out.copy_(y.sub_(mean).div_(std))
-        return out.copy_(y)
+        """``(y - mean) / std`` (or ``y`` for an unnormalised view) written into ``out``; ``y`` is
+        not modified."""
+        if not spec.normalize:
+            return out.copy_(y)
+        if out.dtype == y.dtype:
+            return torch.sub(y, mean, out=out).div_(std)
+        return out.copy_(torch.sub(y, mean).div_(std))
 
     @staticmethod
     def _apply_ops(y: torch.Tensor, spec: ViewSpec, params: Mapping[str, torch.Tensor], active: tuple[bool, ...],
-                   blend: bool, ops: tuple[str, ...]) -> torch.Tensor:
-        """Flip, jitter, grayscale, blur and solarise the float batch ``y`` where ``params`` say,
-        those of them named in ``ops`` (in that fixed order); ``y`` may be modified in place."""
+                   blend: bool) -> torch.Tensor:
+        """Flip, jitter, grayscale, blur and solarise the float batch ``y`` where ``params`` say;
+        ``y`` may be modified in place."""
 
         def on_rows(key: str, op: Callable[[Any], torch.Tensor]) -> None:
             # op(rows) computes the op on y[rows]; rows is every row (blend, or all selected) or
             # the selected ones.
             nonlocal y
-            if key not in params or key not in ops:
+            if key not in params:
                 return
             mask = params[key]
             if blend:
