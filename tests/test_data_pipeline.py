@@ -419,3 +419,21 @@ def test_bench_data_command_prints_json_last(tmp_path, capsys):
         assert field in result
     assert result["samples"] > 0 and result["samples"] % 4 == 0 and result["workers"] == 0
     assert result["skipped"].get(E.NOT_AN_IMAGE, 0) >= 1
+
+
+def test_a_worker_stacks_batches_straight_into_shared_memory(monkeypatch):
+    # In a DataLoader worker the views are stacked into shared memory (nothing to copy when the
+    # batch goes to the training process); in the main process into ordinary memory.
+    from slip.data.stages import Collate
+    from slip.ssl import method_views
+
+    views = method_views("slip-simclr", 8)
+    samples = [{"key": str(i), "caption": "a", "position": (0, i),
+                "views": [torch.full((3, 8, 8), i, dtype=torch.uint8) for _ in views.all]} for i in range(3)]
+    collate = Collate(views, tokenizer=None)
+    here = collate(samples)
+    assert not here["image"].is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    in_worker = collate(samples)
+    assert in_worker["image"].is_shared() and all(v.is_shared() for v in in_worker["views"])
+    assert torch.equal(in_worker["image"], here["image"]) and in_worker["image"][2].eq(2).all()

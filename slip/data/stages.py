@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, default_collate
 from webdataset.filters import pick
 
 from slip.data.decode import EncodedBatch, decode_views, plan_views
@@ -550,7 +550,9 @@ class Batches:
 
 
 class Collate:
-    """Stack decoded samples into a batch dict and tokenise the captions in one call; samples
+    """Stack decoded samples into a batch dict and tokenise the captions in one call (stacked
+    straight into shared memory in a DataLoader worker, as torch's ``default_collate`` does, so
+    that handing the batch to the training process copies nothing); samples
     planned for decoding on the training device become the batch's ``encoded`` entry
     (:class:`~slip.data.decode.EncodedBatch`) instead of ``image`` and ``views``. The samples'
     global indices become ``index``, an int64 tensor, when the shards are numbered (all samples
@@ -567,14 +569,14 @@ class Collate:
         if "planned" in samples[0]:
             batch["encoded"] = EncodedBatch.collate([s["planned"] for s in samples])
         elif self.views.clip is not None:
-            batch["image"] = torch.stack([s["views"][0] for s in samples])
+            batch["image"] = default_collate([s["views"][0] for s in samples])
             offset = 1
         if self.views.ssl and "encoded" not in batch:
             batch["views"] = [
-                torch.stack([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
+                default_collate([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
             ]
         if self.views.mask is not None:
-            batch["patch_mask"] = torch.stack([s["mask"] for s in samples])
+            batch["patch_mask"] = default_collate([s["mask"] for s in samples])
         if self.views.needs_text and self.tokenizer is not None:
             batch["text"] = trim_padding(self.tokenizer([s["caption"] for s in samples]).long())
         return batch
