@@ -350,6 +350,7 @@ class BatchAugment(torch.nn.Module):
             # The ops after the blur, then normalisation into ``out``.
             self._normalize(solarize(y) if solar[i] else y, spec, mean, std, out[i : i + 1])
 
+        set_aside = 0
         for i in range(n):
             y = torch.div(x[i : i + 1], 255.0)
             if flip[i]:
@@ -362,7 +363,8 @@ class BatchAugment(torch.nn.Module):
             if gray[i]:
                 y = rgb_to_grayscale(y).expand(-1, 3, -1, -1)
             if blur[i]:
-                pending[len(blurred) - sum(blur[i:])] = y[0]
+                pending[set_aside] = y[0]
+                set_aside += 1
             else:
                 finish(y, i)
         kernel = blur_kernel_size(spec.blur_sigma[1])
