@@ -195,3 +195,26 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         slip.save_checkpoint(slip.create_model("clip_vit_tiny"), path, step=2)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc")
+def test_a_torch_save_checkpoint_is_read_memory_mapped(tmp_path):
+    # The ranks of a resumed run share the file's pages instead of each reading a copy: loading
+    # does not make the tensors resident, touching them does.
+    from slip.checkpoint import _torch_load
+
+    path = tmp_path / "big.pt"
+    torch.save({"bank": torch.ones(16 * 2**20)}, path)  # 64 MiB
+    before = _resident_bytes()
+    bank = _torch_load(path)["bank"]
+    loaded = _resident_bytes()
+    assert float(bank.sum()) == 16 * 2**20
+    touched = _resident_bytes()
+    assert loaded - before < 16 * 2**20 and touched - before > 48 * 2**20, (before, loaded, touched)
+    bank.add_(1)  # a private mapping: writing copies the pages, the file stays as saved
+    assert float(_torch_load(path)["bank"].sum()) == 16 * 2**20
