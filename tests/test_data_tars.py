@@ -59,6 +59,18 @@ def test_members_read_as_tarfile_reads_them(fmt):
     assert ours == _by_tarfile(data)
 
 
+def test_a_global_pax_header_belongs_to_no_member():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "made here"}) as tar:
+        for name, data in MEMBERS[:3] + [(LONG + ".jpg", b"long")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    ours = [(name, regular, offset, read()) for name, regular, offset, read in T._members(io.BytesIO(data), True, False)]
+    assert ours == _by_tarfile(data) and ours[0][2] > 0
+
+
 def test_samples_group_members_and_skip_what_webdataset_skips(tmp_path):
     path = tmp_path / "shard.tar"
     path.write_bytes(_tar(MEMBERS))

@@ -132,10 +132,13 @@ class _TarMembers:
                 raise tarfile.ReadError(f"bad tar header checksum at byte {at}")
             self.pos += _BLOCK
             kind = header[156:157]
-            self._size = _number(header[124:136], at) if size is None else size
+            extended = kind in _EXTENDED
+            # A pax header's size is the next member's, not another extended header's.
+            self._size = _number(header[124:136], at) if size is None or extended else size
             self._left = (self._size + _BLOCK - 1) // _BLOCK * _BLOCK
-            first = at if first is None else first
-            if kind in _EXTENDED:
+            if kind != b"g":  # a global header belongs to no member (tarfile's offsets agree)
+                first = at if first is None else first
+            if extended:
                 data = self.data()
                 if kind == b"L":
                     name = _nts(data)
