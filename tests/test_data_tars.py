@@ -55,7 +55,7 @@ def test_members_read_as_tarfile_reads_them(fmt):
     members = [m for m in MEMBERS if fmt != tarfile.USTAR_FORMAT or m[0].isascii()]
     data = _tar(members, fmt)
     ours = [(name, regular, offset, read() if regular else None)
-            for name, regular, offset, read in T._members(io.BytesIO(data), fast=True, resume=False)]
+            for name, regular, offset, read in T._members(io.BytesIO(data), seekable=True)]
     assert ours == _by_tarfile(data)
 
 
@@ -67,7 +67,7 @@ def test_a_global_pax_header_belongs_to_no_member():
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
-    ours = [(name, regular, offset, read()) for name, regular, offset, read in T._members(io.BytesIO(data), True, False)]
+    ours = [(name, regular, offset, read()) for name, regular, offset, read in T._members(io.BytesIO(data), seekable=True)]
     assert ours == _by_tarfile(data) and ours[0][2] > 0
 
 

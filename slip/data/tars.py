@@ -147,7 +147,7 @@ class _TarMembers:
                 continue
             member = _nts(header[0:100])
             prefix = _nts(header[345:500])
-            if prefix and kind not in (b"L", b"K", b"S"):
+            if prefix and kind != b"S":  # an old GNU sparse header keeps other fields there
                 member = prefix + "/" + member
             directory = kind == b"5" or (kind == b"\x00" and member.endswith("/"))
             regular = kind in _REGULAR and not directory
@@ -192,28 +192,24 @@ class _TarMembers:
         return name, size
 
 
-def _fast_readable(stream: BinaryIO) -> bool:
-    """Whether the seekable stream, at its current position, looks like an uncompressed tar (it
-    is put back where it was)."""
-    at = stream.tell()
+def _compressed(stream: BinaryIO) -> bool:
+    """Whether the seekable stream, at its start, holds a compressed tar (it is put back)."""
     head = stream.read(6)
-    stream.seek(at)
-    return not any(head.startswith(magic) for magic in _COMPRESSED)
+    stream.seek(0)
+    return any(head.startswith(magic) for magic in _COMPRESSED)
 
 
-def _members(stream: BinaryIO, fast: bool, resume: bool) -> Iterator[tuple[str, bool, int, Callable[[], bytes]]]:
+def _members(stream: BinaryIO, seekable: bool) -> Iterator[tuple[str, bool, int, Callable[[], bytes]]]:
     """``(name, regular, offset, read)`` for each member of the tar on ``stream`` from its current
-    position: :class:`_TarMembers` when ``fast`` (seekable, uncompressed), else Python's
-    ``tarfile`` in stream mode (compression detected unless ``resume``, which reads on from a
-    member header of an uncompressed tar). ``read()`` returns the member's bytes."""
-    if fast:
+    position: :class:`_TarMembers` on a ``seekable`` uncompressed stream, else Python's
+    ``tarfile`` in stream mode (which detects compression). ``read()`` returns the member's
+    bytes."""
+    if seekable:
         members = _TarMembers(stream)
         for name, regular, offset in members:
             yield name, regular, offset, members.data
         return
-    with tarfile.open(fileobj=stream, mode="r|" if resume else "r|*") as tar:
-        if getattr(tar.fileobj, "comptype", "tar") != "tar":
-            yield "", False, -1, bytes  # tells the caller the offsets are into the decompressed stream
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             yield info.name, info.isreg(), info.offset, lambda info=info: tar.extractfile(info).read()
             tar.members = []  # the stream reader would otherwise keep every header
@@ -310,14 +306,12 @@ class ReadShards:
         error: BaseException | None = None
         current: dict[str, Any] | None = None
         try:
-            addressable = bool(offset) or _seekable(stream)
-            fast = addressable and _fast_readable(stream)
+            # A resume offset only exists for a seekable uncompressed shard; in a compressed one
+            # offsets would be into the decompressed stream.
+            addressable = bool(offset) or (_seekable(stream) and not _compressed(stream))
             if not addressable:
                 self.next = None
-            for name, regular, header_at, read in _members(stream, fast, resume=bool(offset)):
-                if header_at < 0:  # a compressed tar: offsets would be into the decompressed stream
-                    addressable, self.next = False, None
-                    continue
+            for name, regular, header_at, read in _members(stream, addressable):
                 named = _is_member(name, regular)
                 if named is None:
                     continue
@@ -384,7 +378,7 @@ def read_sample(stream: BinaryIO, url: str, offset: int, key: str) -> dict[str, 
     stream.seek(offset)
     sample: dict[str, Any] | None = None
     try:
-        for name, regular, _, read in _members(stream, _fast_readable(stream), resume=True):
+        for name, regular, _, read in _members(stream, seekable=True):
             named = _is_member(name, regular)
             if named is None:
                 continue
