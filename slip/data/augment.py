@@ -9,7 +9,7 @@ in [0, 1]); tests compare them op by op.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -194,16 +194,19 @@ def color_jitter(
 def _jitter_per_sample(
     x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, active: Sequence[bool]
 ) -> torch.Tensor:
-    # On CPU a loop over cache-resident per-sample slices beats gathering sample subsets; every
-    # op returns a new tensor, so the input is never written.
-    rows = []
-    for i, sample_order in enumerate(order.tolist()):
-        xi = x[i : i + 1]
-        for op in sample_order:
-            if active[op]:
-                xi = _JITTER_OPS[op](xi, factors[i : i + 1, op])
-        rows.append(xi)
+    # On CPU a loop over cache-resident per-sample slices beats gathering sample subsets.
+    rows = [_jitter_one(x[i : i + 1], f, o, active) for i, (f, o) in enumerate(zip(factors.tolist(), order.tolist()))]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _jitter_one(x: torch.Tensor, factors: Sequence[float], order: Iterable[int], active: Sequence[bool]) -> torch.Tensor:
+    """One sample's colour jitter: its active ops in its ``order`` with its ``factors`` (Python
+    numbers, cheaper per op than tensor slices); every op returns a new tensor, so ``x`` is
+    never written."""
+    for op in order:
+        if active[op]:
+            x = _JITTER_OPS[op](x, factors[op])
+    return x
 
 
 def _jitter_by_slots(
@@ -356,10 +359,8 @@ class BatchAugment(torch.nn.Module):
             if flip[i]:
                 y = y.flip(-1)
             if jitter[i]:
-                factors = draws["jitter_factors"][i]
-                for op in draws["jitter_order"][i] if "jitter_order" in draws else range(4):
-                    if active[op]:
-                        y = _JITTER_OPS[op](y, factors[op])
+                order = draws["jitter_order"][i] if "jitter_order" in draws else range(4)
+                y = _jitter_one(y, draws["jitter_factors"][i], order, active)
             if gray[i]:
                 y = rgb_to_grayscale(y).expand(-1, 3, -1, -1)
             if blur[i]:
