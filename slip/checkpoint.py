@@ -357,6 +357,8 @@ _OC_TEXT_FIELDS = {"context_length": None, "vocab_size": None, "width": None, "h
                    "proj_bias": False, "no_causal_mask": False, "embed_cls": False, "final_ln_after_pool": False,
                    "norm_kwargs": _NULL, "hf_tokenizer_name": _NULL, "tokenizer_mode": _NULL,
                    "tokenizer_kwargs": _NULL, "pad_id": None, "eos_id": None, "output_tokens": None, **_OC_BLOCK_FIELDS}
+# A ResNet trunk: timm's global average pool (slip's ResNet feature), open_clip's default.
+_OC_RESNET_VISION_FIELDS = {**_OC_VISION_FIELDS, "timm_pool": "avg"}
 _OC_PREPROCESS_FIELDS = {"size": None, "mode": "RGB", "mean": None, "std": None, "interpolation": tuple(INTERPOLATIONS),
                          "resize_mode": "shortest", "fill_color": None}
 # open_clip's defaults where a field is absent (its timm tower pools by "avg" unless told).
@@ -412,8 +414,9 @@ def _open_clip_weights(path: Path) -> dict:
 
 def _open_clip_trunk(path: Path, name: str):
     """The timm trunk open_clip builds for ``timm_model_name`` (on the meta device), as open_clip
-    does it: timm's defaults for the name, class-token pooling, no classifier."""
+    does it: timm's defaults for the name, no classifier; a ViT with class-token pooling."""
     import timm
+    from timm.models.vision_transformer import VisionTransformer
 
     if name.startswith(("local-dir:", "hf-hub:")):
         where = [path / "config.json"]  # the folder's own timm config (what slip export writes)
@@ -430,17 +433,21 @@ def _open_clip_trunk(path: Path, name: str):
             raise CheckpointError(f"{found}: not a timm config.json ({e})") from None
     else:
         arch_name, model_args = name, {}
-    model_args.update(num_classes=0, global_pool="token")
+    model_args["num_classes"] = 0
     try:
         with torch.device("meta"):
-            return timm.create_model(arch_name, pretrained=False, **model_args)
+            trunk = timm.create_model(arch_name, pretrained=False, **model_args)
+            if isinstance(trunk, VisionTransformer) and trunk.global_pool != "token":
+                trunk = timm.create_model(arch_name, pretrained=False, **{**model_args, "global_pool": "token"})
+            return trunk
     except Exception as e:  # noqa: BLE001 -- an unknown name or arguments that do not fit
         raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r}: timm cannot build it ({e})") from None
 
 
 def read_open_clip_folder(path: str | os.PathLike) -> LoadedCheckpoint:
-    """An open_clip folder in slip's names: its image tower a timm ViT slip has a preset for, or
-    open_clip's own ViT (OpenAI CLIP's layout, any size); text tower and preprocessing as its
+    """An open_clip folder in slip's names: its image tower a timm ViT slip has a preset for, a
+    timm ResNet slip has a tower for (``resnet{18,34,50,101,152}``, average-pooled), or open_clip's
+    own ViT (OpenAI CLIP's layout, any size); text tower and preprocessing as its
     config says (open_clip's defaults for absent fields)."""
     path = Path(path)
     try:
@@ -475,20 +482,23 @@ def read_open_clip_folder(path: str | os.PathLike) -> LoadedCheckpoint:
 def _timm_tower(path: Path, vision_cfg: dict, sd: dict) -> VisionConfig:
     """The preset tower an open_clip timm image tower is, checked against what timm builds."""
     from timm.layers import QuickGELU
+    from timm.models.resnet import ResNet
     from timm.models.vision_transformer import VisionTransformer
 
     from .export import _tower_signature
     from .models.model import build_vit
     from .models.presets import TIMM_NORM_EPS, VISION_PRESETS
 
-    _check_fields(vision_cfg, _OC_VISION_FIELDS, "model_cfg.vision_cfg", path)
     if "visual.head.proj.weight" not in sd:
         raise CheckpointError(f"{path}: missing tensor 'visual.head.proj.weight' (the image projection)")
     name = vision_cfg["timm_model_name"]
     trunk = _open_clip_trunk(path, name)
+    if isinstance(trunk, ResNet):
+        return _timm_resnet_tower(path, vision_cfg, trunk)
     if not isinstance(trunk, VisionTransformer):
         raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r} is a "
-                              f"{type(trunk).__name__}, not a ViT slip has a preset for")
+                              f"{type(trunk).__name__}, neither a ViT nor a ResNet slip has a tower for")
+    _check_fields(vision_cfg, _OC_VISION_FIELDS, "model_cfg.vision_cfg", path)
     vision = VisionConfig(width=trunk.embed_dim, depth=len(trunk.blocks), heads=trunk.blocks[0].attn.num_heads,
                           patch_size=trunk.patch_embed.patch_size[0], image_size=trunk.patch_embed.img_size[0],
                           pre_norm=not isinstance(trunk.norm_pre, torch.nn.Identity),
@@ -500,6 +510,28 @@ def _timm_tower(path: Path, vision_cfg: dict, sd: dict) -> VisionConfig:
         raise CheckpointError(f"{path}: vision_cfg.timm_model_name={name!r} builds a "
                               f"tower ({vision}) that is none of slip's ViT presets")
     return vision
+
+
+def _timm_resnet_tower(path: Path, vision_cfg: dict, trunk) -> VisionConfig:
+    """slip's ResNet tower that an open_clip timm ResNet trunk is (timm's ``resnet{depth}`` with
+    its default arguments, globally average-pooled: open_clip's ``timm_pool: "avg"``, what
+    ``slip export --format open_clip`` writes for it), at the config's image size."""
+    from .export import _tower_signature
+    from .models.model import build_tower
+    from .models.presets import RESNET_WIDTHS
+
+    _check_fields(vision_cfg, _OC_RESNET_VISION_FIELDS, "model_cfg.vision_cfg", path)
+    size = _square(vision_cfg.get("image_size", _OC_NATIVE_VISION_DEFAULTS["image_size"]),
+                   "model_cfg.vision_cfg.image_size", path)
+    signature = _tower_signature(trunk)
+    for depth, width in RESNET_WIDTHS.items():
+        vision = VisionConfig(width=width, depth=depth, heads=0, patch_size=32, image_size=size, kind="resnet")
+        with torch.device("meta"):
+            if _tower_signature(build_tower(vision)) == signature:
+                return vision
+    raise CheckpointError(f"{path}: vision_cfg.timm_model_name={vision_cfg['timm_model_name']!r} builds a ResNet "
+                          f"that is none of slip's towers (timm's resnet{{{','.join(map(str, RESNET_WIDTHS))}}} "
+                          "with their default arguments)")
 
 
 def _square(value: object, where: str, path: Path) -> int:

@@ -138,8 +138,7 @@ def resnet_timm_name(vision) -> str:
     name = f"resnet{vision.depth}"
     with torch.device("meta"):
         ours, theirs = build_tower(vision), timm.create_model(name, pretrained=False, num_classes=0)
-    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (ours, theirs)]
-    if shapes[0] != shapes[1] or repr(ours) != repr(theirs):
+    if _tower_signature(ours) != _tower_signature(theirs):
         raise UserError(f"the image tower ({vision}) is not timm's registered {name} with its default "
                         "arguments; no timm or open_clip config can name it")
     return name
@@ -172,6 +171,8 @@ def timm_model_args(vision) -> dict:
 
 def _tower_signature(model) -> tuple:
     # repr shows the layer types and settings (activation, LayerNorm eps, pre-norm) shapes do not
+    if not hasattr(model, "blocks"):  # a ResNet
+        return ({k: tuple(v.shape) for k, v in model.state_dict().items()}, repr(model))
     return (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
             tuple(model.patch_embed.patch_size), tuple(model.patch_embed.img_size), model.global_pool,
             {k: tuple(v.shape) for k, v in model.state_dict().items()}, repr(model))

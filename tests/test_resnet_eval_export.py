@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -21,11 +22,11 @@ from test_eval_finetune import (  # noqa: F401  (bench: fixture)
     bench,
     finetune_on_two_gloo_processes,
 )
-from test_export import _check_open_clip, _images, _pil
+from test_export import _check_open_clip, _edit_folder, _images, _pil, _same_embeddings
 from test_train import tiny
 
 import slip
-from slip.checkpoint import save_checkpoint
+from slip.checkpoint import CheckpointError, save_checkpoint
 from slip.errors import UserError
 from slip.eval.finetune import (
     FinetuneConfig,
@@ -35,6 +36,7 @@ from slip.eval.finetune import (
     load_finetuned,
 )
 from slip.export import (
+    export_open_clip,
     export_slip,
     main,
     open_clip_config,
@@ -306,6 +308,28 @@ def test_open_clip_export_pools_by_average_and_gives_slips_embeddings(tmp_path, 
     _check_open_clip(model, out)  # image and text embeddings, logit scale, tokenizer and preprocessing
     shutil.move(out, tmp_path / "moved")  # registered: no absolute path in the config
     _check_open_clip(model, tmp_path / "moved", n_images=2)
+    loaded, preprocess = slip.load_pretrained(tmp_path / "moved")  # and back into slip, running statistics too
+    assert loaded.arch.vision == model.arch.vision and loaded.arch.text == model.arch.text
+    _same_embeddings(loaded.eval(), model)
+    assert preprocess.transforms[1].size == (32, 32)
+
+
+def test_open_clip_resnet_folders_slip_cannot_load_are_refused_naming_why(tmp_path):
+    model = _resnet("clip_resnet_tiny")
+    src = export_open_clip(model, tmp_path / "src")
+    no_pool = _edit_folder(src, tmp_path / "no_pool", lambda c: c["vision_cfg"].pop("timm_pool"))
+    _same_embeddings(slip.load_pretrained(no_pool)[0].eval(), model)  # absent: open_clip's default, "avg"
+    cases = [
+        (lambda c: c["vision_cfg"].update(timm_pool="token"), r"vision_cfg\.timm_pool='token', slip's model needs 'avg'"),
+        (lambda c: c["vision_cfg"].update(timm_model_name="resnet26"),
+         r"vision_cfg\.timm_model_name='resnet26' builds a ResNet that is none of slip's towers"),
+        (lambda c: c["vision_cfg"].update(timm_model_name="efficientnet_b0"),
+         r"'efficientnet_b0' is a EfficientNet, neither a ViT nor a ResNet"),
+    ]
+    for i, (cfg_edit, message) in enumerate(cases):
+        folder = _edit_folder(src, tmp_path / f"case{i}", cfg_edit)
+        with pytest.raises(CheckpointError, match=re.escape(str(folder)) + ": .*" + message):
+            slip.load_pretrained(folder)
 
 
 def test_resnet50_configs_name_timms_resnet50_and_build_slips_tower():
