@@ -1,8 +1,10 @@
 """Optimizer choice, weight-decay groups, LARS adaptation and the per-step learning-rate schedule."""
 from __future__ import annotations
 
+import copy
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,12 +117,13 @@ def test_lars_adapts_only_the_decayed_group_even_without_weight_decay(weight_dec
         assert (g["momentum"], g["nesterov"], g["trust_coeff"], g["trust_clip"]) == (0.9, False, 1e-3, False)
 
 
-@pytest.mark.parametrize("weight_decay", [0.01, 0.0])
-def test_lars_two_steps_match_a_hand_computed_update(weight_decay):
+@pytest.mark.parametrize("weight_decay, tc", [(0.01, 1e-3), (0.0, 1e-3), (0.01, 0.02)])
+def test_lars_two_steps_match_a_hand_computed_update(weight_decay, tc):
     torch.manual_seed(0)
     model = nn.Linear(3, 2).double()
-    lr, m, tc = 0.7, 0.9, 1e-3
-    opt = build_optimizer(model, OptimConfig(name="lars", lr=lr, momentum=m, weight_decay=weight_decay))
+    lr, m = 0.7, 0.9
+    opt = build_optimizer(model, OptimConfig(name="lars", lr=lr, momentum=m, weight_decay=weight_decay,
+                                             lars_trust_coeff=tc))
     w, b = model.weight.detach().clone(), model.bias.detach().clone()
     w_buf = b_buf = None
     for seed in (1, 2):
@@ -137,6 +140,34 @@ def test_lars_two_steps_match_a_hand_computed_update(weight_decay):
         b = b - lr * b_buf
         torch.testing.assert_close(model.weight.detach(), w, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(model.bias.detach(), b, rtol=1e-9, atol=1e-12)
+
+
+def test_decay_1d_decays_biases_and_norms_but_not_the_logit_scale():
+    model = slip.create_model("slip_vit_tiny")
+    named = dict(model.named_parameters())
+    for name in ("adamw", "sgd", "lars"):
+        opt = build_optimizer(model, OptimConfig(name=name, weight_decay=1e-4, decay_1d=True))
+        groups = group_of(opt)
+        for pname, p in named.items():
+            assert groups[id(p)]["weight_decay"] == (0.0 if pname == "logit_scale" else 1e-4), (name, pname)
+            if name == "lars":  # SwAV's LARC adapts every parameter it decays
+                assert groups[id(p)]["always_adapt"] == (pname != "logit_scale"), pname
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(named)
+
+
+def test_sgd_with_decay_1d_steps_like_moco_v2s_sgd_over_every_parameter():
+    # MoCo v2's main_moco.py: torch.optim.SGD(model.parameters(), lr, momentum, weight_decay)
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    theirs = copy.deepcopy(ours)
+    opt = build_optimizer(ours, OptimConfig(name="sgd", lr=0.03, momentum=0.9, weight_decay=1e-4, decay_1d=True))
+    ref = torch.optim.SGD(theirs.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
+    for seed in (1, 2):
+        for model, o in ((ours, opt), (theirs, ref)):
+            set_grads(model, seed)
+            o.step()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_sgd_step_matches_a_hand_computed_update():
@@ -196,12 +227,21 @@ def test_schedule_sets_lr_on_every_group_of_each_optimizer(name):
     (["optim.name=lars", "optim.momentum=-0.1"], r"optim\.momentum: must be in \[0, 1\)"),
     (["optim.lr=0"], r"optim\.lr: must be positive"),
     (["optim.weight_decay=-1e-4"], r"optim\.weight_decay: must be 0 or more"),
+    (["optim.name=lars", "optim.lars_trust_coeff=0"], r"optim\.lars_trust_coeff: must be positive"),
 ])
 def test_bad_optimizer_settings_fail_naming_the_key(tmp_path, overrides, message):
     path = tmp_path / "c.yaml"
     path.write_text("data: {train: shards/}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path, overrides)
+
+
+def test_moco_v2_and_swav_recipes_decay_every_parameter_as_their_released_code():
+    root = Path(__file__).resolve().parents[1] / "configs" / "imagenet"
+    for name, optimizer in (("mocov2_resnet50", "sgd"), ("swav_resnet50", "lars")):
+        cfg = load_config(root / f"{name}.yaml")
+        assert (cfg.optim.name, cfg.optim.decay_1d, cfg.optim.lars_trust_coeff) == (optimizer, True, 1e-3), name
+    assert not load_config(root / "pirl_resnet50.yaml").optim.decay_1d  # VISSL's PIRL leaves 1-D parameters undecayed
 
 
 def test_sgd_and_lars_recipes_load(tmp_path):

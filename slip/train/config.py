@@ -109,7 +109,12 @@ class OptimConfig:
     momentum: float = 0.9  # sgd and lars: heavy-ball momentum (adamw uses betas)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to biases, norms and other 1-D parameters
+    weight_decay: float = 0.1  # not applied to biases, norms and other 1-D parameters unless decay_1d
+    # Weight decay (and, with lars, its adaptation) on 1-D parameters too (biases, norms), as MoCo v2's
+    # main_moco.py and SwAV's main_swav.py do (their optimizers take model.parameters()); never on
+    # 0-D ones (CLIP's logit scale)
+    decay_1d: bool = False
+    lars_trust_coeff: float = 1e-3  # lars: the trust coefficient (SwAV's LARC, SimCLR's and timm's 0.001)
     warmup_epochs: float = 1.0
     start_lr: float = 1e-6  # learning rate at step 0, rising linearly to lr
     min_lr: float = 1e-5  # end of the cosine decay

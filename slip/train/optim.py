@@ -11,44 +11,58 @@ from torch import nn
 from .config import ConfigError, OptimConfig
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
-LARS_TRUST_COEFF = 1e-3  # SwAV's (and timm's default); no config key for it
+
+
+def _param_groups(model: nn.Module, weight_decay: float, decay_1d: bool) -> list[dict]:
+    """[undecayed group, decayed group] of the trainable parameters: timm's
+    ``param_groups_weight_decay`` (matrices, conv and positional tensors decayed; biases, norms,
+    the logit scale and other parameters of under two dimensions not), or with ``decay_1d`` every
+    parameter of one dimension or more decayed and only 0-D ones (the logit scale) not."""
+    if not decay_1d:
+        return param_groups_weight_decay(model, weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim == 0], "weight_decay": 0.0},
+            {"params": [p for p in trainable if p.ndim > 0], "weight_decay": weight_decay}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name``. In all three, weight decay falls only on parameters with
     two or more dimensions (matrices, conv and positional tensors), never on biases, norms, the
-    logit scale or other 1-D parameters (timm's ``param_groups_weight_decay``); frozen parameters
-    are left out. ``fused`` asks for torch's fused kernels (CUDA) where the optimizer has them.
+    logit scale or other 1-D parameters (timm's ``param_groups_weight_decay``); with
+    ``cfg.decay_1d`` it falls on biases and norms too (every parameter but 0-D ones such as the
+    logit scale). Frozen parameters are left out. ``fused`` asks for torch's fused kernels (CUDA)
+    where the optimizer has them.
 
     * ``adamw`` (SLIP's): ``torch.optim.AdamW`` with ``betas`` and ``eps``.
     * ``sgd`` (MoCo v2's): ``torch.optim.SGD``, heavy-ball ``momentum``, no Nesterov, no dampening,
-      weight decay as an L2 term added to the gradient. MoCo v2 itself also decays biases and
-      BatchNorm; here they are excluded, as in the other two.
+      weight decay as an L2 term added to the gradient. MoCo v2's ``main_moco.py`` decays every
+      parameter, biases and BatchNorm included: its recipe sets ``decay_1d``.
     * ``lars`` (SwAV's, SimCLR's): timm's ``Lars`` (SGD + LARS adaptation, the apex LARC update
       without clipping): for an adapted parameter ``w`` with gradient ``g`` the step direction is
       ``(g + wd * w) * trust_coeff * |w| / (|g| + wd * |w| + eps)`` (ratio 1 if ``|w|`` or ``|g|``
-      is 0), fed into the momentum buffer and scaled by ``lr``; ``trust_coeff`` is 0.001. timm
-      adapts a group when its ``weight_decay`` is non-zero or its ``always_adapt`` option is set, so
-      the decayed group gets ``always_adapt=True`` (adapted even when ``weight_decay`` is 0) and
-      the 1-D group gets weight decay 0 and ``always_adapt=False``: biases and norms take plain
-      momentum-SGD steps, neither decayed nor adapted (SimCLR's exclusion; SwAV's released code
-      decays and adapts every parameter).
+      is 0), fed into the momentum buffer and scaled by ``lr``; ``trust_coeff`` is
+      ``cfg.lars_trust_coeff`` (0.001). timm adapts a group when its ``weight_decay`` is non-zero
+      or its ``always_adapt`` option is set, so the decayed group gets ``always_adapt=True``
+      (adapted even when ``weight_decay`` is 0) and the other group weight decay 0 and
+      ``always_adapt=False``: by default biases and norms take plain momentum-SGD steps, neither
+      decayed nor adapted (SimCLR's exclusion); with ``decay_1d`` they are decayed and adapted as
+      SwAV's ``main_swav.py`` does (LARC over ``model.parameters()``), which its recipe sets.
     """
     if cfg.name == "adamw":
-        groups = param_groups_weight_decay(model, cfg.weight_decay)
+        groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     if cfg.name == "sgd":
-        groups = param_groups_weight_decay(model, cfg.weight_decay)
+        groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused or None)
     if cfg.name == "lars":
         # Split with a non-zero rate: with 0, timm puts every parameter in one group, and the
         # matrices would lose their adaptation along with the (absent) decay.
-        groups = param_groups_weight_decay(model, weight_decay=1.0)
+        groups = _param_groups(model, 1.0, cfg.decay_1d)
         for group in groups:
             adapted = group["weight_decay"] != 0
             group["weight_decay"] = cfg.weight_decay if adapted else 0.0
             group["always_adapt"] = adapted
-        return Lars(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coeff=LARS_TRUST_COEFF, trust_clip=False)
+        return Lars(groups, lr=cfg.lr, momentum=cfg.momentum, trust_coeff=cfg.lars_trust_coeff, trust_clip=False)
     raise ConfigError(f"optim.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
@@ -62,6 +76,8 @@ def check_optim_config(cfg: OptimConfig) -> None:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.lr}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay: must be 0 or more, got {cfg.weight_decay}")
+    if not cfg.lars_trust_coeff > 0:
+        raise ConfigError(f"optim.lars_trust_coeff: must be positive, got {cfg.lars_trust_coeff}")
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
