@@ -105,7 +105,7 @@ def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) ->
         z2 = F.normalize(_up(z2), dim=-1)
         labels = _local_labels(z1.shape[0], z1.device)
         k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
-        self_mask = F.one_hot(labels, k1.shape[0]).bool()
+        self_mask = labels[:, None] == torch.arange(k1.shape[0], device=labels.device)
 
         def direction(q, k_same, k_other):
             positives_and_cross = q @ k_other.t() / temperature

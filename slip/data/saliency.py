@@ -72,11 +72,12 @@ def estimate_mask(pixels: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 3:
         x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
     gray = F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    if float(gray.std()) < 1.0:  # (almost) flat: the residual would be rounding noise
-        return torch.ones_like(gray)
     saliency = spectral_residual(gray)
-    mask = (saliency > THRESHOLD * saliency.mean()).float()
-    return mask if bool(mask.any()) else torch.ones_like(mask)
+    mask = saliency > THRESHOLD * saliency.mean()
+    # (Almost) flat, where the residual would be rounding noise, or nothing above the threshold:
+    # all foreground. Decided on the device: reading the two conditions would sync per image.
+    everything = (gray.std() < 1.0) | ~mask.any()
+    return (mask | everything).float()
 
 
 def read_mask(data: bytes, width: int, height: int) -> torch.Tensor:

@@ -122,6 +122,32 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
 
     def __init__(self, encoder: nn.Module, width: int, head):
         super().__init__()
+        self._host_copies: dict[str, int] = {}
+
+    # Host copies of integer buffers (update counts, fill levels) that a step's seeds and decisions
+    # depend on: reading a device value mid-step (int(), bool(), .item()) makes the host wait for
+    # the accelerator (a sync); the buffer, saved in checkpoints, stays the truth.
+    def host_count(self, name: str) -> int:
+        """The integer buffer ``name`` as a Python int: read from the device once (after
+        construction or a state-dict load), then kept by :meth:`advance_count`."""
+        if name not in self._host_copies:
+            self._host_copies[name] = int(getattr(self, name))
+        return self._host_copies[name]
+
+    def advance_count(self, name: str, by: int = 1, limit: int | None = None) -> None:
+        """``buffer += by`` (at most ``limit``), on the device and in the host copy alike."""
+        value = self.host_count(name) + by
+        value = value if limit is None else min(value, limit)
+        getattr(self, name).fill_(value)
+        self._host_copies[name] = value
+
+    def forget_host_copies(self) -> None:
+        """Drop the host copies (the buffers were overwritten); the next read takes the buffers'."""
+        self._host_copies.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget_host_copies()
 
     @classmethod
     def view_sizes(cls, image_size: int = 224) -> set[tuple[int, int]]:

@@ -67,7 +67,7 @@ class MoCoV2(MomentumMethod):
             return [self.momentum_encoder(x)]
         world, rank, n = get_world_size(), get_rank(), x.shape[0]
         everyone = all_gather_no_grad(x)
-        generator = torch.Generator().manual_seed(int(self.num_updates))  # the same permutation on every rank
+        generator = torch.Generator().manual_seed(self.host_count("num_updates"))  # the same permutation on every rank
         order = torch.randperm(world * n, generator=generator).to(x.device)
         keys = all_gather_no_grad(self.momentum_encoder(everyone[order[rank * n:(rank + 1) * n]]))
         unshuffled = torch.empty_like(keys)
@@ -102,5 +102,5 @@ class MoCoV2(MomentumMethod):
         if self._pending_keys is not None:
             self.enqueue(all_gather_no_grad(self._pending_keys))
             self._pending_keys = None
-        self.num_updates += 1
+        self.advance_count("num_updates")
         return out

@@ -165,7 +165,7 @@ class PIRL(SSLMethod):
         """This step's negatives: ``nce_negatives`` indices uniform over the bank, with
         replacement, from a generator seeded by the run's seed and ``num_updates``."""
         bank = self._require_bank()
-        generator = torch.Generator().manual_seed(_seed(self.seed, 2, int(self.num_updates)))
+        generator = torch.Generator().manual_seed(_seed(self.seed, 2, self.host_count("num_updates")))
         return torch.randint(self.corpus_size, (self.num_negatives,), generator=generator).to(bank.device)
 
     @torch.no_grad()
@@ -223,7 +223,10 @@ class PIRL(SSLMethod):
 
     @property
     def z_estimated(self) -> bool:
-        return bool((self.nce_z > 0).all())
+        """Whether ``nce_z`` holds the estimate (read from the device once, see ``host_count``)."""
+        if "z_estimated" not in self._host_copies:
+            self._host_copies["z_estimated"] = int(bool((self.nce_z > 0).all()))
+        return bool(self._host_copies["z_estimated"])
 
     @torch.no_grad()
     def estimate_z(self, embeds: list[torch.Tensor], negatives: torch.Tensor, exclude: torch.Tensor,
@@ -237,6 +240,7 @@ class PIRL(SSLMethod):
         total = all_reduce_(torch.stack(sums))
         z = [self.corpus_size * total[i] / total[i + 1].clamp(min=1) for i in range(0, len(sums), 2)]
         self.nce_z.copy_(torch.stack(z).to(self.nce_z.dtype))
+        self._host_copies["z_estimated"] = 1
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         index = out.get("index")
@@ -269,5 +273,5 @@ class PIRL(SSLMethod):
             embeds, index = self._pending
             self.update_bank(all_gather_no_grad(embeds), all_gather_no_grad(index))
             self._pending = None
-        self.num_updates += 1
+        self.advance_count("num_updates")
         return {}

@@ -225,11 +225,11 @@ class RELICv2(MomentumMethod):
                 "targets": self.momentum_projections(targets)}
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
-        generator = torch.Generator().manual_seed(int(self.num_updates))  # the same on every rank
+        generator = torch.Generator().manual_seed(self.host_count("num_updates"))  # the same on every rank
         return relicv2_loss(out["predictions"], out["targets"], temperature=temperature or self.default_temperature,
                             beta=self.beta, negatives=self.negatives, generator=generator)
 
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
         out = super().on_step_end(step, total_steps, encoder, base_momentum)
-        self.num_updates += 1
+        self.advance_count("num_updates")
         return out

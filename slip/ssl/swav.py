@@ -83,7 +83,7 @@ class SwAV(SSLMethod):
     @property
     def queue_in_use(self) -> bool:
         """The queue joins the codes' batch once it is full (SwAV's rule)."""
-        return self.queue.shape[1] > 0 and int(self.queue_filled) >= self.queue.shape[1]
+        return self.queue.shape[1] > 0 and self.host_count("queue_filled") >= self.queue.shape[1]
 
     def codes(self, scores: torch.Tensor, crop: int) -> torch.Tensor:
         """Sinkhorn codes of one large crop's (B, K) scores, with this rank's share of the queue
@@ -114,7 +114,7 @@ class SwAV(SSLMethod):
         n = min(embeds.shape[1], size)
         self.queue[:, n:] = self.queue[:, :size - n].clone()
         self.queue[:, :n] = embeds[:, embeds.shape[1] - n:].to(self.queue.dtype)
-        self.queue_filled.copy_(torch.clamp(self.queue_filled + n, max=size))
+        self.advance_count("queue_filled", n, limit=size)
 
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
         self.normalize_prototypes()

@@ -344,7 +344,7 @@ class Trainer:
             if self.model.has_text:
                 with torch.no_grad():  # CLIP's clamp: logits scaled by at most logit_scale_max
                     self.model.logit_scale.clamp_(0, math.log(self.cfg.train.logit_scale_max))
-        return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
+        return _to_floats(losses)
 
     def _scaled_step(self) -> bool:
         """The optimizer step through the loss scaler; False when fp16 gradients overflowed and
@@ -546,6 +546,15 @@ class Trainer:
             self.model.train()
         self.log.log(result, self.step, kind="eval")
         return result
+
+
+def _to_floats(values: dict) -> dict[str, float]:
+    """Python floats of a step's logged values, the device's read in one transfer (a host sync
+    each would make the host wait for the device several times per step)."""
+    on_device = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([values[k].detach().float().reshape(()) for k in on_device]).tolist() if on_device else []
+    from_device = dict(zip(on_device, read, strict=True))
+    return {k: from_device[k] if k in from_device else float(v) for k, v in values.items()}
 
 
 def train(cfg: Config, *, log_stream=None) -> TrainResult:

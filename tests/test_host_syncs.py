@@ -1,0 +1,143 @@
+"""A training step reads no device value on the host before its update.
+
+On an accelerator, ``int()``/``float()``/``bool()``/``.item()`` of a device tensor, and the ops
+whose output size depends on the data (``torch.unique``, boolean indexing, ``nonzero``,
+``one_hot``'s bounds check), make the host wait until the device has run everything queued so
+far: the host can no longer launch the backward pass while the forward runs, nor the next
+step's decode while this one's backward runs. A step has one such read by design, after its
+losses (whether every rank's loss is finite, which decides the update).
+
+The CPU stands in for the device: a dispatch mode records those ops while the trainer decodes
+(``data.decode=device``), augments and runs forward, loss and backward. One-time reads (PIRL's
+normalisation constant, the methods' host copies of their counters) happen in the first steps,
+so the recorded step is the third.
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from slip.data.augment import BatchAugment
+from slip.data.decode import DeviceDecoder
+from slip.data.synthetic import generate_synthetic
+from slip.train import trainer as trainer_module
+from slip.train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ops that read device memory on the host: scalar reads, and ops whose output size is data-dependent.
+READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2", "unique_dim",
+         "unique_consecutive", "repeat_interleave"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
+
+
+class HostReads(TorchDispatchMode):
+    """Records, per op that would read device memory, the innermost slip frame that called it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
+        if name in READS or bool_index:
+            frames = [f for f in traceback.extract_stack()[:-1] if f"{Path('slip')}/" in f.filename
+                      and "/tests/" not in f.filename]
+            where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+            self.sites.append(f"{name} at {where}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    generate_synthetic(out, seed=3, train_samples=64, test_per_class=1, image_size=32, samples_per_shard=32)
+    return out / "train"
+
+
+def reads_in_third_step(monkeypatch, corpus: Path, out: Path, recipe: str, *overrides: str) -> list[str]:
+    """The host reads of the third training step's decode, augmentation, forward, loss and backward."""
+    recorder, steps = HostReads(), [0]
+
+    def recorded(function):
+        def call(*args, **kwargs):
+            if steps[0] != 3:
+                return function(*args, **kwargs)
+            with recorder:
+                return function(*args, **kwargs)
+        return call
+
+    def counting_step(self, batch):
+        steps[0] += 1
+        return train_step(self, batch)
+
+    train_step = trainer_module.Trainer._train_step
+    monkeypatch.setattr(trainer_module.Trainer, "_train_step", counting_step)
+    monkeypatch.setattr(trainer_module, "plain_step", recorded(trainer_module.plain_step))
+    monkeypatch.setattr(DeviceDecoder, "__call__", recorded(DeviceDecoder.__call__))
+    monkeypatch.setattr(BatchAugment, "__call__", recorded(BatchAugment.__call__))
+    cfg = load_config(ROOT / "configs" / "tiny" / f"{recipe}.yaml",
+                      [f"data.train={corpus}", f"train.output_dir={out}", "train.max_steps=3", "data.decode=device",
+                       "train.log_every=100", "train.batch_size=8", *overrides])
+    trainer_module.train(cfg)
+    assert steps[0] == 3
+    return recorder.sites
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("slip_simclr", ()),
+    ("slip_mocov3", ()),
+    ("slip_byol", ()),
+    ("slip_swav", ()),
+    ("slip_mocov2", ()),
+    ("relicv2", ("objective.relic_saliency_p=1.0",)),  # every large crop masked, the mask estimated on the "device"
+    ("pirl", ()),
+    ("amdim", ()),
+    ("cpc", ()),
+    ("yadim", ()),
+])
+def test_a_training_step_reads_no_device_value_before_its_update(monkeypatch, corpus, tmp_path, recipe, overrides):
+    assert reads_in_third_step(monkeypatch, corpus, tmp_path / "run", recipe, *overrides) == []
+
+
+def test_the_recorder_sees_a_scalar_read_and_a_data_dependent_size(monkeypatch, corpus, tmp_path):
+    # The stand-in must fail when a step does read: plant two reads in the loss.
+    from slip import losses
+
+    simclr = losses.simclr_loss
+
+    def reading(z1, z2, *args, **kwargs):
+        float(z1.detach().sum())
+        torch.unique(z1.argmax(dim=1))
+        return simclr(z1, z2, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "simclr_loss", reading)
+    import slip.ssl.simclr as simclr_module
+
+    monkeypatch.setattr(simclr_module, "simclr_loss", reading)
+    sites = reads_in_third_step(monkeypatch, corpus, tmp_path / "run", "slip_simclr")
+    assert [s.split(" at ")[0] for s in sites] == ["_local_scalar_dense", "_unique2"]
+
+
+def test_host_copies_of_counters_follow_their_buffers_through_updates_and_loads():
+    import slip
+    from slip.models import get_architecture
+
+    model = slip.create_model(get_architecture("simclr_vit_tiny").with_ssl_method("relicv2"))
+    ssl = model.ssl
+    assert ssl.host_count("num_updates") == 0
+    for _ in range(3):
+        ssl.advance_count("num_updates")
+    assert ssl.host_count("num_updates") == 3 and int(ssl.num_updates) == 3
+    state = model.state_dict()
+    state["ssl.num_updates"] = torch.tensor(41)
+    model.load_state_dict(state)  # a resume: the checkpoint's count, not the host copy's
+    assert ssl.host_count("num_updates") == 41
+    ssl.advance_count("num_updates", 5, limit=44)
+    assert ssl.host_count("num_updates") == int(ssl.num_updates) == 44
