@@ -64,7 +64,7 @@ def test_every_recipe_loads_and_validates(recipe):
         assert (cfg.objective.amdim_clip, cfg.objective.amdim_reg_weight) == (20.0, 5e-2)
     if ssl == "cpc":  # the paper's 7 x 7 patch grid; plain dot products (temperature 1)
         assert (cfg.model.ssl_head.patch_grid, cfg.objective.ssl_temperature) == (7, 1.0)
-    if ssl == "yadim":  # no head; dot products / sqrt(C) at temperature 1
+    if ssl == "yadim":  # no head; AMDIM's NCE on dot products / sqrt(C) at temperature 1
         assert cfg.objective.ssl_temperature == 1.0
 
 
@@ -106,20 +106,23 @@ def test_imagenet_resnet50_recipes_are_their_papers(recipe):
         assert (cfg.objective.ssl, cfg.objective.ssl_temperature, head.out_dim) == ("pirl", 0.07, 128)
         assert (cfg.objective.nce_negatives, cfg.objective.pirl_lambda, cfg.objective.bank_momentum) == (32000, 0.5, 0.5)
         return
-    if recipe.stem == "amdim_resnet50":  # recalled from AMDIM's code (not verified): Adam 2e-4 constant
-        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (256, 150, 0)
+    if recipe.stem == "amdim_resnet50":  # amdim-public's: Adam 2e-4 (0.8, 0.999), 500 warm-up updates, 50 epochs
+        assert (cfg.train.batch_size, cfg.train.epochs, round(cfg.optim.warmup_epochs * (1281167 // 480))) == (
+            480, 50, 500)
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
+        assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.start_lr) == ((0.8, 0.999), 1e-8, pytest.approx(2e-4 / 500))
         assert (cfg.objective.ssl, head.out_dim, cfg.objective.amdim_clip, cfg.objective.amdim_reg_weight) == (
-            "amdim", 1024, 20.0, 5e-2)
+            "amdim", 1536, 20.0, 5e-2)
         return
-    if recipe.stem == "cpc_resnet50":  # recalled (not verified): Adam 4e-4 constant, batch 512, 200 epochs
+    if recipe.stem == "cpc_resnet50":  # bolts' Adam 4e-4 constant; batch 512, 200 epochs not verified
         assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (512, 200, 0)
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 4e-4, 4e-4, 0.0)
         assert (cfg.objective.ssl, head.patch_grid, cfg.objective.ssl_temperature) == ("cpc", 7, 1.0)
         return
-    if recipe.stem == "yadim_resnet50":  # this project's choice (not verified): AMDIM's Adam 2e-4 constant
-        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (256, 150, 0)
+    if recipe.stem == "yadim_resnet50":  # bolts' AMDIM module: Adam 2e-4 constant, batch 200; 150 epochs not verified
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (200, 150, 0)
         assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
+        assert (cfg.optim.betas, cfg.optim.eps) == ((0.8, 0.999), 1e-7)
         assert (cfg.objective.ssl, cfg.objective.ssl_temperature) == ("yadim", 1.0)
         return
     assert cfg.train.batch_size == 256 and cfg.train.epochs == 200 and cfg.optim.warmup_epochs == 0

@@ -327,8 +327,9 @@ def pirl_views(size: int | tuple[int, int] = 224, *, patch_size: int = 16, prefi
         for k in range(PIRL_GRID * PIRL_GRID))
 
 
-# CPC v2 (Henaff et al. 2020, Sec. 4.1 / Fig. 2): a 256 px crop cut into a 7 x 7 grid of 64 px
-# patches at stride 32 (half-overlapping): a patch is 2 strides, n patches span n + 1 strides.
+# CPC v2 (Henaff et al. 2020): a crop cut into a 7 x 7 grid of half-overlapping patches, a quarter
+# of its side at stride an eighth (Lightning-Bolts' cpc/transforms.py: 32 px patches overlapping by
+# 16 of a 128 px crop): a patch is 2 strides, n patches span n + 1 strides.
 CPC_GRID = 7
 
 
@@ -345,23 +346,27 @@ def cpc_views(size: int | tuple[int, int] = 224, *, grid: int = CPC_GRID, patch_
               prefix: str = "cpc") -> tuple[ViewSpec, ...]:
     """CPC v2's views: ``{prefix}_patch1`` .. ``{prefix}_patch{grid ** 2}``, the patches of one
     parent crop in row-major order (one ``tile_of`` group, ``tile_layout="grid"``), each
-    ``2 / (grid + 1)`` of the parent's side at stride ``1 / (grid + 1)`` (half-overlapping, as the
-    paper's 64 px at stride 32 from 256 px), resized to :func:`cpc_patch_size` and augmented on
-    its own (CPC v2 augments every patch independently).
+    ``2 / (grid + 1)`` of the parent's side at stride ``1 / (grid + 1)`` (half-overlapping),
+    resized to :func:`cpc_patch_size` and augmented on its own.
 
-    From the paper (as we recall it, not verified against its text): the 7 x 7 grid of 64 px
-    patches at stride 32 from a 256 px crop; each patch augmented independently. Not verified,
-    this implementation's choice: the parent crop's scale (0.3, 1) and ratio (3/4, 4/3), and the
-    per-patch augmentation: AMDIM's photometric set (colour jitter (0.4, 0.4, 0.4, 0.2) with
-    p=0.8, grayscale p=0.25, flip p=0.5). CPC v2's colour dropping (two of three channels
-    dropped) and its AutoAugment-style primitives (shear, rotation, elastic deformation) are not
-    in slip's batched augmentation and are left out.
+    As Lightning-Bolts' CPC v2 on ImageNet (cpc/transforms.py ``CPCTrainTransformsImageNet128``):
+    the 7 x 7 grid of patches a quarter of the crop's side at stride an eighth (32 px overlapping
+    by 16 of 128 px), the parent crop's scale (0.3, 1) and ratio (0.7, 1.4), colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.25, flip p=0.5. Differences: bolts applies the
+    photometric set and the flip once to the whole crop before cutting it; here each patch draws
+    its own (CPC v2 augments each patch independently, as third-party summaries of its paper
+    describe; its text was not available), and the patch is resized to the tower's patch size
+    (64 px at 224; bolts keeps 32 px of 128). Not in slip's batched augmentation and left out:
+    CPC v2's colour dropping (two of three channels dropped per patch, as the summaries describe
+    it; not in bolts either). Its further augmentations (AutoAugment-style primitives, as we
+    recall the paper) are not verified and not here either.
     """
     if grid < 2:
         raise ValueError(f"a CPC patch grid needs at least 2 x 2 patches, got {grid}")
-    photometric = {"hflip_p": 0.5, "jitter": (0.4, 0.4, 0.4, 0.2), "jitter_p": 0.8, "grayscale_p": 0.25}
+    photometric = {"hflip_p": 0.5, "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "grayscale_p": 0.25}
     patch = cpc_patch_size(size, grid, patch_size)
     return tuple(
-        ViewSpec(name=f"{prefix}_patch{k + 1}", size=patch, scale=(0.3, 1.0), tile_of=f"{prefix}_grid", grid=grid,
-                 tile_layout="grid", tile_fraction=2 / (grid + 1), tile_stride=1 / (grid + 1), **photometric)
+        ViewSpec(name=f"{prefix}_patch{k + 1}", size=patch, scale=(0.3, 1.0), ratio=(0.7, 1.4),
+                 tile_of=f"{prefix}_grid", grid=grid, tile_layout="grid", tile_fraction=2 / (grid + 1),
+                 tile_stride=1 / (grid + 1), **photometric)
         for k in range(grid * grid))

@@ -1,36 +1,50 @@
 """AMDIM (Bachman, Hjelm, Buchwalter 2019, "Learning Representations by Maximizing Mutual
 Information Across Views", arXiv 1906.00910): the global feature of one augmented view against
-the local features of the other, at two scales, with NCE over the batch.
+the local features of the other, at two scales, plus one local feature against the other view's
+locals, with NCE over the batch.
+
+Sources: the paper's text was not available; every fact below cited as "amdim-public's FILE" was
+read in the authors' released code (github.com/Philip-Bachman/amdim-public; costs.py in its latest
+stored version), "bolts' FILE" in Lightning-Bolts' port of it (src/pl_bolts/...).
 
 Representation extraction (:data:`slip.ssl.base.MAP`, ``SSLMethod.view_features``): each of the
 two views gives, from one tower call, its pooled feature (the global one, AMDIM's 1 x 1 feature)
 and the feature grids of two layers (the local ones, AMDIM's 7 x 7 and 5 x 5 maps): a ResNet's
 stages 3 and 4 (14 x 14 and 7 x 7 at 224 px), a ViT's block round(2 depth / 3) and its last block
 (blocks 8 and 12 of ViT-B/16, both 14 x 14 patch grids; 1 and 2 of the tiny ViT). The layers are
-this implementation's choice for these towers (AMDIM's own encoder is a custom ResNet), so they
-are fixed by the tower rather than a setting. Each feature goes through its own head to the
-embedding size D (``model.ssl_head.out_dim``): AMDIM's residual 1 x 1-conv head, here as linear
-layers applied at every position: ``shortcut(x) + layer2(relu(bn1(layer1(x))))``.
+this implementation's choice for these towers (AMDIM's own encoder is a custom ResNet whose 7 x 7
+and 5 x 5 maps at 128 px it uses, amdim-public's model.py), so they are fixed by the tower rather
+than a setting. Each local feature goes through its own head to the embedding size D
+(``model.ssl_head.out_dim``): AMDIM's residual 1 x 1-conv head (:class:`RKHSHead`, amdim-public's
+model.py ``FakeRKHSConvNet`` with its default ``--use_bn 0``), here as linear layers applied at
+every position. AMDIM's global feature has no head (its encoder's last layer already outputs D
+channels, batch-normalised); a tower's pooled feature is not D wide, so here it goes through an
+:class:`RKHSHead` as well (a difference of this framework).
 
-Loss (:func:`amdim_nce`, AMDIM's released ``costs.py`` as we recall it): for global feature g_i
-of image i and local feature l_{j,p} at position p of image j (of the other view), the raw score
-is s = g_i . l_{j,p} / sqrt(D); the regulariser is ``reg_weight * mean(s^2)`` over all (i, j, p)
-(``objective.amdim_reg_weight``, 5e-2); scores are soft-clipped to c tanh(s / c), c = 20
-(``objective.amdim_clip``). Each positive (i, p) (image i's own local feature at p) is scored
-against every local feature of every other image j != i at every position:
--log(exp(s_ip) / (exp(s_ip) + sum_{j != i, q} exp(s_ijq))), averaged over i and p. The two
-directions (view 1's global against view 2's locals, and back) are averaged per scale, and the
-scales' NCE terms and regularisers are summed (AMDIM's 1-5 + 1-7 terms; its local-to-local 5-5
-term is not here).
+Loss (:func:`amdim_nce`, as amdim-public's costs.py ``NCE_MI_MULTI``): for a source feature g_i
+of image i and the local feature l_{j,p} at position p of image j (of the other view), the raw
+score is s = g_i . l_{j,p} / sqrt(D); the regulariser is ``reg_weight * mean(s^2)`` over all
+(i, j, p) of the unclipped scores (``objective.amdim_reg_weight``, 5e-2: costs.py's latest
+version; its earlier versions have 4e-2); scores are soft-clipped to c tanh(s / c), c = 20
+(``objective.amdim_clip``; train.py's ``--tclip`` default and the README's ImageNet command).
+Each positive (i, p) (image i's own local feature at p) is scored against every local feature of
+every other image j != i at every position: -log(exp(s_ip) / (exp(s_ip) + sum_{j != i, q}
+exp(s_ijq))), averaged over i and p. Three terms, as costs.py's: the global feature against the
+other view's locals at each of the two scales (its 1-7 and 1-5) and one local feature of the
+deeper scale, at a position drawn uniformly per image, against the other view's locals of that
+scale (its 5-5, :func:`sample_positions`). Each term is averaged over its two directions (view 1
+as source against view 2's locals, and back); the terms' NCEs and their regularisers are summed
+(costs.py; task_self_supervised.py adds the NCE sum and the regulariser).
 
 Distributed: the local features of the whole global batch are gathered WITH gradient (like
-SimCLR's keys), so each rank's anchors meet every image's locals as negatives, and W ranks of
+SimCLR's keys), so each rank's sources meet every image's locals as negatives, and W ranks of
 batch B compute the loss and gradients of one process of batch W x B (DDP averages the ranks'
-losses; the heads' BatchNorm is synchronised by the trainer).
+losses; the heads' BatchNorm is synchronised by the trainer). AMDIM itself scores the whole
+batch on one process (``nn.DataParallel``).
 
-Not verified against the paper's text (recalled from AMDIM's released code): the score scaling
-by sqrt(D), the regulariser weight 5e-2 on the unclipped scores, the head's form, the
-directions averaged and the scales summed, and the augmentation (:func:`amdim_views`).
+Where the references disagree: bolts' AMDIM (amdim_module.py) builds its default task
+``FeatureMapContrastiveTask("01, 02, 11")`` with that class's default clip 10, not its own
+``tclip`` 20 (bolts' losses/self_supervised_learning.py); slip follows amdim-public's 20.
 """
 from __future__ import annotations
 
@@ -47,12 +61,16 @@ from .base import POOLED, SSLMethod, feature_channels, register_method
 
 
 def amdim_views(size: int | tuple[int, int] = 224, prefix: str = "amdim") -> tuple[ViewSpec, ViewSpec]:
-    """AMDIM's two views, as its released ``datasets.py`` augments ImageNet (recalled, not verified
-    against the paper's text): RandomResizedCrop scale (0.3, 1) and aspect ratio (0.7, 1.4),
-    colour jitter (0.4, 0.4, 0.4, 0.2) with p=0.8, grayscale with p=0.25, and a horizontal flip
-    with p=0.5 (AMDIM flips the image once for both views; here each view flips on its own). No blur."""
+    """AMDIM's two views, as amdim-public's datasets.py augments ImageNet (``TransformsImageNet128``,
+    the version its latest train.py imports; bolts' amdim/transforms.py has the same):
+    RandomResizedCrop scale (0.3, 1) and aspect ratio (0.7, 1.4), colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.25, a horizontal flip with p=0.5. No blur.
+    Differences: AMDIM flips the image once for both views, here each view flips on its own (slip's
+    views share a flip only with their crop, ``ViewSpec.shares``); AMDIM's crops are 128 px, here
+    the tower's size. (An earlier datasets.py had hue 0.2 and grayscale p=0.2 for ImageNet; its
+    CIFAR-10 and STL-10 transforms use hue 0.2 and grayscale 0.25.)"""
     common = {"size": _pair(size), "scale": (0.3, 1.0), "ratio": (0.7, 1.4), "hflip_p": 0.5,
-              "jitter": (0.4, 0.4, 0.4, 0.2), "jitter_p": 0.8, "grayscale_p": 0.25}
+              "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "grayscale_p": 0.25}
     return ViewSpec(name=f"{prefix}1", **common), ViewSpec(name=f"{prefix}2", **common)
 
 
@@ -68,22 +86,45 @@ def local_layers(encoder: nn.Module) -> tuple[int, int]:
 
 
 class RKHSHead(nn.Module):
-    """AMDIM's residual 1 x 1 head applied at every position of (..., d_in) features:
-    ``shortcut(x) + layer2(relu(bn1(layer1(x))))`` to d_out (BatchNorm over all positions)."""
+    """AMDIM's residual 1 x 1 head applied at every position of (..., d_in) features, as
+    amdim-public's model.py ``FakeRKHSConvNet`` with its default ``--use_bn 0`` (no BatchNorm
+    inside the branch): ``bn_out(shortcut(x) + layer2(relu(layer1(x))))`` to d_out, BatchNorm over
+    all positions, ``layer1`` and ``layer2`` without bias. At initialisation ``layer2`` is zero
+    (the head starts as ``bn_out(shortcut(x))``) and, when d_out >= d_in, ``shortcut`` is near the
+    identity: weights uniform in [-0.01, 0.01] with ones on the diagonal."""
 
     def __init__(self, d_in: int, d_out: int):
         super().__init__()
-        self.shortcut = nn.Linear(d_in, d_out)
         self.layer1 = nn.Linear(d_in, d_out, bias=False)
-        self.bn1 = nn.BatchNorm1d(d_out)
         self.relu1 = nn.ReLU(inplace=True)
-        self.layer2 = nn.Linear(d_out, d_out)
+        self.layer2 = nn.Linear(d_out, d_out, bias=False)
+        self.shortcut = nn.Linear(d_in, d_out)
+        self.bn_out = nn.BatchNorm1d(d_out)
+        nn.init.zeros_(self.layer2.weight)
+        if d_out >= d_in:
+            with torch.no_grad():
+                self.shortcut.weight.uniform_(-0.01, 0.01).diagonal().fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        out = self.shortcut(x) + self.layer2(self.relu1(self.bn1(self.layer1(x))))
+        out = self.bn_out(self.shortcut(x) + self.layer2(self.relu1(self.layer1(x))))
         return out.reshape(*shape, -1)
+
+
+def position_generator(seed: int, updates: int) -> torch.Generator:
+    """The CPU generator of a step's position draws (:func:`sample_positions`): seeded by the run's
+    seed, the number of applied updates and the rank, so a step draws the same positions after a
+    resume and with gradient accumulation, and each rank draws its own."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + updates) * 65_536 + get_rank())
+
+
+def sample_positions(local: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One position of each image's (N, L, D) local features, drawn uniformly and independently
+    per image (amdim-public's costs.py ``_sample_src_ftr``): (N, D)."""
+    n, positions, _ = local.shape
+    idx = torch.randint(positions, (n,), generator=generator).to(local.device)
+    return local[torch.arange(n, device=local.device), idx]
 
 
 def amdim_nce(g: torch.Tensor, local: torch.Tensor, clip: float = 20.0, reg_weight: float = 5e-2) -> dict:
@@ -123,6 +164,8 @@ class AMDIM(SSLMethod):
         self.global_head = RKHSHead(width, d)
         self.local_heads = nn.ModuleList(RKHSHead(feature_channels(encoder, k), d) for k in self.view_features)
         self.clip, self.reg_weight = 20.0, 5e-2
+        self.seed = 0
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))  # seeds the 5-5 term's draws
 
     @classmethod
     def declare_views(cls, image_size, *, patch_size: int = 16, mask_ratio: float = 0.4,
@@ -132,6 +175,7 @@ class AMDIM(SSLMethod):
     def configure_training(self, objective, steps_per_epoch: int, total_steps: int, *,
                            corpus_size: int | None = None, seed: int = 0) -> None:
         self.clip, self.reg_weight = objective.amdim_clip, objective.amdim_reg_weight
+        self.seed = seed
 
     def forward(self, feats: list, targets=None, patch_mask=None) -> dict:
         # One head call per view (BatchNorm sees each view's statistics, as SimCLR's head does).
@@ -144,13 +188,23 @@ class AMDIM(SSLMethod):
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         (g1, g2), (l1, l2) = out["global"], out["local"]
+        # (source of view 1, source of view 2, scale): global to local at each scale, then one
+        # drawn position of the deeper scale's locals to that scale's locals (AMDIM's 5-5)
+        terms = [(g1, g2, k) for k in range(len(self.local_heads))]
+        draws = position_generator(self.seed, int(self.num_updates))
+        terms.append((sample_positions(l1[-1], draws), sample_positions(l2[-1], draws), len(self.local_heads) - 1))
         nce = reg = acc = 0.0
-        for k in range(len(self.local_heads)):
-            a = amdim_nce(g1, l2[k], self.clip, self.reg_weight)
-            b = amdim_nce(g2, l1[k], self.clip, self.reg_weight)
+        for s1, s2, k in terms:
+            a = amdim_nce(s1, l2[k], self.clip, self.reg_weight)
+            b = amdim_nce(s2, l1[k], self.clip, self.reg_weight)
             nce = nce + (a["nce"] + b["nce"]) / 2
             reg = reg + (a["reg"] + b["reg"]) / 2
-            acc = acc + (a["acc"] + b["acc"]) / 2 / len(self.local_heads)
+            acc = acc + (a["acc"] + b["acc"]) / 2 / len(terms)
         loss = nce + reg
-        # ssl_acc: percent of (image, position) positives beating every negative, over scales and directions
+        # ssl_acc: percent of (image, position) positives beating every negative, over terms and directions
         return {"loss": loss, "ssl_loss": loss, "ssl_nce": nce.detach(), "ssl_reg": reg.detach(), "ssl_acc": acc}
+
+    def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
+        out = super().on_step_end(step, total_steps, encoder, base_momentum)
+        self.num_updates += 1
+        return out

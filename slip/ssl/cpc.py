@@ -4,20 +4,33 @@ overlapping grid of patches, each patch encoded on its own, a context network ov
 patch features that sees only the rows above, and InfoNCE between its predictions of the
 features k rows below and every patch of the batch.
 
-Data (:func:`slip.data.views.cpc_views`): the G x G patches of one parent crop (the paper's
-7 x 7 patches of 64 px at stride 32 from 256 px; G = ``model.ssl_head.patch_grid``) are G^2
-ordinary views in row-major order, each augmented on its own; both decode paths draw their
-boxes in the workers (:func:`slip.data.decode.grid_boxes`). The tower encodes each patch alone
-(a ViT at the patch's size: a 64 px patch is 4 x 4 tokens of ViT-B/16; or the ResNet tower),
-and the patch's representation z is the tower's pooled feature (CPC v2 mean-pools each patch's
-final map; a ViT here pools as its tower does, with its class token).
+Sources: the paper's text was not available (only third-party summaries of it: paperswithcode's
+"CPC v2" method page and S.-H. Tsang's review); no code of the authors was found. Where the
+formulation below is the paper's (a context vector c_{i,j} that sees only rows above, a linear
+prediction zhat_{i+k,j} = W_k c_{i,j} per offset k, negatives from the other locations of the
+image and the other images of the batch) it is as those summaries state it. Where they are
+silent, slip follows Lightning-Bolts' CPC v2 ("bolts' FILE": github.com/Lightning-Universe/
+lightning-bolts, src/pl_bolts/...), whose first author is YADIM's.
 
-Context network (:class:`ContextNetwork`): PixelCNN-style residual blocks
-``x + conv1x1(relu(rowconv(relu(x))))`` over the (N, C, G, G) grid of patch features, where a
-row-causal convolution is a 3 x 3 convolution whose bottom kernel row is masked (a 2 x 3 kernel
-over rows r - 1 and r, columns c - 1 .. c + 1): output row r depends only on input rows <= r
-("rows above"), and G - 1 blocks let row r see every row above it. Then one 1 x 1 convolution
-W_k per offset k = 1 .. K predicts z at row r + k: zhat_{r+k,c} = W_k c_{r,c}.
+Data (:func:`slip.data.views.cpc_views`): the G x G patches of one parent crop (7 x 7 patches
+of a quarter of the crop's side at stride an eighth, bolts' cpc/transforms.py: 32 px patches
+overlapping by 16 of a 128 px crop; G = ``model.ssl_head.patch_grid``) are G^2 ordinary views in
+row-major order, each augmented on its own; both decode paths draw their boxes in the workers
+(:func:`slip.data.decode.grid_boxes`). The tower encodes each patch alone (a ViT at the patch's
+size: a 64 px patch is 4 x 4 tokens of ViT-B/16; or the ResNet tower), and the patch's
+representation z is the tower's pooled feature (a ViT pools as its tower does, with its class
+token).
+
+Context network (:class:`ContextNetwork`, bolts' models/vision/pixel_cnn.py ``PixelCNN`` as
+its CPCTask builds it): 5 residual blocks over the (N, C, G, G) grid of patch features, each
+``x + expand(relu(rows(cols(relu(reduce(x))))))``: 1 x 1 convolutions to and from a 256-wide
+hidden layer around a row-causal 2 x 3 kernel factored as a 1 x 3 convolution along the row and
+a 2 x 1 convolution over rows r - 1 and r (the grid padded with one row above), then a ReLU
+after the last block. Output row r depends only on input rows r - 5 .. r ("rows above", five
+blocks of two-row kernels). Then one 1 x 1 convolution W_k per offset k = 1 .. K predicts z at
+row r + k: zhat_{r+k,c} = W_k c_{r,c}. Differences from bolts' PixelCNN: its row padding is
+filled with ones and its 1 x 3 convolution is unpadded (the grid's edge columns get only the
+2 x 1 convolution's zero padding); here both paddings are zeros, before each convolution.
 
 Loss (:func:`cpc_nce`): for every image n, position (r, c) with r + k < G and offset k, the
 scores are the dot products of zhat with every patch feature of the global batch (all positions
@@ -30,12 +43,16 @@ Distributed: the patch features of the whole global batch are gathered WITH grad
 SimCLR's keys and AMDIM's locals), so W ranks of batch B compute the loss and gradients of one
 process of batch W x B. Memory: the scores are (B x G(G-k) , W B G^2) per k.
 
-Not verified against the paper's text (recalled, or this implementation's choice): K = 5 rows
-("up to five rows below", CPC v1's wording; capped at G - 1: 2 for the tiny 3 x 3 grid), the
-context network's form (G - 1 residual blocks of the tower's width; CPC v2's is a larger masked
-ResNet), no temperature, the averaging over k, and the per-patch augmentation (see
-:func:`slip.data.views.cpc_views`). CPC v2 also replaces the encoder's BatchNorm by layer
-normalisation; a ResNet tower here keeps its BatchNorm (each patch slot is its own tower call).
+Not verified (no primary source found; checked: the summaries above, bolts' cpc/cpc_module.py,
+cpc/networks.py, cpc/transforms.py and losses/self_supervised_learning.py ``CPCTask``): K = 5
+rows ("up to five rows below", CPC v1's wording as we recall it; capped at G - 1: 2 for the tiny
+3 x 3 grid), no temperature, the averaging over k, and top-to-bottom prediction only (the
+summaries say CPC v2 predicts from both directions; not implemented). Bolts' ``CPCTask`` differs
+from the formulation above and is not followed there: it projects the targets to 64 channels
+and the predictions likewise with one predictor for every k (scaled by 0.1), predicts offsets
+k = 2 .. G - 1 only, each counted k - 1 times, and sums the terms. CPC v2 also replaces the
+encoder's BatchNorm by layer normalisation (bolts' cpc/networks.py: LayerNorm throughout); a
+ResNet tower here keeps its BatchNorm (each patch slot is its own tower call).
 """
 from __future__ import annotations
 
@@ -49,41 +66,38 @@ from ..distributed import all_gather_with_grad, get_rank
 from ..losses import _fp32, _up
 from .base import POOLED, SSLMethod, register_method
 
-MAX_STEPS = 5  # predict up to five rows below (not verified against CPC v2's text)
-
-
-class RowCausalConv(nn.Module):
-    """A 3 x 3 convolution with its bottom kernel row masked away: a (2, 3) kernel over rows
-    r - 1 and r (zero padding above and at the sides), so output row r sees input rows <= r."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (1, 1, 1, 0)))
+MAX_STEPS = 5  # predict up to five rows below (not verified: no primary source found)
+CONTEXT_BLOCKS = 5  # bolts' PixelCNN(num_blocks=5)
+CONTEXT_HIDDEN = 256  # its hidden_channels
 
 
 class ContextBlock(nn.Module):
-    def __init__(self, channels: int):
+    """``x + expand(relu(rows(cols(relu(reduce(x))))))`` over a (N, C, G, G) grid: ``cols`` a
+    1 x 3 convolution along each row, ``rows`` a 2 x 1 convolution over rows r - 1 and r (one row
+    of zeros padded above), so output row r sees input rows r - 1 and r only."""
+
+    def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.rowconv = RowCausalConv(channels)
-        self.proj = nn.Conv2d(channels, channels, kernel_size=1)
+        self.reduce = nn.Conv2d(channels, hidden, kernel_size=1)
+        self.cols = nn.Conv2d(hidden, hidden, kernel_size=(1, 3), padding=(0, 1))
+        self.rows = nn.Conv2d(hidden, hidden, kernel_size=(2, 1))
+        self.expand = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(F.relu(self.rowconv(F.relu(x))))
+        h = self.cols(F.relu(self.reduce(x)))
+        return x + self.expand(F.relu(self.rows(F.pad(h, (0, 0, 1, 0)))))
 
 
 class ContextNetwork(nn.Module):
-    """``blocks`` residual row-causal blocks over a (N, C, G, G) grid: output row r depends only on
-    input rows <= r."""
+    """``blocks`` residual row-causal blocks over a (N, C, G, G) grid, then a ReLU: output row r
+    depends only on input rows r - blocks .. r."""
 
-    def __init__(self, channels: int, blocks: int):
+    def __init__(self, channels: int, blocks: int = CONTEXT_BLOCKS, hidden: int = CONTEXT_HIDDEN):
         super().__init__()
-        self.blocks = nn.Sequential(*(ContextBlock(channels) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(ContextBlock(channels, hidden) for _ in range(blocks)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.blocks(z)
+        return F.relu(self.blocks(z))
 
 
 SCORE_CHUNK_ELEMENTS = 1 << 28  # scores held at once by the InfoNCE (1 GiB of float32)
@@ -155,7 +169,7 @@ class CPC(SSLMethod):
         patch = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)  # a ViT's; None for a ResNet
         self._patch_size = int(patch[0]) if patch is not None else 16
         self.steps = min(MAX_STEPS, self.grid - 1)
-        self.context = ContextNetwork(width, self.grid - 1)
+        self.context = ContextNetwork(width)
         self.predictors = nn.ModuleList(nn.Conv2d(width, width, kernel_size=1) for _ in range(self.steps))
 
     @classmethod

@@ -1,43 +1,53 @@
 """YADIM (Falcon & Cho 2020, "A Framework For Contrastive Self-Supervised Learning And Designing A
 New Approach", arXiv 2009.00104): AMDIM's and CPC's augmentation pipelines merged, any encoder,
 two versions of each image encoded and their last feature maps contrasted directly with a dot
-product and NCE, no projection head.
+product and AMDIM's NCE, no projection head.
+
+Sources: the paper's text was not available. Its experiments were run with Lightning-Bolts, whose
+code was read instead ("bolts' FILE": github.com/Lightning-Universe/lightning-bolts,
+src/pl_bolts/...); bolts has no YADIM module, so the facts below are those of the parts YADIM
+names: AMDIM's and CPC's ImageNet transforms and the feature-map contrastive task.
 
 Views (:func:`yadim_views`): two views, each the **union** of AMDIM's view and CPC v2's
 per-patch augmentation (:func:`union_view`): a transform is applied if either pipeline applies
 it, with the wider range / higher probability / stronger jitter of the two (crop scale and aspect
 ranges widened to cover both, probabilities the larger, jitter strengths the larger per
-component). In slip CPC's per-patch photometric set is AMDIM's (:func:`slip.data.views.cpc_views`),
-so the union is AMDIM's views with the crop ranges widened; CPC's patch cutting itself is not
-part of YADIM's pipeline here (YADIM encodes whole views).
+component). Bolts' ImageNet transforms for AMDIM (amdim/transforms.py
+``AMDIMTrainTransformsImageNet128``) and for CPC (cpc/transforms.py
+``CPCTrainTransformsImageNet128``, before the patches are cut) are the same pipeline (crop scale
+(0.3, 1), ratio (0.7, 1.4), jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.25, flip p=0.5),
+and slip's :func:`slip.ssl.amdim.amdim_views` and :func:`slip.data.views.cpc_views` follow them,
+so the union is AMDIM's views. CPC's patch cutting itself is not part of YADIM's pipeline here
+(YADIM encodes whole views).
 
 Representation extraction (``view_features = (MAP,)``): the tower's last feature map (a
-ResNet's last stage, a ViT's last block's patch-token grid after its final norm), averaged over
-its positions (this implementation's reading of "the last feature maps ... compared directly";
-not verified against the paper's text), no projection head.
+ResNet's last stage, a ViT's last block's patch-token grid after its final norm), every position
+kept, no projection head (bolts' AMDIM module takes a torchvision encoder's feature maps as they
+are).
 
-Loss (:func:`yadim_nce`): scores s_ij = f1_i . f2_j / sqrt(C) / tau (the dot product, scaled by
-sqrt(C) as AMDIM scales its scores, tau = ``objective.ssl_temperature``, 1 by default) against
-every image of the global batch (gathered with gradient); cross-entropy with the image's own
-other view as the positive, both directions averaged.
-
-Not verified against the paper's text: the mean over positions, the sqrt(C) scaling, the
-symmetric average, and the recipes' optimisation.
+Loss (:func:`yadim_nce`): bolts' ``FeatureMapContrastiveTask`` comparing the two views' last maps
+(its ``"00"``; bolts' losses/self_supervised_learning.py): from view a's map one position per
+image, drawn uniformly (:func:`slip.ssl.amdim.sample_positions`), is the source, and every
+position of view b's map is a target: AMDIM's NCE (:func:`slip.ssl.amdim.amdim_nce`, bolts'
+``AmdimNCELoss``) with scores s = f_a . f_b / sqrt(C) / tau, the image's own positions the
+positives and every other image's positions of the global batch (gathered with gradient) the
+negatives, the penalty 5e-2 mean(s^2) on the unclipped scores, scores soft-clipped to
+10 tanh(s / 10) (the task's default clip). Both directions are averaged, NCE and penalty summed.
+tau = ``objective.ssl_temperature`` (1 by default: bolts has no temperature).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.views import MethodViews, ViewSpec, cpc_views
-from ..distributed import all_gather_with_grad, get_rank
-from ..losses import _fp32, _up
-from .amdim import amdim_views
+from .amdim import amdim_nce, amdim_views, position_generator, sample_positions
 from .base import MAP, POOLED, SSLMethod, register_method
+
+YADIM_CLIP = 10.0  # bolts' FeatureMapContrastiveTask default tclip
+YADIM_REG_WEIGHT = 5e-2  # bolts' AmdimNCELoss penalty on the squared scores
 
 
 def union_view(a: ViewSpec, b: ViewSpec, name: str) -> ViewSpec:
@@ -64,24 +74,21 @@ def yadim_views(size: int | tuple[int, int] = 224, prefix: str = "yadim") -> tup
     return tuple(union_view(a, cpc_patch, f"{prefix}{i}") for i, a in enumerate(amdim_views(size), start=1))  # type: ignore[return-value]
 
 
-def yadim_nce(f1: torch.Tensor, f2: torch.Tensor, temperature: float = 1.0) -> dict:
-    """NCE between this rank's (B, C) features of view 1 and view 2, each against the other view
-    of every image of the global batch; both directions averaged. Returns ``loss`` and ``acc``."""
-    with _fp32(f1):
-        f1, f2 = _up(f1), _up(f2)
-        b, c = f1.shape
-        k1, k2 = all_gather_with_grad(f1), all_gather_with_grad(f2)
-        target = get_rank() * b + torch.arange(b, device=f1.device)
-        scale = 1.0 / (math.sqrt(c) * temperature)
-        l12, l21 = f1 @ k2.T * scale, f2 @ k1.T * scale
-        loss = (F.cross_entropy(l12, target) + F.cross_entropy(l21, target)) / 2
-        acc = ((l12.argmax(1) == target).float().mean() + (l21.argmax(1) == target).float().mean()) * 50
-    return {"loss": loss, "acc": acc.detach()}
+def yadim_nce(m1: torch.Tensor, m2: torch.Tensor, temperature: float = 1.0, clip: float = YADIM_CLIP,
+              reg_weight: float = YADIM_REG_WEIGHT, generator: torch.Generator | None = None) -> dict:
+    """AMDIM's NCE between this rank's last maps of view 1 and view 2, (B, L, C) each: one
+    position of each image of one view, drawn with ``generator``, against every position of the
+    other view of every image of the global batch, both directions averaged. Returns ``loss``
+    (NCE + penalty), ``nce``, ``reg`` and ``acc``."""
+    a = amdim_nce(sample_positions(m1, generator) / temperature, m2, clip, reg_weight)
+    b = amdim_nce(sample_positions(m2, generator) / temperature, m1, clip, reg_weight)
+    nce, reg = (a["nce"] + b["nce"]) / 2, (a["reg"] + b["reg"]) / 2
+    return {"loss": nce + reg, "nce": nce, "reg": reg, "acc": (a["acc"] + b["acc"]) / 2}
 
 
 @register_method("yadim")
 class YADIM(SSLMethod):
-    """No head: the tower's last map, averaged over positions, is the representation."""
+    """No head: the tower's last map, every position, is the representation."""
 
     view_roles = (POOLED, POOLED)
     view_features = (MAP,)
@@ -89,16 +96,28 @@ class YADIM(SSLMethod):
 
     def __init__(self, encoder: nn.Module, width: int, head):
         super().__init__(encoder, width, head)
+        self.seed = 0
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))  # seeds the position draws
 
     @classmethod
     def declare_views(cls, image_size, *, patch_size: int = 16, mask_ratio: float = 0.4,
                       tokenizer_size: int | None = None) -> MethodViews:
         return MethodViews(clip=None, ssl=yadim_views(image_size))
 
+    def configure_training(self, objective, steps_per_epoch: int, total_steps: int, *,
+                           corpus_size: int | None = None, seed: int = 0) -> None:
+        self.seed = seed
+
     def forward(self, feats: list, targets=None, patch_mask=None) -> dict:
-        return {"maps": [m.mean(dim=(2, 3)) for _, m in feats]}
+        return {"maps": [m.flatten(2).transpose(1, 2) for _, m in feats]}  # (N, C, H, W) -> (N, H W, C)
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         t = self.default_temperature if temperature is None else temperature
-        res = yadim_nce(*out["maps"], temperature=t)
-        return {"loss": res["loss"], "ssl_loss": res["loss"], "ssl_acc": res["acc"]}
+        res = yadim_nce(*out["maps"], temperature=t, generator=position_generator(self.seed, int(self.num_updates)))
+        return {"loss": res["loss"], "ssl_loss": res["loss"], "ssl_nce": res["nce"].detach(),
+                "ssl_reg": res["reg"].detach(), "ssl_acc": res["acc"]}
+
+    def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
+        out = super().on_step_end(step, total_steps, encoder, base_momentum)
+        self.num_updates += 1
+        return out
