@@ -189,13 +189,25 @@ def _loss_and_grads(rows: slice = slice(None)):
     return (out["nce"] + out["reg"]).detach(), g.grad, local.grad
 
 
+def _method_loss(rows: slice = slice(None)) -> torch.Tensor:
+    """The method's whole loss (1-7, 1-5 and the 5-5 term's drawn positions) at update 7."""
+    model = _model()
+    model.ssl.advance_count("num_updates", 7)
+    gen = torch.Generator().manual_seed(6)
+    feats = [torch.randn(WORLD * B, 6, generator=gen) for _ in range(2)]
+    grids = [[torch.randn(WORLD * B, n, 6, generator=gen) for n in (5, 4)] for _ in range(2)]
+    out = model.ssl.loss({"global": [f[rows] for f in feats], "local": [[m[rows] for m in v] for v in grids]})
+    return out["loss"].detach()
+
+
 def _rank_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         loss, g, local = _loss_and_grads(slice(rank * B, (rank + 1) * B))
-        torch.save({"loss": loss, "g": g, "local": local}, os.path.join(out_dir, f"rank{rank}.pt"))
+        method = _method_loss(slice(rank * B, (rank + 1) * B))
+        torch.save({"loss": loss, "g": g, "local": local, "method": method}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -209,6 +221,8 @@ def test_two_ranks_compute_the_loss_and_gradients_of_one_process(tmp_path):
     assert torch.stack([p["loss"] for p in parts]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
     assert torch.allclose(torch.cat([p["g"] for p in parts]) / WORLD, g, rtol=1e-5, atol=1e-7)
     assert torch.allclose(torch.cat([p["local"] for p in parts]) / WORLD, local, rtol=1e-5, atol=1e-7)
+    # the 5-5 term's positions are drawn for the global batch: each rank takes its own images' draws
+    assert torch.stack([p["method"] for p in parts]).mean().item() == pytest.approx(_method_loss().item(), rel=1e-6)
 
 
 # --------------------------------------------------------------- representation extraction

@@ -51,11 +51,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.views import MethodViews, ViewSpec, _pair
-from ..distributed import all_gather_with_grad, get_rank
+from ..distributed import all_gather_with_grad, get_rank, get_world_size
 from ..losses import _fp32, _up
 from .base import POOLED, SSLMethod, feature_channels, register_method
 
@@ -114,16 +113,19 @@ class RKHSHead(nn.Module):
 
 def position_generator(seed: int, updates: int) -> torch.Generator:
     """The CPU generator of a step's position draws (:func:`sample_positions`): seeded by the run's
-    seed, the number of applied updates and the rank, so a step draws the same positions after a
-    resume and with gradient accumulation, and each rank draws its own."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + updates) * 65_536 + get_rank())
+    seed and the number of applied updates, the same on every rank, so a step draws the same
+    positions after a resume, with gradient accumulation and on any number of ranks."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + updates)
 
 
 def sample_positions(local: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One position of each image's (N, L, D) local features, drawn uniformly and independently
-    per image (amdim-public's costs.py ``_sample_src_ftr``): (N, D)."""
+    per image (amdim-public's costs.py ``_sample_src_ftr``): (N, D). The draws are made for the
+    whole global batch (N x ranks images, in rank order) and each rank takes its own images', so
+    W ranks draw what one process of the global batch does."""
     n, positions, _ = local.shape
-    idx = torch.randint(positions, (n,), generator=generator).to(local.device)
+    rank, world = get_rank(), get_world_size()
+    idx = torch.randint(positions, (n * world,), generator=generator)[rank * n:(rank + 1) * n].to(local.device)
     return local[torch.arange(n, device=local.device), idx]
 
 
@@ -142,7 +144,7 @@ def amdim_nce(g: torch.Tensor, local: torch.Tensor, clip: float = 20.0, reg_weig
         scores = clip * torch.tanh(raw / clip)
         own = get_rank() * b + torch.arange(b, device=g.device)
         pos = scores[torch.arange(b, device=g.device), own]  # (B, L): image i's own positions
-        is_pos = F.one_hot(own, keys.shape[0]).bool()[:, :, None].expand_as(scores)
+        is_pos = (own[:, None] == torch.arange(keys.shape[0], device=g.device))[:, :, None].expand_as(scores)
         neg = scores.masked_fill(is_pos, float("-inf")).reshape(b, -1)  # every other image, every position
         neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (B, 1)
         nce = -(pos - torch.logaddexp(pos, neg_lse)).mean()
@@ -191,7 +193,7 @@ class AMDIM(SSLMethod):
         # (source of view 1, source of view 2, scale): global to local at each scale, then one
         # drawn position of the deeper scale's locals to that scale's locals (AMDIM's 5-5)
         terms = [(g1, g2, k) for k in range(len(self.local_heads))]
-        draws = position_generator(self.seed, int(self.num_updates))
+        draws = position_generator(self.seed, self.host_count("num_updates"))
         terms.append((sample_positions(l1[-1], draws), sample_positions(l2[-1], draws), len(self.local_heads) - 1))
         nce = reg = acc = 0.0
         for s1, s2, k in terms:
@@ -206,5 +208,5 @@ class AMDIM(SSLMethod):
 
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
         out = super().on_step_end(step, total_steps, encoder, base_momentum)
-        self.num_updates += 1
+        self.advance_count("num_updates")
         return out

@@ -113,11 +113,11 @@ class YADIM(SSLMethod):
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         t = self.default_temperature if temperature is None else temperature
-        res = yadim_nce(*out["maps"], temperature=t, generator=position_generator(self.seed, int(self.num_updates)))
+        res = yadim_nce(*out["maps"], temperature=t, generator=position_generator(self.seed, self.host_count("num_updates")))
         return {"loss": res["loss"], "ssl_loss": res["loss"], "ssl_nce": res["nce"].detach(),
                 "ssl_reg": res["reg"].detach(), "ssl_acc": res["acc"]}
 
     def on_step_end(self, step: int, total_steps: int, encoder: nn.Module, base_momentum: float | None = None) -> dict:
         out = super().on_step_end(step, total_steps, encoder, base_momentum)
-        self.num_updates += 1
+        self.advance_count("num_updates")
         return out
