@@ -15,6 +15,7 @@ so the recorded step is the third.
 from __future__ import annotations
 
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,28 @@ def corpus(tmp_path_factory):
     return out / "train"
 
 
-def reads_in_third_step(monkeypatch, corpus: Path, out: Path, recipe: str, *overrides: str) -> list[str]:
+class CudaSyncs:
+    """On a GPU: torch's own sync check (``torch.cuda.set_sync_debug_mode``), its warnings recorded."""
+
+    def __init__(self):
+        self.sites: list[str] = []
+
+    def __enter__(self):
+        self._caught = warnings.catch_warnings(record=True)
+        self._log = self._caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self._caught.__exit__(*exc)
+        self.sites += [str(w.message) for w in self._log if "synchroniz" in str(w.message)]
+
+
+def reads_in_third_step(monkeypatch, corpus: Path, out: Path, recipe: str, *overrides: str,
+                        recorder=None) -> list[str]:
     """The host reads of the third training step's decode, augmentation, forward, loss and backward."""
-    recorder, steps = HostReads(), [0]
+    recorder, steps = recorder or HostReads(), [0]
 
     def recorded(function):
         def call(*args, **kwargs):
@@ -84,7 +104,7 @@ def reads_in_third_step(monkeypatch, corpus: Path, out: Path, recipe: str, *over
     monkeypatch.setattr(BatchAugment, "__call__", recorded(BatchAugment.__call__))
     cfg = load_config(ROOT / "configs" / "tiny" / f"{recipe}.yaml",
                       [f"data.train={corpus}", f"train.output_dir={out}", "train.max_steps=3", "data.decode=device",
-                       "train.log_every=100", "train.batch_size=8", *overrides])
+                       "train.log_every=100", "train.batch_size=8", "train.precision=fp32", *overrides])
     trainer_module.train(cfg)
     assert steps[0] == 3
     return recorder.sites
@@ -104,6 +124,21 @@ def reads_in_third_step(monkeypatch, corpus: Path, out: Path, recipe: str, *over
 ])
 def test_a_training_step_reads_no_device_value_before_its_update(monkeypatch, corpus, tmp_path, recipe, overrides):
     assert reads_in_third_step(monkeypatch, corpus, tmp_path / "run", recipe, *overrides) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe, overrides", [
+    ("slip_simclr", ()), ("slip_swav", ()), ("slip_mocov2", ()), ("pirl", ()), ("amdim", ()), ("yadim", ()),
+    ("relicv2", ("objective.relic_saliency_p=1.0",)),
+])
+def test_on_a_gpu_a_training_step_synchronises_nowhere_before_its_update(monkeypatch, corpus, tmp_path, recipe,
+                                                                          overrides):
+    # What the dispatch-mode stand-in above checks on the CPU, checked by CUDA itself; the JPEGs are
+    # decoded in the workers (nvJPEG's own synchronisation is torchvision's, not slip's).
+    syncs = reads_in_third_step(monkeypatch, corpus, tmp_path / "run", recipe, "data.decode=workers", *overrides,
+                                recorder=CudaSyncs())
+    assert syncs == []
 
 
 def test_the_recorder_sees_a_scalar_read_and_a_data_dependent_size(monkeypatch, corpus, tmp_path):
