@@ -112,12 +112,25 @@ class Runtime:
         return to_device(batch, self.device)
 
     def ddp(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` in DistributedDataParallel when there are several ranks, else itself."""
+        """``model`` in DistributedDataParallel when there are several ranks, else itself.
+
+        Buffers are broadcast from rank 0 once, when the model is wrapped, and not before every
+        forward (torch >= 2.13's ``forward_sync_buffers=False``; older torch keeps broadcasting):
+        slip keeps its buffers the same on every rank by construction (update counts, queues
+        filled from keys gathered over ranks, synchronised BatchNorm's statistics, a tokenizer's
+        codebook), or rank-local on purpose (MoCo v2's shuffled-BatchNorm key encoder, whose
+        statistics no training step reads and whose rank-0 copy is saved). Broadcasting them at
+        every forward would send MoCo v2's 32 MiB queue and BEiT's k-means codebook each step."""
         if self.world == 1:
             return model
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        keep = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel.__init__).parameters else {}
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       **keep)
 
     def peak_memory_gib(self) -> float:
         """Peak CUDA memory allocated on a GPU; the process's peak resident size on the CPU."""

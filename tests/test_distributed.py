@@ -181,6 +181,33 @@ def test_embedding_gradients_reach_their_owner_rank(ranks):
         assert torch.allclose(dist_grad, full[key].grad, atol=1e-6), key
 
 
+def _buffer_worker(rank: int, port: int, out_dir: str) -> None:
+    from slip.runtime import Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        model.register_buffer("count", torch.tensor(10.0 * rank + 1))
+        wrapped = Runtime(rank=rank, world=WORLD, local_rank=rank, device=torch.device("cpu"), precision="fp32").ddp(model)
+        at_wrap = model.count.item()
+        model.count.fill_(100.0 + rank)  # e.g. rank-local BatchNorm statistics
+        wrapped(torch.ones(1, 3)).sum().backward()
+        torch.save({"at_wrap": at_wrap, "after_forward": model.count.item()}, os.path.join(out_dir, f"b{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif("forward_sync_buffers" not in __import__("inspect").signature(DistributedDataParallel.__init__).parameters,
+                    reason="torch < 2.13 broadcasts buffers before every forward")
+def test_ddp_broadcasts_buffers_when_wrapping_and_not_before_every_forward(tmp_path):
+    mp.spawn(_buffer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    parts = [torch.load(tmp_path / f"b{r}.pt") for r in range(WORLD)]
+    assert [p["at_wrap"] for p in parts] == [1.0, 1.0]  # rank 0's, sent once
+    assert [p["after_forward"] for p in parts] == [100.0, 101.0]  # each rank's own: no broadcast per forward
+
+
 def test_ddp_clip_model_matches_single_process_double_batch(ranks):
     torch.manual_seed(0)
     model = create_model("clip_vit_tiny")
