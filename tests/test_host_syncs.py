@@ -176,3 +176,14 @@ def test_host_copies_of_counters_follow_their_buffers_through_updates_and_loads(
     assert ssl.host_count("num_updates") == 41
     ssl.advance_count("num_updates", 5, limit=44)
     assert ssl.host_count("num_updates") == int(ssl.num_updates) == 44
+
+
+def test_a_steps_logged_values_come_back_exact_from_one_read():
+    from slip.train.trainer import _to_floats
+
+    values = {"loss": torch.tensor(2.718281, dtype=torch.float32), "count": torch.tensor(2**40 + 1),
+              "half": torch.tensor(0.1, dtype=torch.bfloat16), "lr": 3e-4, "steps": 7}
+    out = _to_floats(values)
+    assert list(out) == list(values) and all(type(v) is float for v in out.values())
+    assert out["loss"] == float(values["loss"]) and out["count"] == 2**40 + 1
+    assert out["half"] == float(values["half"]) and (out["lr"], out["steps"]) == (3e-4, 7.0)

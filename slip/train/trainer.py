@@ -552,7 +552,10 @@ def _to_floats(values: dict) -> dict[str, float]:
     """Python floats of a step's logged values, the device's read in one transfer (a host sync
     each would make the host wait for the device several times per step)."""
     on_device = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-    read = torch.stack([values[k].detach().float().reshape(()) for k in on_device]).tolist() if on_device else []
+    read = []
+    if on_device:  # float64: float32 values and integer counts come back exact
+        device = values[on_device[0]].device
+        read = torch.stack([values[k].detach().to(device, torch.float64).reshape(()) for k in on_device]).tolist()
     from_device = dict(zip(on_device, read, strict=True))
     return {k: from_device[k] if k in from_device else float(v) for k, v in values.items()}
 
