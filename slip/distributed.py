@@ -189,7 +189,10 @@ def all_ranks_true_each(flags: torch.Tensor) -> list[bool]:
 def global_sum(value: float | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """The sum of a (count-like) value over ranks, as a float64 tensor without gradient on
     ``device`` (default: the value's device, the CPU for a Python number)."""
-    return all_reduce_(torch.as_tensor(value, dtype=torch.float64, device=device).detach().clone())
+    if isinstance(value, torch.Tensor):
+        return all_reduce_(value.detach().to(device or value.device, torch.float64).clone())
+    # a Python number: filled on the device (torch.as_tensor would copy it from the host, a sync on CUDA)
+    return all_reduce_(torch.full((), float(value), dtype=torch.float64, device=device))
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

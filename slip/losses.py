@@ -13,6 +13,7 @@ precision of the embeddings: in bfloat16 a logit of scale 100 is only good to ab
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -181,7 +182,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     with _fp32(scores):
         q = torch.exp(_up(scores).float() / epsilon).t()  # (K, N)
         prototypes = q.shape[0]
-        total = all_reduce_(torch.tensor([float(q.shape[1])], device=q.device))
+        total = all_reduce_(torch.full((1,), float(q.shape[1]), device=q.device))
         q /= all_reduce_(q.sum().reshape(1))
         for _ in range(iterations):
             q /= all_reduce_(q.sum(dim=1, keepdim=True))  # rows: every prototype gets 1/K of the mass
@@ -238,7 +239,8 @@ def nce_loss(v: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, 
     with _fp32(v):
         v = F.normalize(_up(v), dim=-1)
         positives, negatives = _up(positives.detach()), _up(negatives.detach())
-        log_noise = torch.log(torch.tensor(negatives.shape[0] / bank_size, dtype=v.dtype, device=v.device))
+        # log(M / N) as a Python number: a tensor made on the device would be copied from the host
+        log_noise = math.log(negatives.shape[0] / bank_size) if negatives.shape[0] else float("-inf")
         log_z = torch.as_tensor(log_z, dtype=v.dtype, device=v.device)
         s_pos = (v * positives).sum(dim=1) / temperature
         s_neg = v @ negatives.t() / temperature

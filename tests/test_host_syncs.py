@@ -10,7 +10,11 @@ losses (whether every rank's loss is finite, which decides the update).
 The CPU stands in for the device: a dispatch mode records those ops while the trainer decodes
 (``data.decode=device``), augments and runs forward, loss and backward. One-time reads (PIRL's
 normalisation constant, the methods' host copies of their counters) happen in the first steps,
-so the recorded step is the third.
+so the recorded step is the third. What the CPU cannot show is the other direction: on CUDA a
+host tensor copied to the device from pageable memory (``torch.tensor(..., device="cuda")``, a
+plain ``.to("cuda")``) also synchronises first, so slip sends host data through
+:func:`slip.runtime.host_to_device`; the CUDA variant below checks both directions with CUDA's
+own sync check.
 """
 from __future__ import annotations
 
@@ -187,3 +191,27 @@ def test_a_steps_logged_values_come_back_exact_from_one_read():
     assert list(out) == list(values) and all(type(v) is float for v in out.values())
     assert out["loss"] == float(values["loss"]) and out["count"] == 2**40 + 1
     assert out["half"] == float(values["half"]) and (out["lr"], out["steps"]) == (3e-4, 7.0)
+
+
+def test_host_data_reaches_the_device_with_its_values_and_dtype():
+    from slip.runtime import host_to_device
+
+    t = host_to_device([[1, 2], [3, 4]], "cpu", torch.float64)
+    assert t.dtype == torch.float64 and t.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    source = torch.arange(5)
+    assert host_to_device(source, torch.device("cpu")) is source  # already there: no copy
+    assert host_to_device(source, None, torch.float32).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_host_data_is_copied_without_synchronising():
+    from slip.runtime import host_to_device
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = host_to_device([0.5, 1.5, 2.5], "cuda", torch.float32)
+        u = host_to_device(torch.arange(4), torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert t.device.type == "cuda" and t.cpu().tolist() == [0.5, 1.5, 2.5] and u.cpu().tolist() == [0, 1, 2, 3]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from slip.data.views import MethodViews, ViewSpec
+from slip.runtime import host_to_device
 from slip.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
@@ -50,7 +51,7 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tens
     once instead of writing a grayscale copy first.
     """
     f = _per_sample(factor, x)
-    luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
+    luma = host_to_device(_LUMA, x.device, x.dtype)
     mean = (x.mean(dim=(-2, -1)) * luma).sum(dim=-1).reshape(-1, 1, 1, 1)
     return torch.mul(x, f).add_((1.0 - f) * mean).clamp_(0.0, 1.0)
 
@@ -89,7 +90,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
     # A grey pixel (chroma 0) has a zero numerator: any positive divisor gives hue 0.
     hue.div_(torch.clamp_min(chroma, torch.finfo(x.dtype).tiny).mul_(6.0))  # in turns now
     # q = (k - 2) / 6 for each channel's k = n + 6 * (hue + factor), n = 5, 3, 1 for R, G, B.
-    offsets = torch.tensor([(n - 2.0) / 6.0 for n in (5.0, 3.0, 1.0)], device=x.device, dtype=x.dtype)
+    offsets = host_to_device([(n - 2.0) / 6.0 for n in (5.0, 3.0, 1.0)], x.device, x.dtype)
     if isinstance(factor, torch.Tensor):
         offsets = offsets + factor.to(device=x.device, dtype=x.dtype).reshape(-1, 1)
     else:
@@ -119,7 +120,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float, kernel_size: int
         return x.clone()
     half = (kernel_size - 1) / 2
     t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
-    sig = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1).expand(n, 1)
+    sig = sigma.to(x.device, x.dtype) if isinstance(sigma, torch.Tensor) else torch.full((), float(sigma), device=x.device,
+                                                                                           dtype=x.dtype)
+    sig = sig.reshape(-1, 1).expand(n, 1)
     weights = torch.exp(-0.5 * (t / sig) ** 2)
     # A narrow kernel's tails underflow to subnormal floats (exp(-88) and below), and products
     # with subnormals run ~15x slower on x86 CPUs: weights under 1e-12 -- invisible next to the
@@ -160,8 +163,8 @@ def sample_jitter_factors(
     """``(n, 4)`` factors: brightness/contrast/saturation uniform in ``[max(0, 1-s), 1+s]``,
     hue uniform in ``[-s, s]`` (torchvision's ``ColorJitter`` ranges)."""
     u = torch.rand(n, 4, generator=generator, device=device)
-    lo = torch.tensor([max(0.0, 1.0 - s) for s in strengths[:3]] + [-strengths[3]], device=device)
-    hi = torch.tensor([1.0 + s for s in strengths[:3]] + [strengths[3]], device=device)
+    lo = host_to_device([max(0.0, 1.0 - s) for s in strengths[:3]] + [-strengths[3]], u.device, u.dtype)
+    hi = host_to_device([1.0 + s for s in strengths[:3]] + [strengths[3]], u.device, u.dtype)
     return lo + (hi - lo) * u
 
 

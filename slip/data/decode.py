@@ -25,6 +25,7 @@ from slip.data.saliency import (
     remove_background,
 )
 from slip.data.views import ViewSpec
+from slip.runtime import host_to_device
 
 # JPEG DCT scaling factors PIL's draft() can apply (libjpeg supports 1/1, 1/2, 1/4, 1/8).
 _DRAFT_FACTORS = (8, 4, 2)
@@ -536,7 +537,7 @@ class DeviceDecoder:
             crops = [resize_crop_float(image, box, view.size) for view, box in zip(self.views, encoded.boxes[i])]
             if i in encoded.masked:
                 masked, mask = encoded.masked[i]
-                mask = estimate_mask(image) if mask is None else mask.to(self.device)
+                mask = estimate_mask(image) if mask is None else host_to_device(mask, self.device)
                 apply_masks(crops, encoded.boxes[i], self.views, masked, mask, (image.shape[2], image.shape[1]))
             for crop, target in zip(crops, out):
                 target[i] = crop

@@ -35,6 +35,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from slip.data.augment import gaussian_blur
+from slip.runtime import host_to_device
 
 SALIENCY_MODES = ("auto", "estimate")  # data.saliency
 MASK_MEMBER = "mask.png"  # {key}.mask.png in a shard
@@ -121,8 +122,7 @@ def mask_crop(mask: torch.Tensor, box: tuple[int, int, int, int], size: tuple[in
     gh, gw = mask.shape
     sx, sy = gw / image_size[0], gh / image_size[1]
     left, top, w, h = box
-    rois = torch.tensor([[0.0, left * sx, top * sy, (left + w) * sx, (top + h) * sy]], dtype=torch.float32,
-                        device=mask.device)
+    rois = host_to_device([[0.0, left * sx, top * sy, (left + w) * sx, (top + h) * sy]], mask.device, torch.float32)
     return roi_align(mask[None, None].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2,
                      aligned=True)[0, 0]
 

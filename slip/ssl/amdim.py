@@ -56,6 +56,7 @@ from torch import nn
 from ..data.views import MethodViews, ViewSpec, _pair
 from ..distributed import all_gather_with_grad, get_rank, get_world_size
 from ..losses import _fp32, _up
+from ..runtime import host_to_device
 from .base import POOLED, SSLMethod, feature_channels, register_method
 
 
@@ -125,7 +126,7 @@ def sample_positions(local: torch.Tensor, generator: torch.Generator | None = No
     W ranks draw what one process of the global batch does."""
     n, positions, _ = local.shape
     rank, world = get_rank(), get_world_size()
-    idx = torch.randint(positions, (n * world,), generator=generator)[rank * n:(rank + 1) * n].to(local.device)
+    idx = host_to_device(torch.randint(positions, (n * world,), generator=generator)[rank * n:(rank + 1) * n], local.device)
     return local[torch.arange(n, device=local.device), idx]
 
 

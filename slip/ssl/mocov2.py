@@ -24,6 +24,7 @@ from torch import nn
 from ..data.views import MethodViews, mocov2_views
 from ..distributed import all_gather_no_grad, get_rank, get_world_size
 from ..losses import mocov2_loss
+from ..runtime import host_to_device
 from .base import POOLED, TARGET, MomentumMethod, mlp, register_method
 
 
@@ -68,7 +69,7 @@ class MoCoV2(MomentumMethod):
         world, rank, n = get_world_size(), get_rank(), x.shape[0]
         everyone = all_gather_no_grad(x)
         generator = torch.Generator().manual_seed(self.host_count("num_updates"))  # the same permutation on every rank
-        order = torch.randperm(world * n, generator=generator).to(x.device)
+        order = host_to_device(torch.randperm(world * n, generator=generator), x.device)
         keys = all_gather_no_grad(self.momentum_encoder(everyone[order[rank * n:(rank + 1) * n]]))
         unshuffled = torch.empty_like(keys)
         unshuffled[order] = keys

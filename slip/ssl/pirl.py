@@ -58,6 +58,7 @@ from torch import nn
 from ..data.views import PIRL_GRID, MethodViews, pirl_views
 from ..distributed import all_gather_no_grad, all_reduce_, get_rank, get_world_size
 from ..losses import _fp32, _up, nce_loss
+from ..runtime import host_to_device
 from .base import POOLED, SSLMethod, register_method
 
 TILES = PIRL_GRID * PIRL_GRID
@@ -166,7 +167,7 @@ class PIRL(SSLMethod):
         replacement, from a generator seeded by the run's seed and ``num_updates``."""
         bank = self._require_bank()
         generator = torch.Generator().manual_seed(_seed(self.seed, 2, self.host_count("num_updates")))
-        return torch.randint(self.corpus_size, (self.num_negatives,), generator=generator).to(bank.device)
+        return host_to_device(torch.randint(self.corpus_size, (self.num_negatives,), generator=generator), bank.device)
 
     @torch.no_grad()
     def update_bank(self, embeds: torch.Tensor, index: torch.Tensor) -> None:

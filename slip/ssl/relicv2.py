@@ -61,6 +61,7 @@ from torch import nn
 from ..data.views import MethodViews, ViewSpec, small_crop_size
 from ..distributed import all_gather_no_grad, get_rank
 from ..losses import _accuracy, _fp32, _up
+from ..runtime import host_to_device
 from .base import POOLED, MomentumMethod, mlp, register_method
 
 LARGE_CROPS, SMALL_CROPS = 4, 2
@@ -98,7 +99,7 @@ def sample_negatives(n: int, num: int, generator: torch.Generator, tables: int =
     the rest is exact integer work, so any device gives the same tables."""
     others = n - 1
     num = min(num, others)
-    uniform = torch.rand(num, tables, n, generator=generator, dtype=torch.float64).to(device)
+    uniform = host_to_device(torch.rand(num, tables, n, generator=generator, dtype=torch.float64), device)
     picks = torch.empty(tables, n, num, dtype=torch.long, device=device)
     for k, top in enumerate(range(others - num, others)):
         draw = (uniform[k] * (top + 1)).long().clamp_(max=top)  # uniform over 0..top
@@ -152,7 +153,7 @@ def relicv2_loss(online: list[torch.Tensor], targets: list[torch.Tensor], *, tem
         if negative_index is None:
             negative_index = sample_negatives(n, negatives, generator, tables=len(pairs), device=device)
         else:
-            negative_index = negative_index.to(device)
+            negative_index = host_to_device(negative_index, device)
             own = negative_index == torch.arange(n, device=device)[:, None]
             if negative_index.shape[:2] != (len(pairs), n) or own.any():
                 raise ValueError(f"negative_index: expected ({len(pairs)}, {n}, n_e) indices into the global batch, "
