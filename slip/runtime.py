@@ -69,13 +69,15 @@ def host_to_device(data, device: torch.device | str | None = None, dtype: torch.
     ``torch.tensor(..., device="cuda")`` and a plain ``.to("cuda")`` do -- first synchronises
     the stream; here the data goes through pinned memory with ``non_blocking`` (the caching host
     allocator keeps the pinned buffer until the copy has run). Elsewhere an ordinary copy."""
-    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    if dtype is not None:
-        t = t.to(dtype)
-    device = t.device if device is None else torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if not isinstance(data, torch.Tensor):
+        if not cuda:  # the common CPU case, as cheap as torch.tensor (per-sample augmentation calls it)
+            return torch.tensor(data, dtype=dtype, device=device)
+        data = torch.tensor(data, dtype=dtype)
+    t = data if dtype is None else data.to(dtype)
+    if cuda and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t if device is None else t.to(device)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

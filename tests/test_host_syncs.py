@@ -114,6 +114,41 @@ def reads_in_third_step(monkeypatch, corpus: Path, out: Path, recipe: str, *over
     return recorder.sites
 
 
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    # BEiT's targets: a k-means codebook fitted on the corpus, as tests/test_ssl.py makes one.
+    from slip.ssl import fit_tokenizer
+
+    path = corpus.parent / "tokenizer.safetensors"
+    assert fit_tokenizer.main([str(corpus), str(path), "--k", "16", "--patch", "4", "--input-size", "16",
+                               "--samples", "64", "--no-progress"]) == 0
+    return path
+
+
+def test_beits_masked_tokens_are_picked_without_reading_their_count(monkeypatch, corpus, tokenizer, tmp_path):
+    # The data's masks hold at most their generator's target: fixed-size slots, weighted.
+    sites = reads_in_third_step(monkeypatch, corpus, tmp_path / "run", "slip_beit", f"objective.tokenizer={tokenizer}")
+    assert sites == []
+
+
+def test_beits_slotted_loss_equals_the_loss_over_the_selected_masked_patches():
+    import slip
+    from slip.models import get_architecture
+
+    torch.manual_seed(0)
+    beit = slip.create_model(get_architecture("simclr_vit_tiny").with_ssl_method("beit", vocab_size=7)).ssl
+    g = torch.Generator().manual_seed(1)
+    tokens, codes = torch.randn(3, 16, 64, generator=g), torch.randint(7, (3, 16), generator=g)
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[0, [1, 4, 5]], mask[1, [0, 15]], mask[2, [2, 3, 7, 9]] = True, True, True
+    selected = beit.loss(beit([tokens], [codes], mask))  # no data_views: boolean selection
+    beit.mask_slots = 4
+    slotted = beit([tokens], [codes], mask)
+    assert slotted["logits"].shape == (3, 4, 7) and slotted["weights"].sum().item() == 9
+    for key, value in beit.loss(slotted).items():
+        assert value.item() == pytest.approx(selected[key].item(), rel=1e-6), key
+
+
 @pytest.mark.parametrize("recipe, overrides", [
     ("slip_simclr", ()),
     ("slip_mocov3", ()),

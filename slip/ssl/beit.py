@@ -49,6 +49,9 @@ class BEiT(SSLMethod):
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
         object.__setattr__(self, "_tokenizer", None)  # see attach_visual_tokenizer
+        # The most patches a mask of the training data holds (its generator's target), set by
+        # data_views: the masked tokens are then picked in fixed-size slots (see forward).
+        self.mask_slots: int | None = None
 
     # -- the tokenizer (held outside the module tree) ------------------------------------------
     def attach_visual_tokenizer(self, tokenizer) -> None:
@@ -90,6 +93,7 @@ class BEiT(SSLMethod):
                                    tokenizer_size=self.visual_tokenizer.input_size)
         if views.mask.grid != self.grid:
             raise ValueError(f"{image_size} px views give a {views.mask.grid} patch grid; the tower has {self.grid}")
+        self.mask_slots = views.mask.num_masked
         return views
 
     # -- model -----------------------------------------------------------------------------------
@@ -121,7 +125,17 @@ class BEiT(SSLMethod):
         if codes.shape != patch_mask.shape or tokens.shape[:2] != patch_mask.shape:
             raise ValueError(f"BEiT: patch tokens {tuple(tokens.shape)}, codes {tuple(codes.shape)} and mask "
                              f"{tuple(patch_mask.shape)} disagree")
-        return {"logits": self.lm_head(tokens[patch_mask]), "labels": codes[patch_mask]}
+        if self.mask_slots is None:  # masks from elsewhere: boolean selection (its size is read on the host)
+            return {"logits": self.lm_head(tokens[patch_mask]), "labels": codes[patch_mask]}
+        # The data's masks hold at most mask_slots patches each: every image's masked tokens go
+        # first into mask_slots slots (in patch order, then unmasked ones as padding, weight 0),
+        # a fixed shape, so that no count is read on the host (a sync on accelerators).
+        slots = min(self.mask_slots, patch_mask.shape[1])
+        torch._assert_async(patch_mask.sum(dim=1).max() <= slots, "a BEiT mask holds more patches than its generator's target")
+        order = torch.argsort((~patch_mask).to(torch.int32), dim=1, stable=True)[:, :slots]
+        picked = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+        return {"logits": self.lm_head(picked), "labels": torch.gather(codes, 1, order),
+                "weights": torch.gather(patch_mask, 1, order)}
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         """Cross-entropy averaged over the masked patches of the *global* batch, and the
@@ -133,7 +147,16 @@ class BEiT(SSLMethod):
         per rank.)
         """
         logits, labels = out["logits"].float(), out["labels"]
-        scale = D.get_world_size() / D.global_sum(labels.numel(), logits.device).clamp_min(1).to(logits.dtype)
-        loss = F.cross_entropy(logits, labels, reduction="sum") * scale
-        acc = (logits.argmax(dim=-1) == labels).float().sum() * scale * 100
+        weights = out.get("weights")  # fixed-size slots (forward): 1 for a masked patch, 0 for padding
+        if weights is None:
+            ce = F.cross_entropy(logits, labels, reduction="sum")
+            hits, count = (logits.argmax(dim=-1) == labels).float().sum(), labels.numel()
+        else:
+            w = weights.reshape(-1).to(logits.dtype)
+            logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            ce = (F.cross_entropy(logits, labels, reduction="none") * w).sum()
+            hits, count = ((logits.argmax(dim=-1) == labels).to(logits.dtype) * w).sum(), w.sum()
+        scale = D.get_world_size() / D.global_sum(count, logits.device).clamp_min(1).to(logits.dtype)
+        loss = ce * scale
+        acc = hits * scale * 100
         return {"loss": loss, "ssl_loss": loss, "ssl_acc": acc}
