@@ -147,6 +147,9 @@ def test_beits_slotted_loss_equals_the_loss_over_the_selected_masked_patches():
     assert slotted["logits"].shape == (3, 4, 7) and slotted["weights"].sum().item() == 9
     for key, value in beit.loss(slotted).items():
         assert value.item() == pytest.approx(selected[key].item(), rel=1e-6), key
+    beit.mask_slots = 3  # image 2 has 4 masked patches: refused, not silently cut
+    with pytest.raises(RuntimeError, match="more patches than its generator's target"):
+        beit([tokens], [codes], mask)
 
 
 @pytest.mark.parametrize("recipe, overrides", [

@@ -96,6 +96,8 @@ def _model_and_batch(name: str, method: str | None, n: int = 8):
         if views.mask is not None:
             patches = views.mask(random.Random(0)).reshape(-1).numel()
             batch["patch_mask"] = _unequal_masks(n, patches, g)
+            # These masks hold more patches than the generator's target: BEiT gets a slot for every patch.
+            model.ssl.mask_slots = patches
         if model.ssl.needs_sample_index:  # the micro-batches must hand their rows' indices on in order
             batch["index"] = torch.randperm(32, generator=g)[:n]
     return model, batch
