@@ -437,3 +437,20 @@ def test_a_worker_stacks_batches_straight_into_shared_memory(monkeypatch):
     in_worker = collate(samples)
     assert in_worker["image"].is_shared() and all(v.is_shared() for v in in_worker["views"])
     assert torch.equal(in_worker["image"], here["image"]) and in_worker["image"][2].eq(2).all()
+
+
+def test_collate_stacks_channels_last_crops_into_a_channels_last_batch_of_the_same_values():
+    from slip.data.stages import Collate, stack_views
+    from slip.ssl import method_views
+
+    g = torch.Generator().manual_seed(0)
+    planar = [torch.randint(0, 256, (3, 6, 5), dtype=torch.uint8, generator=g) for _ in range(4)]
+    crops = [c.permute(1, 2, 0).contiguous().permute(2, 0, 1) for c in planar]  # as decode_views gives them
+    batch = stack_views(crops)
+    assert torch.equal(batch, torch.stack(planar)) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(stack_views(planar), torch.stack(planar))  # planar crops too, the same values
+    views = method_views("slip-simclr", 8)
+    samples = [{"key": str(i), "caption": "a", "position": (0, i),
+                "views": [torch.full((3, 8, 8), i, dtype=torch.uint8) for _ in views.all]} for i in range(3)]
+    out = Collate(views, tokenizer=None)(samples)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in [out["image"], *out["views"]])

@@ -112,11 +112,14 @@ def test_draft_factor_keeps_every_crop_at_output_resolution():
 
 
 # ------------------------------------------------------------------------- decode and crops
-def test_decode_views_shapes_dtypes():
+def test_decode_views_gives_channels_last_uint8_crops_of_each_view_size():
     crops = D.decode_views(_jpeg(80, 60), SLIP32.all, random.Random(0))
     assert len(crops) == 3
-    for c in crops:
-        assert c.shape == (3, 32, 32) and c.dtype == torch.uint8 and c.is_contiguous()
+    for c in crops:  # (3, h, w) in shape, height-width-channel in memory, as the resize writes it
+        assert c.shape == (3, 32, 32) and c.dtype == torch.uint8 and c.permute(1, 2, 0).is_contiguous()
+    gray_jpeg = _encode(Image.fromarray(_smooth_rgb(80, 60, 0)).convert("L"), "JPEG", quality=90)
+    (gray,) = D.decode_views(gray_jpeg, [SLIP32.clip], random.Random(0))
+    assert gray.permute(1, 2, 0).is_contiguous() and torch.equal(gray[0], gray[1]) and torch.equal(gray[0], gray[2])
     rect = V.ViewSpec(name="r", size=(24, 40), scale=(0.5, 1.0))
     (out,) = D.decode_views(_jpeg(80, 60), [rect], random.Random(0))
     assert out.shape == (3, 24, 40)
@@ -372,6 +375,19 @@ def test_cpu_path_blur_grouping_and_seed():
         torch.testing.assert_close(a, whole[0], atol=1e-5, rtol=0)
     c = A.BatchAugment(views, seed=8).augment(x, spec)
     assert not torch.allclose(whole[0], c)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_channels_last_batches_give_the_views_of_planar_ones(blend):
+    # The workers' batches are channels-last in memory (slip.data.stages.stack_views); both the
+    # per-sample CPU path and the whole-batch path give the planar batch's views, planar.
+    spec = V.simclr_view(16)
+    views = V.MethodViews(clip=None, ssl=(spec,))
+    x = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    planar = A.BatchAugment(views, seed=5, blend=blend).augment(x, spec)
+    cl = A.BatchAugment(views, seed=5, blend=blend).augment(x.contiguous(memory_format=torch.channels_last), spec)
+    torch.testing.assert_close(cl, planar, atol=1e-6, rtol=0)
+    assert cl.is_contiguous()
 
 
 def test_narrow_blur_kernels_hold_no_subnormal_weights(monkeypatch):

@@ -338,7 +338,9 @@ class BatchAugment(torch.nn.Module):
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         blend = x.device.type != "cpu" if self.blend is None else self.blend
         if x.device.type != "cpu" or blend:
-            y = self._apply_ops(x.to(torch.float32).div_(255.0), spec, params, active, blend)
+            # Planar float whatever the batch's layout (the workers' batches are channels-last).
+            y = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+            y = self._apply_ops(y, spec, params, active, blend)
             return self._normalize(y, spec, mean, std, out)
         return self._apply_per_sample(x, spec, params, active, mean, std, out)
 
@@ -358,7 +360,9 @@ class BatchAugment(torch.nn.Module):
 
         set_aside = 0
         for i in range(n):
-            y = torch.div(x[i : i + 1], 255.0)
+            # Into planar memory whatever the batch's layout (the workers' batches are
+            # channels-last): the per-channel ops below read whole planes.
+            y = torch.div(x[i : i + 1], 255.0, out=torch.empty((1, *x.shape[1:])))
             if flip[i]:
                 y = y.flip(-1)
             if jitter[i]:

@@ -20,7 +20,10 @@ Batch layout (every entry has the batch size B as its first dimension):
 
 * ``image``: ``(B, 3, H, W)`` uint8, the CLIP view (absent for method ``simclr``);
 * ``views``: a list of ``(B, 3, H, W)`` uint8 tensors, one per SSL view (two for SimCLR; absent
-  for method ``clip``). A list rather than one stacked tensor so views may differ in size;
+  for method ``clip``). A list rather than one stacked tensor so views may differ in size.
+  Decoded in the workers, ``image`` and ``views`` are channels-last in memory
+  (``torch.channels_last``, as the crops are made; :func:`slip.data.stages.stack_views`);
+  :class:`~slip.data.augment.BatchAugment` returns planar float views;
 * ``text``: ``(B, L)`` int64 token ids, cut after the batch's last end-of-text token to L <= 77, a
   multiple of 8 (:func:`slip.tokenizer.trim_padding`; absent when the method has no image-text loss); long
   captions truncated as ``PipelineConfig.text_truncation`` says (:func:`slip.tokenizer.get_tokenizer`);
@@ -531,6 +534,11 @@ class _ResumableBatches(IterableDataset):
             pass_no += 1
 
 
+def _as_built(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate_fn: the batch as :class:`~slip.data.stages.Collate` made it."""
+    return batch
+
+
 def _ignore_stop_notice(worker_id: int) -> None:
     """Loader workers ignore SIGUSR1, a scheduler's notice to stop (SLURM's ``--signal``), which
     may reach the whole process group: the trainer stops at a step boundary and ends them."""
@@ -577,6 +585,9 @@ class SlipLoader:
         self.loader = DataLoader(
             self.batches,
             batch_size=None,  # batches are formed in the workers (one IPC message per batch)
+            # Collate has built each batch: torch's default (default_convert) would only walk the
+            # batch and its stream position, thousands of objects, for nothing to convert.
+            collate_fn=_as_built,
             num_workers=workers,
             worker_init_fn=_ignore_stop_notice if workers > 0 else None,
             pin_memory=pin,

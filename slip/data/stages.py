@@ -549,6 +549,15 @@ class Batches:
             yield self.collate(batch)
 
 
+def stack_views(crops: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(3, h, w)`` crops into an ``(N, 3, h, w)`` batch with channels-last memory
+    (``torch.channels_last``), the layout the workers' crops already have, so each crop is one
+    plain copy (a planar batch would transpose every pixel, about 50 us per 224 px crop on one
+    core). In a DataLoader worker the batch is written straight into shared memory, as
+    ``default_collate`` does. The values are those of ``torch.stack(crops)``."""
+    return default_collate([c.permute(1, 2, 0) for c in crops]).permute(0, 3, 1, 2)
+
+
 class Collate:
     """Stack decoded samples into a batch dict and tokenise the captions in one call (stacked
     straight into shared memory in a DataLoader worker, as torch's ``default_collate`` does, so
@@ -569,11 +578,11 @@ class Collate:
         if "planned" in samples[0]:
             batch["encoded"] = EncodedBatch.collate([s["planned"] for s in samples])
         elif self.views.clip is not None:
-            batch["image"] = default_collate([s["views"][0] for s in samples])
+            batch["image"] = stack_views([s["views"][0] for s in samples])
             offset = 1
         if self.views.ssl and "encoded" not in batch:
             batch["views"] = [
-                default_collate([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
+                stack_views([s["views"][offset + i] for s in samples]) for i in range(len(self.views.ssl))
             ]
         if self.views.mask is not None:
             batch["patch_mask"] = default_collate([s["mask"] for s in samples])
