@@ -55,6 +55,16 @@ def test_nce_matches_a_hand_computed_value():
         assert out["loss"].item() == pytest.approx(out["nce"].item() + out["reg"].item(), rel=1e-6)
 
 
+def test_bfloat16_maps_are_divided_by_the_temperature_in_float32():
+    # Under bf16 autocast the maps arrive in bfloat16: the loss is the float32 one of the same
+    # (rounded) maps, the division by tau included.
+    gen = torch.Generator().manual_seed(3)
+    m1, m2 = (torch.randn(4, 3, 5, generator=gen).mul(4).bfloat16() for _ in range(2))
+    low = yadim_nce(m1, m2, 0.3, generator=torch.Generator().manual_seed(11))
+    high = yadim_nce(m1.float(), m2.float(), 0.3, generator=torch.Generator().manual_seed(11))
+    assert low["loss"].dtype == torch.float32 and low["loss"].item() == pytest.approx(high["loss"].item(), rel=1e-6)
+
+
 def test_views_are_the_union_of_amdims_and_cpcs_augmentations():
     # Bolts' AMDIM and CPC ImageNet transforms are one pipeline, so the union is AMDIM's view.
     for view in yadim_views(224):

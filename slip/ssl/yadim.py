@@ -80,8 +80,9 @@ def yadim_nce(m1: torch.Tensor, m2: torch.Tensor, temperature: float = 1.0, clip
     position of each image of one view, drawn with ``generator``, against every position of the
     other view of every image of the global batch, both directions averaged. Returns ``loss``
     (NCE + penalty), ``nce``, ``reg`` and ``acc``."""
-    a = amdim_nce(sample_positions(m1, generator) / temperature, m2, clip, reg_weight)
-    b = amdim_nce(sample_positions(m2, generator) / temperature, m1, clip, reg_weight)
+    # Divided in float32: a bfloat16 anchor over tau would round before amdim_nce's upcast.
+    a = amdim_nce(sample_positions(m1, generator).float() / temperature, m2, clip, reg_weight)
+    b = amdim_nce(sample_positions(m2, generator).float() / temperature, m1, clip, reg_weight)
     nce, reg = (a["nce"] + b["nce"]) / 2, (a["reg"] + b["reg"]) / 2
     return {"loss": nce + reg, "nce": nce, "reg": reg, "acc": (a["acc"] + b["acc"]) / 2}
 
