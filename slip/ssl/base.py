@@ -127,12 +127,18 @@ class SSLMethod(nn.Module, metaclass=abc.ABCMeta):
     # Host copies of integer buffers (update counts, fill levels) that a step's seeds and decisions
     # depend on: reading a device value mid-step (int(), bool(), .item()) makes the host wait for
     # the accelerator (a sync); the buffer, saved in checkpoints, stays the truth.
-    def host_count(self, name: str) -> int:
+    def host_count(self, name: str, read: Callable[[], int] | None = None) -> int:
         """The integer buffer ``name`` as a Python int: read from the device once (after
-        construction or a state-dict load), then kept by :meth:`advance_count`."""
+        construction or a state-dict load), then kept by :meth:`advance_count`. ``read``: how to
+        compute the value from the device state instead, for a value that is not a buffer of that
+        name (e.g. a flag derived from one); :meth:`keep_host_count` then keeps it."""
         if name not in self._host_copies:
-            self._host_copies[name] = int(getattr(self, name))
+            self._host_copies[name] = int(read() if read is not None else getattr(self, name))
         return self._host_copies[name]
+
+    def keep_host_count(self, name: str, value: int) -> None:
+        """Set the host copy ``name`` after the step wrote the device state it is read from."""
+        self._host_copies[name] = int(value)
 
     def advance_count(self, name: str, by: int = 1, limit: int | None = None) -> None:
         """``buffer += by`` (at most ``limit``), on the device and in the host copy alike."""

@@ -225,9 +225,7 @@ class PIRL(SSLMethod):
     @property
     def z_estimated(self) -> bool:
         """Whether ``nce_z`` holds the estimate (read from the device once, see ``host_count``)."""
-        if "z_estimated" not in self._host_copies:
-            self._host_copies["z_estimated"] = int(bool((self.nce_z > 0).all()))
-        return bool(self._host_copies["z_estimated"])
+        return bool(self.host_count("z_estimated", lambda: bool((self.nce_z > 0).all())))
 
     @torch.no_grad()
     def estimate_z(self, embeds: list[torch.Tensor], negatives: torch.Tensor, exclude: torch.Tensor,
@@ -241,7 +239,7 @@ class PIRL(SSLMethod):
         total = all_reduce_(torch.stack(sums))
         z = [self.corpus_size * total[i] / total[i + 1].clamp(min=1) for i in range(0, len(sums), 2)]
         self.nce_z.copy_(torch.stack(z).to(self.nce_z.dtype))
-        self._host_copies["z_estimated"] = 1
+        self.keep_host_count("z_estimated", 1)
 
     def loss(self, out: dict, temperature: float | None = None) -> dict:
         index = out.get("index")
