@@ -98,6 +98,21 @@ def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(corpus, tmp_p
         assert torch.allclose(w_full[k].float(), w_part[k].float(), atol=1e-5), k
 
 
+def test_l2_adam_with_a_step_decay_drops_the_rate_once_and_resumes_exactly(corpus, tmp_path):
+    # AMDIM's optimiser: Adam with L2 decay on every parameter, the rate divided by 5 after half
+    # an epoch here (16 steps an epoch: the 9th update is the first decayed one).
+    amdim = ("optim.name=adam", "optim.weight_decay=1e-5", "optim.decay_1d=true", "optim.warmup_epochs=0",
+             "optim.schedule=multistep", "optim.decay_epochs=[0.5]", "optim.decay_rate=0.2")
+    train(tiny(corpus, tmp_path / "full", "train.max_steps=12", *amdim))
+    train(tiny(corpus, tmp_path / "part", "train.max_steps=6", *amdim))
+    train(tiny(corpus, tmp_path / "part", "train.max_steps=12", *amdim))
+    a, b = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "part")
+    assert [a[step]["lr"] for step in range(1, 13)] == pytest.approx([1e-3] * 8 + [2e-4] * 4)
+    for step in range(7, 13):
+        for key in ("loss", "lr"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
 def test_resume_refuses_a_different_run_in_the_same_directory(corpus, tmp_path):
     from slip.train.config import ConfigError
 

@@ -106,23 +106,26 @@ def test_imagenet_resnet50_recipes_are_their_papers(recipe):
         assert (cfg.objective.ssl, cfg.objective.ssl_temperature, head.out_dim) == ("pirl", 0.07, 128)
         assert (cfg.objective.nce_negatives, cfg.objective.pirl_lambda, cfg.objective.bank_momentum) == (32000, 0.5, 0.5)
         return
-    if recipe.stem == "amdim_resnet50":  # amdim-public's: Adam 2e-4 (0.8, 0.999), 500 warm-up updates, 50 epochs
+    if recipe.stem == "amdim_resnet50":  # amdim-public's: Adam 2e-4 (0.8, 0.999), L2 1e-5 on every parameter,
+        # 500 warm-up updates, MultiStepLR [30, 45] x 0.2 stepped as step(epoch) (decays from epochs 31, 46), 50 epochs
         assert (cfg.train.batch_size, cfg.train.epochs, round(cfg.optim.warmup_epochs * (1281167 // 480))) == (
             480, 50, 500)
-        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.decay_1d) == ("adam", 2e-4, 1e-5, True)
+        assert (cfg.optim.schedule, cfg.optim.decay_epochs, cfg.optim.decay_rate) == ("multistep", (31.0, 46.0), 0.2)
         assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.start_lr) == ((0.8, 0.999), 1e-8, pytest.approx(2e-4 / 500))
         assert (cfg.objective.ssl, head.out_dim, cfg.objective.amdim_clip, cfg.objective.amdim_reg_weight) == (
             "amdim", 1536, 20.0, 5e-2)
         return
-    if recipe.stem == "cpc_resnet50":  # bolts' Adam 4e-4 constant; batch 512, 200 epochs not verified
+    if recipe.stem == "cpc_resnet50":  # bolts' Adam 4e-4 constant, L2 1e-6; batch 512, 200 epochs not verified
         assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (512, 200, 0)
-        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 4e-4, 4e-4, 0.0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adam", 4e-4, 4e-4, 1e-6)
+        assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.decay_1d, cfg.optim.schedule) == ((0.9, 0.999), 1e-8, True, "cosine")
         assert (cfg.objective.ssl, head.patch_grid, cfg.objective.ssl_temperature) == ("cpc", 7, 1.0)
         return
-    if recipe.stem == "yadim_resnet50":  # bolts' AMDIM module: Adam 2e-4 constant, batch 200; 150 epochs not verified
+    if recipe.stem == "yadim_resnet50":  # bolts' AMDIM module: Adam 2e-4 constant, L2 1e-5, batch 200; 150 epochs not verified
         assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs) == (200, 150, 0)
-        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adamw", 2e-4, 2e-4, 0.0)
-        assert (cfg.optim.betas, cfg.optim.eps) == ((0.8, 0.999), 1e-7)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == ("adam", 2e-4, 2e-4, 1e-5)
+        assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.decay_1d, cfg.optim.schedule) == ((0.8, 0.999), 1e-7, True, "cosine")
         assert (cfg.objective.ssl, cfg.objective.ssl_temperature) == ("yadim", 1.0)
         return
     assert cfg.train.batch_size == 256 and cfg.train.epochs == 200 and cfg.optim.warmup_epochs == 0

@@ -57,7 +57,7 @@ def test_an_epoch_smaller_than_one_batch_is_refused():
 
 # --- optim.name: adamw | sgd | lars ---------------------------------------------------------------
 
-OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "lars": Lars}
+OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "lars": Lars}
 
 
 def tiny_model() -> nn.Module:
@@ -191,7 +191,7 @@ def test_optimizer_state_survives_a_checkpoint_round_trip(name):
     for seed in (1, 2):
         set_grads(model, seed)
         opt.step()
-    if name != "adamw":
+    if name in ("sgd", "lars"):
         assert all("momentum_buffer" in opt.state[p] for p in model.parameters())
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
@@ -222,7 +222,12 @@ def test_schedule_sets_lr_on_every_group_of_each_optimizer(name):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["optim.name=rmsprop"], r"optim\.name: 'rmsprop' is not one of adamw, sgd, lars"),
+    (["optim.name=rmsprop"], r"optim\.name: 'rmsprop' is not one of adamw, adam, sgd, lars"),
+    (["optim.schedule=step"], r"optim\.schedule: 'step' is not one of cosine, multistep"),
+    (["optim.schedule=multistep"], r"optim\.decay_epochs: the multistep schedule needs at least one"),
+    (["optim.schedule=multistep", "optim.decay_epochs=[45, 30]"], r"optim\.decay_epochs: must be positive and increasing"),
+    (["optim.schedule=multistep", "optim.decay_epochs=[30]", "optim.decay_rate=0"], r"optim\.decay_rate: must be in \(0, 1\]"),
+    (["optim.decay_epochs=[30]"], r"optim\.decay_epochs: only the multistep schedule uses it"),
     (["optim.name=sgd", "optim.momentum=1.0"], r"optim\.momentum: must be in \[0, 1\)"),
     (["optim.name=lars", "optim.momentum=-0.1"], r"optim\.momentum: must be in \[0, 1\)"),
     (["optim.lr=0"], r"optim\.lr: must be positive"),
@@ -250,3 +255,42 @@ def test_sgd_and_lars_recipes_load(tmp_path):
     cfg = load_config(path, ["optim.name=lars", "optim.lr=4.8", "optim.weight_decay=1e-6", "optim.momentum=0.9"])
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum) == ("lars", 4.8, 1e-6, 0.9)
     assert load_config(path, ["optim.name=sgd", "optim.momentum=0"]).optim.name == "sgd"
+
+
+def test_adam_adds_weight_decay_to_the_gradient_where_adamw_decouples_it():
+    # One step from a zero gradient on w = 1 with weight decay 0.1: Adam's L2 term is the whole
+    # gradient, so its normalised step is the full lr; AdamW shrinks w by lr * wd and its Adam
+    # step is 0. With decay_1d the bias is decayed the same way (AMDIM decays every parameter).
+    for name, expected in (("adam", 1 - 0.01), ("adamw", 1 - 0.01 * 0.1)):
+        model = nn.Linear(2, 2)
+        with torch.no_grad():
+            model.weight.fill_(1.0), model.bias.fill_(1.0)
+        opt = build_optimizer(model, OptimConfig(name=name, lr=0.01, weight_decay=0.1, decay_1d=True))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for p in model.parameters():
+            torch.testing.assert_close(p.detach(), torch.full_like(p, expected), rtol=0, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_multistep_schedule_drops_the_rate_after_each_decay_epoch_as_torchs_multisteplr():
+    # torch's MultiStepLR stepped once per epoch (as AMDIM's train loop does), 4 updates an epoch,
+    # after a 3-update linear warm-up from 0.01 (AMDIM's own warm-up sets the rate by hand).
+    cfg = OptimConfig(name="adam", lr=0.5, start_lr=0.01, warmup_epochs=0.75, schedule="multistep",
+                      decay_epochs=(2, 3), decay_rate=0.2)
+    opt = build_optimizer(tiny_model(), cfg)
+    sched = build_schedule(opt, cfg, total_steps=20, steps_per_epoch=4)
+    reference_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    reference = torch.optim.lr_scheduler.MultiStepLR(reference_opt, milestones=[2, 3], gamma=0.2)
+    got, expected = [], []
+    for step in range(20):
+        sched.step_update(step)
+        got.append(opt.param_groups[0]["lr"])
+        warm = 0.01 + step * (0.5 - 0.01) / 3
+        expected.append(warm if step < 3 else reference_opt.param_groups[0]["lr"])
+        if step % 4 == 3:
+            reference.step()
+    assert got == pytest.approx(expected)
+    assert got[7] == pytest.approx(0.5) and got[8] == pytest.approx(0.1) and got[12] == pytest.approx(0.02)
+

@@ -104,7 +104,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw (SLIP's) | sgd | lars (the ResNet SSL papers': MoCo v2 SGD, SwAV LARS)
+    # adamw (SLIP's) | adam (L2 weight decay: AMDIM's, and Lightning-Bolts' for CPC v2 and YADIM) |
+    # sgd | lars (the ResNet SSL papers': MoCo v2 SGD, SwAV LARS)
+    name: str = "adamw"
     lr: float = 3e-3  # peak learning rate (after warm-up)
     momentum: float = 0.9  # sgd and lars: heavy-ball momentum (adamw uses betas)
     betas: tuple[float, float] = (0.9, 0.98)
@@ -118,6 +120,11 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     start_lr: float = 1e-6  # learning rate at step 0, rising linearly to lr
     min_lr: float = 1e-5  # end of the cosine decay
+    # After the warm-up: cosine (to min_lr at the end, SLIP's) | multistep (lr times decay_rate once
+    # each of decay_epochs has been trained, as torch's MultiStepLR stepped per epoch: AMDIM's)
+    schedule: str = "cosine"
+    decay_epochs: tuple[float, ...] = ()  # multistep: epochs of training after which the rate drops
+    decay_rate: float = 0.1  # multistep: factor applied at each of decay_epochs
     clip_grad_norm: float | None = None
 
 

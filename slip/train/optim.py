@@ -5,12 +5,14 @@ import math
 
 import torch
 from timm.optim import Lars, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from .config import ConfigError, OptimConfig
 
-OPTIMIZERS = ("adamw", "sgd", "lars")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lars")
+SCHEDULES = ("cosine", "multistep")
 
 
 def _param_groups(model: nn.Module, weight_decay: float, decay_1d: bool) -> list[dict]:
@@ -34,6 +36,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
     where the optimizer has them.
 
     * ``adamw`` (SLIP's): ``torch.optim.AdamW`` with ``betas`` and ``eps``.
+    * ``adam``: ``torch.optim.Adam``, weight decay as an L2 term added to the gradient before the
+      moment estimates (not AdamW's decoupled decay), as AMDIM's released code (weight decay 1e-5
+      on every parameter, so its recipe sets ``decay_1d``) and Lightning-Bolts' AMDIM and CPC v2
+      modules train.
     * ``sgd`` (MoCo v2's): ``torch.optim.SGD``, heavy-ball ``momentum``, no Nesterov, no dampening,
       weight decay as an L2 term added to the gradient. MoCo v2's ``main_moco.py`` decays every
       parameter, biases and BatchNorm included: its recipe sets ``decay_1d``.
@@ -51,6 +57,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
     if cfg.name == "adamw":
         groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    if cfg.name == "adam":
+        groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     if cfg.name == "sgd":
         groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused or None)
@@ -78,13 +87,35 @@ def check_optim_config(cfg: OptimConfig) -> None:
         raise ConfigError(f"optim.weight_decay: must be 0 or more, got {cfg.weight_decay}")
     if not cfg.lars_trust_coeff > 0:
         raise ConfigError(f"optim.lars_trust_coeff: must be positive, got {cfg.lars_trust_coeff}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: {cfg.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.schedule == "multistep":
+        if not cfg.decay_epochs:
+            raise ConfigError("optim.decay_epochs: the multistep schedule needs at least one epoch to decay after")
+        if any(e <= 0 for e in cfg.decay_epochs) or list(cfg.decay_epochs) != sorted(cfg.decay_epochs):
+            raise ConfigError(f"optim.decay_epochs: must be positive and increasing, got {list(cfg.decay_epochs)}")
+        if not 0 < cfg.decay_rate <= 1:
+            raise ConfigError(f"optim.decay_rate: must be in (0, 1], got {cfg.decay_rate}")
+    elif cfg.decay_epochs:
+        raise ConfigError(f"optim.decay_epochs: only the multistep schedule uses it (optim.schedule is {cfg.schedule!r})")
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
-                   steps_per_epoch: int) -> CosineLRScheduler:
-    """Per-step schedule: linear warm-up from ``start_lr`` over ``warmup_epochs``, then cosine to
-    ``min_lr`` at ``total_steps`` (SLIP's). Call ``step_update(step)`` before each update."""
+                   steps_per_epoch: int) -> Scheduler:
+    """Per-step schedule: linear warm-up from ``start_lr`` over ``warmup_epochs``, then, with
+    ``cfg.schedule`` ``cosine``, cosine to ``min_lr`` at ``total_steps`` (SLIP's), or with
+    ``multistep`` the rate times ``decay_rate`` for every one of ``decay_epochs`` already trained:
+    the update after ``e * steps_per_epoch`` updates is the first decayed one, as torch's
+    ``MultiStepLR`` stepped once per epoch. Call ``step_update(step)`` before each update."""
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
+    if cfg.schedule == "multistep":
+        # timm applies a milestone m from update m - 1 on ("historical timm convention"), so each
+        # is given one update later; counted from step 0, warm-up included (warmup_prefix off).
+        milestones = [round(e * steps_per_epoch) + 1 for e in cfg.decay_epochs]
+        return MultiStepLRScheduler(
+            optimizer, decay_t=milestones, decay_rate=cfg.decay_rate, warmup_t=warmup,
+            warmup_lr_init=cfg.start_lr, warmup_prefix=False, t_in_epochs=False,
+        )
     return CosineLRScheduler(
         optimizer, t_initial=max(1, total_steps - warmup), lr_min=cfg.min_lr,
         warmup_t=warmup, warmup_lr_init=cfg.start_lr, warmup_prefix=True, t_in_epochs=False,
