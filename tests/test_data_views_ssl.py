@@ -359,6 +359,33 @@ def test_method_views_rejects_sharing_a_view_that_shares():
     V.MethodViews(clip=None, ssl=(_view("a"), _view("b", shares="a"), _view("c", shares="a", size=(8, 8))))
 
 
+def test_a_view_that_takes_anothers_flip_is_flipped_with_it_and_keeps_its_other_draws():
+    # AMDIM flips the image once for both views: view b takes a's flip; its jitter is its own.
+    views = V.MethodViews(clip=None, ssl=(_view("a", hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=1.0),
+                                          _view("b", hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=1.0,
+                                                flip_with="a")))
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = A.BatchAugment(views, seed=4, blend=True)
+    _, pa = aug.augment(x, views.ssl[0], return_params=True)
+    _, pb = aug.augment(x, views.ssl[1], return_params=True, flip=pa["flip"])
+    assert torch.equal(pb["flip"], pa["flip"]) and 0 < int(pa["flip"].sum()) < 64
+    assert not torch.equal(pb["jitter_factors"], pa["jitter_factors"])
+    # Through forward, without jitter: b is a exactly (independent flips would differ in half).
+    plain = V.MethodViews(clip=None, ssl=(_view("a", hflip_p=0.5), _view("b", hflip_p=0.5, flip_with="a")))
+    for blend in (True, False):
+        y = A.BatchAugment(plain, seed=4, blend=blend).forward({"views": [x, x]})["views"]
+        assert torch.equal(y[0], y[1])
+
+
+def test_method_views_checks_the_view_whose_flip_is_taken():
+    with pytest.raises(ValueError, match=r"view 'b' takes the flip of 'nope', which is not an earlier view"):
+        V.MethodViews(clip=None, ssl=(_view("a", hflip_p=0.5), _view("b", hflip_p=0.5, flip_with="nope")))
+    with pytest.raises(ValueError, match=r"view 'b' takes the flip of 'a' but declares hflip_p 0.5 against its 0.2"):
+        V.MethodViews(clip=None, ssl=(_view("a", hflip_p=0.2), _view("b", hflip_p=0.5, flip_with="a")))
+    with pytest.raises(ValueError, match=r"view 'b': a view that shares another's draws takes its flip already"):
+        _view("b", shares="a", flip_with="a")
+
+
 @pytest.mark.parametrize("changed", [{"scale": (0.3, 1.0)}, {"ratio": (0.5, 2.0)}, {"hflip_p": 1.0},
                                      {"solarize_p": 1.0}, {"jitter": (0.4, 0.4, 0.4, 0.1)}, {"blur_sigma": (0.1, 3.0)}])
 def test_method_views_rejects_a_sharing_view_with_other_crop_or_photometric_settings(changed):

@@ -169,6 +169,8 @@ def test_views_augment_as_amdims_imagenet_transforms():
     for v in amdim_views(224):
         assert (v.size, v.scale, v.ratio, v.jitter, v.jitter_p, v.grayscale_p, v.hflip_p, v.blur_p) == (
             (224, 224), (0.3, 1.0), (0.7, 1.4), (0.4, 0.4, 0.4, 0.1), 0.8, 0.25, 0.5, 0.0)
+    # Its flip comes before both crops: one draw per image for the two views.
+    assert [v.flip_with for v in amdim_views(224)] == [None, "amdim1"]
 
 
 WORLD, B = 2, 3

@@ -429,7 +429,7 @@ class BatchAugment(torch.nn.Module):
     def augment(
         self, x: torch.Tensor, spec: ViewSpec, *, return_params: bool = False,
         generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
-        params: Mapping[str, torch.Tensor] | None = None,
+        params: Mapping[str, torch.Tensor] | None = None, flip: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Augment one ``(N, 3, H, W)`` uint8 view batch; float ``out_dtype`` out.
 
@@ -440,6 +440,8 @@ class BatchAugment(torch.nn.Module):
         says that ``x`` is rows ``offset..offset+N`` of a global batch of ``total`` (e.g. this
         rank's share): the draws are made for the whole global batch and sliced, so with a
         shared ``generator`` the result does not depend on how the batch is split over ranks.
+        ``flip``: the per-sample flips to apply instead of this view's own draw (a view that
+        takes another's flip, ``ViewSpec.flip_with``); the view's draws are made all the same.
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise TypeError(f"expected a (N, 3, H, W) uint8 batch, got {tuple(x.shape)} {x.dtype}")
@@ -449,6 +451,8 @@ class BatchAugment(torch.nn.Module):
             params = self.sample_params(total, spec, x.device, generator)
             if total != n:
                 params = {k: v[offset:offset + n] for k, v in params.items()}
+        if flip is not None:
+            params = {**params, "flip": flip}
         out = self.apply(x, spec, params)
         return (out, dict(params)) if return_params else out
 
@@ -468,7 +472,8 @@ class BatchAugment(torch.nn.Module):
                 raise ValueError(f"batch has {len(batch['views'])} SSL views, expected {len(self.views.ssl)}")
             out["views"] = []
             for v, spec in zip(batch["views"], self.views.ssl):
-                y, drawn[spec.name] = self.augment(v, spec, return_params=True,
+                flip = drawn[spec.flip_with].get("flip") if spec.flip_with else None
+                y, drawn[spec.name] = self.augment(v, spec, return_params=True, flip=flip,
                                                    params=drawn.get(spec.shares) if spec.shares else None, **kw)
                 out["views"].append(y)
         return out

@@ -74,6 +74,9 @@ class ViewSpec:
             photometric draws this view reuses (the same crop at another size: BEiT's two
             views). Its crop and photometric settings must equal that view's; only ``size``
             and ``normalize`` may differ.
+        flip_with: name of an earlier view whose horizontal-flip draw this view takes (AMDIM
+            flips the image once, before cutting both views); its crop and other draws stay its
+            own. ``hflip_p`` must equal that view's.
         normalize: apply the mean/std normalisation (False: float pixels in [0, 1], e.g. for
             a visual tokenizer with its own normalisation).
         saliency_p: probability that the crop is cut from the image with its background
@@ -114,6 +117,7 @@ class ViewSpec:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     shares: str | None = None
+    flip_with: str | None = None
     normalize: bool = True
     saliency_p: float = 0.0
     tile_of: str | None = None
@@ -150,6 +154,9 @@ class ViewSpec:
             raise ValueError(f"view {self.name!r}: tile_stride is for tile_layout 'grid' only")
         if self.tile_of is not None and self.shares is not None:
             raise ValueError(f"view {self.name!r}: a tile (tile_of) cannot also share another view's crop")
+        if self.flip_with is not None and self.shares is not None:
+            raise ValueError(f"view {self.name!r}: a view that shares another's draws takes its flip already "
+                             "(flip_with is for views with their own crop)")
 
 
 # What a view that ``shares`` another takes from it, and so must declare identically.
@@ -190,6 +197,14 @@ class MethodViews:
                 if differ:
                     raise ValueError(f"view {view.name!r} shares the crop and draws of {view.shares!r} but declares "
                                      f"other {', '.join(differ)}")
+            if view.flip_with is not None:
+                source = seen.get(view.flip_with)
+                if source is None:
+                    raise ValueError(f"view {view.name!r} takes the flip of {view.flip_with!r}, which is not an "
+                                     "earlier view")
+                if source.hflip_p != view.hflip_p:
+                    raise ValueError(f"view {view.name!r} takes the flip of {view.flip_with!r} but declares hflip_p "
+                                     f"{view.hflip_p} against its {source.hflip_p}")
             seen[view.name] = view
         groups: dict[str, list[ViewSpec]] = {}
         for view in self.all:
