@@ -68,8 +68,9 @@ def amdim_views(size: int | tuple[int, int] = 224, prefix: str = "amdim") -> tup
     once per image for both views (AMDIM flips the image before cutting the two crops; here the
     second view takes the first's flip, ``ViewSpec.flip_with``, and since the crop boxes are
     mirror-symmetric in distribution, flipping the crops is the same). No blur. Difference:
-    AMDIM's crops are 128 px, here the tower's size. (An earlier datasets.py had hue 0.2 and grayscale p=0.2 for ImageNet; its
-    CIFAR-10 and STL-10 transforms use hue 0.2 and grayscale 0.25.)"""
+    AMDIM's crops are 128 px, here the tower's size. (An earlier datasets.py had hue 0.2 and
+    grayscale p=0.2 for ImageNet; its CIFAR-10 and STL-10 transforms use hue 0.2 and grayscale
+    0.25.)"""
     common = {"size": _pair(size), "scale": (0.3, 1.0), "ratio": (0.7, 1.4), "hflip_p": 0.5,
               "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "grayscale_p": 0.25}
     return ViewSpec(name=f"{prefix}1", **common), ViewSpec(name=f"{prefix}2", flip_with=f"{prefix}1", **common)
