@@ -43,12 +43,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from slip.cli import use_huge_pages
+
+use_huge_pages()  # as slip's commands run: before torch is imported
+
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
-
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slip.data.augment import BatchAugment  # noqa: E402
 from slip.data.pipeline import PipelineConfig, build_loader, default_tokenizer  # noqa: E402
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     images = [open(p, "rb").read() for p in paths]
     captions = [open(p[:-4] + ".txt", encoding="utf-8").read() if os.path.exists(p[:-4] + ".txt") else "" for p in paths]
     tokenizer = default_tokenizer()
-    print(f"{count} images in shards at {shard_dir}; output {args.size}px, {args.rounds} rounds, 1 thread")
+    print(f"{count} images in shards at {shard_dir}; output {args.size}px, {args.rounds} rounds, 1 thread; "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
 
     def decode_pil() -> int:
         for data in images:

@@ -6,6 +6,7 @@ and imports a command's module when that command runs, so ``slip --help`` stays 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module with main(argv), one-line help)
@@ -37,7 +38,18 @@ def _usage() -> str:
         "\n\n'slip <command> --help' describes a command's options."
 
 
+def use_huge_pages() -> None:
+    """Back torch's CPU tensors of 2 MB and more with transparent huge pages
+    (``THP_MEM_ALLOC_ENABLE=1``, which torch reads before its first allocation), unless the
+    variable is already set: ``THP_MEM_ALLOC_ENABLE=0`` keeps 4 kB pages. A fresh 19 MB batch
+    then takes about 270 page faults on first write instead of about 3,900, and the CPU
+    augmentation of 224 px views runs 14-17% faster (README, Performance). Called by the
+    command-line entry points before they import torch; a library user's process is left alone."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    use_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
