@@ -54,12 +54,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
       decayed nor adapted (SimCLR's exclusion); with ``decay_1d`` they are decayed and adapted as
       SwAV's ``main_swav.py`` does (LARC over ``model.parameters()``), which its recipe sets.
     """
-    if cfg.name == "adamw":
+    if cfg.name in ("adamw", "adam"):
+        adam = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam  # decoupled decay or L2
         groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
-    if cfg.name == "adam":
-        groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+        return adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     if cfg.name == "sgd":
         groups = _param_groups(model, cfg.weight_decay, cfg.decay_1d)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False, fused=fused or None)
